@@ -1,0 +1,105 @@
+"""Every message that crosses a process boundary, as msgspec Structs (msgpack over ZMQ ipc).
+
+Flow: main --TokenizedGenerateReqInput/AbortReq--> scheduler --BatchTokenIDOut--> detokenizer
+--BatchStrOut--> main. Children report startup through `ProcessReady` on a pipe.
+Encode with `encode(msg)` and decode with `decode(buf)`; the union tag names the type.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from srt.sampling_params import SamplingParams
+
+
+class FinishReason(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """SGLang's meta_info.finish_reason: type is "stop", "length" or "abort".
+
+    `matched` is the stop token id (int) or stop string (str) that ended a "stop"; `length` the
+    limit that ended a "length"; `message` explains an "abort".
+    """
+
+    type: str
+    matched: int | str | None = None
+    length: int | None = None
+    message: str | None = None
+
+    def to_json(self) -> dict:
+        return msgspec.to_builtins(self)
+
+
+class TokenizedGenerateReqInput(msgspec.Struct, tag=True, kw_only=True):
+    rid: str
+    input_ids: list[int]
+    sampling_params: SamplingParams
+    stream: bool = False
+    # Prefix-cache namespace: requests with different keys never share cached prefixes.
+    cache_salt: str = ""
+    # Wall-clock time (time.time()) when the main process received the request.
+    created_time: float = 0.0
+
+
+class AbortReq(msgspec.Struct, tag=True, kw_only=True):
+    """Abort one request (rid) or every request (abort_all)."""
+
+    rid: str = ""
+    abort_all: bool = False
+    message: str = "aborted"
+
+
+class DetokInit(msgspec.Struct, kw_only=True):
+    """Sent with a request's first output: what the detokenizer needs to start it."""
+
+    prompt_tail: list[int]
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    stop: list[str] = msgspec.field(default_factory=list)
+    no_stop_trim: bool = False
+
+
+class BatchTokenIDOut(msgspec.Struct, tag=True, kw_only=True):
+    """Scheduler -> detokenizer: new token ids of many requests (parallel lists)."""
+
+    rids: list[str]
+    new_ids: list[list[int]]
+    finished: list[FinishReason | None]
+    inits: list[DetokInit | None]
+    prompt_tokens: list[int]
+    completion_tokens: list[int]
+    cached_tokens: list[int]
+
+
+class BatchStrOut(msgspec.Struct, tag=True, kw_only=True):
+    """Detokenizer -> main: text deltas of many requests (parallel lists)."""
+
+    rids: list[str]
+    texts: list[str]
+    new_ids: list[list[int]]
+    finished: list[FinishReason | None]
+    prompt_tokens: list[int]
+    completion_tokens: list[int]
+    cached_tokens: list[int]
+
+
+class ProcessReady(msgspec.Struct, tag=True, kw_only=True):
+    """Child -> main over a pipe at startup: ok, or the error that stopped it."""
+
+    name: str
+    ok: bool
+    error: str = ""
+    # scheduler: max_total_num_tokens, context_len, vocab_size, max_running_requests, ...
+    info: dict = msgspec.field(default_factory=dict)
+
+
+Message = TokenizedGenerateReqInput | AbortReq | BatchTokenIDOut | BatchStrOut | ProcessReady
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+def encode(msg: Message) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode(buf: bytes) -> Message:
+    return _decoder.decode(buf)

@@ -1,0 +1,125 @@
+"""Per-request sampling parameters: defined once, validated in the main process, carried to the
+scheduler inside `TokenizedGenerateReqInput`.
+
+Validation raises `ValueError` with a message naming the parameter; the HTTP layer turns that
+into a 400 with an OpenAI-style error body.
+"""
+
+from __future__ import annotations
+
+import math
+
+import msgspec
+
+# NOTE: top_k = -1 (or 0 from OpenAI-style clients) means "no top-k".
+_NO_TOP_K = -1
+
+
+class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
+    max_new_tokens: int | None = 128
+    min_new_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = _NO_TOP_K
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: list[str] = msgspec.field(default_factory=list)
+    stop_token_ids: list[int] = msgspec.field(default_factory=list)
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    no_stop_trim: bool = False
+    seed: int | None = None
+    logit_bias: dict[int, float] | None = None
+    n: int = 1
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> SamplingParams:
+        """Builds from a JSON-like dict (unknown keys are an error), then validates."""
+        d = dict(d or {})
+        if isinstance(d.get("stop"), str):
+            d["stop"] = [d["stop"]]
+        if d.get("stop") is None:
+            d.pop("stop", None)
+        if d.get("stop_token_ids") is None:
+            d.pop("stop_token_ids", None)
+        if d.get("top_k") == 0:
+            d["top_k"] = _NO_TOP_K
+        if isinstance(d.get("logit_bias"), dict):
+            try:
+                d["logit_bias"] = {int(k): v for k, v in d["logit_bias"].items()}
+            except (TypeError, ValueError) as e:
+                raise ValueError("logit_bias keys must be token ids") from e
+        try:
+            p = msgspec.convert(d, cls, strict=False)
+        except msgspec.ValidationError as e:
+            raise ValueError(f"invalid sampling parameter: {e}") from e
+        p.verify()
+        return p
+
+    def verify(self, vocab_size: int | None = None) -> None:
+        def finite(name: str, v: float) -> None:
+            if not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v}")
+
+        for name in (
+            "temperature",
+            "top_p",
+            "min_p",
+            "frequency_penalty",
+            "presence_penalty",
+            "repetition_penalty",
+        ):
+            finite(name, getattr(self, name))
+        if self.temperature < 0.0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < -1 or self.top_k == 0:
+            raise ValueError(f"top_k must be -1 (disabled) or >= 1, got {self.top_k}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
+        if not 0.0 < self.repetition_penalty <= 2.0:
+            raise ValueError(
+                f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}"
+            )
+        if self.max_new_tokens is not None and self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.min_new_tokens < 0:
+            raise ValueError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
+        if self.max_new_tokens is not None and self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens ({self.min_new_tokens}) must be <= max_new_tokens "
+                f"({self.max_new_tokens})"
+            )
+        if self.n < 1 or self.n > 128:
+            raise ValueError(f"n must be in [1, 128], got {self.n}")
+        if len(self.stop) > 64:
+            raise ValueError(f"at most 64 stop strings are allowed, got {len(self.stop)}")
+        for s in self.stop:
+            if not s:
+                raise ValueError("stop strings must be non-empty")
+            if len(s) > 512:
+                raise ValueError("a stop string may be at most 512 characters")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+        if vocab_size is not None:
+            for t in self.stop_token_ids:
+                if not 0 <= t < vocab_size:
+                    raise ValueError(f"stop_token_ids: {t} is outside the vocabulary")
+            for t in self.logit_bias or {}:
+                if not 0 <= t < vocab_size:
+                    raise ValueError(f"logit_bias: token {t} is outside the vocabulary")
+        for t, b in (self.logit_bias or {}).items():
+            if not math.isfinite(b) or not -100.0 <= b <= 100.0:
+                raise ValueError(f"logit_bias for token {t} must be in [-100, 100], got {b}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1

