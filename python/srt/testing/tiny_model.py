@@ -1,0 +1,163 @@
+"""Tiny random-weight models for tests, benchmarks and demos, built on the spot.
+
+`make_tiny_model(path, arch)` writes an HF model folder: config.json, model.safetensors (fp32,
+random weights), generation_config.json, and a byte-level BPE tokenizer trained here by the
+`tokenizers` library (tokenizer.json + tokenizer_config.json with a ChatML chat template).
+HF transformers loads the folder, which makes it the oracle for srt's own model code.
+Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+ARCHS = ("llama", "qwen2", "qwen3")
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_WORDS = (
+    "the of and to in is was for on that with as by at from his her it an were are which "
+    "this be or has had not but also first one their its new after who they two been other "
+    "year into more time city world people state school during between over many most some "
+    "capital france paris river music model token server request batch cache prefix graph "
+    "hello what where when how why answer question number small large quick brown fox jumps "
+    "lazy dog apple banana computer science language history water light energy system"
+).split()
+_EXTRA = ["Paris", "London", "?", "!", ",", ".", "42", "2024", "日本語", "中文", "éàü", "🙂", "🚀"]
+
+
+def training_corpus(n_lines: int = 2000, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n_lines):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(3, 16))]
+        if rng.random() < 0.3:
+            words.insert(rng.randrange(len(words) + 1), rng.choice(_EXTRA))
+        line = " ".join(words)
+        lines.append(line[0].upper() + line[1:] + rng.choice([".", "?", "!", ""]))
+    return lines
+
+
+def train_tokenizer(path: str | os.PathLike, vocab_size: int = 512, seed: int = 0) -> None:
+    """Trains a byte-level BPE tokenizer and writes tokenizer.json + tokenizer_config.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(training_corpus(seed=seed), trainer=trainer)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": None,
+        "model_max_length": 2048,
+        "clean_up_tokenization_spaces": False,
+        "chat_template": CHAT_TEMPLATE,
+        "added_tokens_decoder": {
+            str(tok.token_to_id(t)): {
+                "content": t,
+                "special": True,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "single_word": False,
+            }
+            for t in SPECIAL_TOKENS
+        },
+    }
+    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+def make_tiny_model(
+    path: str | os.PathLike,
+    arch: str = "llama",
+    *,
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    max_position_embeddings: int = 1024,
+    tie_word_embeddings: bool = False,
+    rope_scaling: dict | None = None,
+    vocab_size: int = 512,
+) -> str:
+    """Writes a tiny random-weight `arch` model folder at `path` and returns the path."""
+    import torch
+    import transformers
+
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+    path = Path(path)
+    train_tokenizer(path, vocab_size=vocab_size, seed=seed)
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    eos = tok.token_to_id("<|im_end|>")
+    pad = tok.token_to_id("<|endoftext|>")
+    common = dict(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=tie_word_embeddings,
+        eos_token_id=eos,
+        bos_token_id=None,
+        pad_token_id=pad,
+        # Wide init so greedy outputs of random weights vary instead of repeating one token.
+        initializer_range=0.3,
+        torch_dtype="float32",
+    )
+    rope = {"rope_type": "default", "rope_theta": 10000.0}
+    if rope_scaling:
+        rope = {"rope_theta": 10000.0, **rope_scaling}
+    if arch == "llama":
+        config = transformers.LlamaConfig(**common, rope_parameters=rope)
+    elif arch == "qwen2":
+        config = transformers.Qwen2Config(**common, rope_parameters=rope, use_sliding_window=False)
+    else:
+        config = transformers.Qwen3Config(
+            **common, rope_parameters=rope, head_dim=hidden_size // num_heads
+        )
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if arch == "qwen2":  # q/k/v biases start at zero; make them matter
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0.0, 0.3)
+    with torch.no_grad():  # norms start at one; perturb so a wrong norm shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.mul_(1.0 + 0.2 * torch.randn_like(p))
+    model.generation_config = transformers.GenerationConfig(
+        eos_token_id=eos, pad_token_id=pad, bos_token_id=None
+    )
+    model.save_pretrained(path, safe_serialization=True)
+    return str(path)
