@@ -103,10 +103,16 @@ def test_crash_leaves_no_cache_and_success_is_reused(
     root = tmp_path / "cache" / "gguf"
     assert [p for p in root.iterdir() if not p.name.endswith(".lock")] == []
 
+    # A converter killed outright leaves its temp folder behind; the next one clears it.
+    (root / f".{Path(gguf._cache_dir_for(src.resolve())).name}.dead").mkdir()
+
     monkeypatch.setattr(gguf, "_convert", _fake_convert(calls))
     first = ensure_hf_folder(str(src))
     assert Path(first).parent == root and Path(first).name.startswith("m-")
     assert ensure_hf_folder(str(src)) == first
+    assert sorted(p.name for p in root.iterdir() if not p.name.endswith(".lock")) == [
+        Path(first).name
+    ]
     assert len(calls) == 2  # the failed try and one conversion; the third call reused it
 
     # A changed file (size / mtime) converts again, into a new folder.

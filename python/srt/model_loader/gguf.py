@@ -47,6 +47,8 @@ _GENERATED_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
 )
+# A model too big for one file is saved as shards plus this index instead of model.safetensors.
+_SHARD_INDEX = "model.safetensors.index.json"
 
 
 def cache_root() -> Path:
@@ -128,8 +130,15 @@ def _cache_dir_for(gguf_path: Path) -> Path:
     return cache_root() / f"{gguf_path.stem}-{digest}"
 
 
+def _missing_files(folder: Path) -> list[str]:
+    missing = [name for name in _GENERATED_FILES if not (folder / name).is_file()]
+    if "model.safetensors" in missing and (folder / _SHARD_INDEX).is_file():
+        missing.remove("model.safetensors")
+    return missing
+
+
 def _is_complete(folder: Path) -> bool:
-    return all((folder / name).is_file() for name in _GENERATED_FILES)
+    return folder.is_dir() and not _missing_files(folder)
 
 
 def _convert_cached(gguf_path: Path) -> Path:
@@ -145,6 +154,10 @@ def _convert_cached(gguf_path: Path) -> Path:
             return target
         if target.exists():  # not ours to trust: an older layout or a hand-made folder
             shutil.rmtree(target)
+        # Temp folders of this target left by a killed converter: stale, as we hold the lock.
+        for stale in target.parent.glob(f".{target.name}.*"):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the final folder is a plain cache
         try:
@@ -208,7 +221,7 @@ def _convert(gguf_path: Path, out: Path) -> None:
     del model
     _set_model_max_length(out, getattr(config, "max_position_embeddings", None))
 
-    missing = [n for n in _GENERATED_FILES if not (out / n).is_file()]
+    missing = _missing_files(out)
     if missing:
         raise RuntimeError(
             f"converting {gguf_path} did not produce {', '.join(missing)}; is the installed "
