@@ -1,0 +1,1 @@
+"""Model path resolution and format conversion (GGUF -> HF folder)."""

