@@ -17,13 +17,14 @@ import sys
 import threading
 import time
 from argparse import Namespace
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from srt.bench import serving
 from srt.bench.datasets import (
     load_tokenizer,
@@ -45,8 +46,7 @@ def _has(module: str) -> bool:
 
 
 NEEDS_RUNNER = pytest.mark.skipif(
-    not (_has("srt.model_executor.model_runner") and _has("srt._native")),
-    reason="needs the ModelRunner and the native module (merged runtime)",
+    not _has("srt.model_executor.model_runner"), reason="needs the ModelRunner (merged runtime)"
 )
 NEEDS_ENGINE = pytest.mark.skipif(
     not (_has("srt.entrypoints.engine") and _has("srt._native")),
@@ -66,7 +66,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny_model: str):  # noqa: ANN201 - a transformers tokenizer
+def tokenizer(tiny_model: str) -> Any:
     return load_tokenizer(tiny_model)
 
 
@@ -257,6 +257,76 @@ def test_plot_file_written(tmp_path: Path) -> None:
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
 
 
+# ---- offline: metrics over Engine-shaped outputs ----------------------------------------------
+
+
+class _FakeEngine:
+    """Records how `generate` was called; answers like the Engine (SGLang-shaped dicts)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def generate(
+        self,
+        prompt: list[str] | None,
+        sampling_params: list[dict],
+        input_ids: list[list[int]] | None = None,
+    ) -> list[dict]:
+        self.calls.append((prompt, sampling_params, input_ids))
+        prompts = input_ids if input_ids is not None else prompt
+        return [
+            {
+                "text": "x",
+                "output_ids": [1] * p["max_new_tokens"],
+                "meta_info": {
+                    "id": str(i),
+                    "prompt_tokens": len(q),
+                    "completion_tokens": p["max_new_tokens"] - (i == 1),  # one ends early
+                    "cached_tokens": 0,
+                    "finish_reason": {"type": "abort"} if i == 2 else {"type": "length"},
+                    "e2e_latency": 0.5 + i,
+                },
+            }
+            for i, (q, p) in enumerate(zip(prompts, sampling_params, strict=True))
+        ]
+
+
+def test_offline_metrics_and_calls(tokenizer) -> None:
+    from srt.bench.offline import _generate, offline_metrics
+
+    reqs = sample_random_requests(tokenizer, 4, 10, 5)
+    engine = _FakeEngine()
+    outs = _generate(engine, reqs, temperature=0.0)
+    ((prompt, params, ids),) = engine.calls
+    assert prompt is None and ids == [r.prompt_ids for r in reqs]  # exact token-id prompts
+    assert params[0] == {
+        "max_new_tokens": 5,
+        "min_new_tokens": 5,
+        "ignore_eos": True,
+        "temperature": 0.0,
+    }
+    m = offline_metrics(reqs, outs, duration=2.0)
+    assert (m["completed"], m["failed"], m["short_outputs"]) == (3, 1, 1)
+    assert m["total_input_tokens"] == 30 and m["total_output_tokens"] == 14
+    assert m["request_throughput"] == pytest.approx(1.5)
+    assert m["output_throughput"] == pytest.approx(7.0)
+    assert m["median_e2e_latency_ms"] == pytest.approx(1500.0)
+    text_reqs = sample_random_requests(tokenizer, 2, 10, 5, prompt_format="text")
+    _generate(engine, text_reqs, temperature=0.0)
+    assert engine.calls[-1][0] == [r.prompt for r in text_reqs] and engine.calls[-1][2] is None
+    with pytest.raises(RuntimeError):
+        offline_metrics(reqs, outs[:3], duration=1.0)
+
+
+def test_engine_kwargs_keeps_only_set_flags() -> None:
+    from srt.bench.__main__ import build_parser
+    from srt.bench.offline import engine_kwargs
+
+    argv = ["offline", "--model-path", "m", "--max-total-tokens", "2048", "--num-prompts", "3"]
+    args = build_parser("offline").parse_args(argv)
+    assert engine_kwargs(args) == {"model_path": "m", "max_total_tokens": 2048}
+
+
 # ---- the serving client against a scripted streaming server ---------------------------------
 
 TOKEN_DELAY = 0.01
@@ -275,7 +345,7 @@ def _fake_app() -> FastAPI:
         return {"object": "list", "data": [{"id": "fake-model", "object": "model"}]}
 
     @app.post("/v1/completions")
-    async def completions(request: Request):  # noqa: ANN202
+    async def completions(request: Request) -> Response:
         body = await request.json()
         seen["n"] += 1
         seen["bodies"].append(body)
@@ -283,7 +353,7 @@ def _fake_app() -> FastAPI:
             return JSONResponse({"error": {"message": "boom"}}, status_code=500)
         n_prompt = len(body["prompt"]) if isinstance(body["prompt"], list) else -1
 
-        async def stream():  # noqa: ANN202
+        async def stream() -> AsyncIterator[str]:
             for i in range(body["max_tokens"]):
                 await asyncio.sleep(TOKEN_DELAY)
                 chunk = {"choices": [{"index": 0, "text": f" w{i}", "finish_reason": None}]}
@@ -295,11 +365,11 @@ def _fake_app() -> FastAPI:
         return StreamingResponse(stream(), media_type="text/event-stream")
 
     @app.post("/generate")
-    async def generate(request: Request):  # noqa: ANN202
+    async def generate(request: Request) -> Response:
         body = await request.json()
         n = body["sampling_params"]["max_new_tokens"]
 
-        async def stream():  # noqa: ANN202
+        async def stream() -> AsyncIterator[str]:
             text = ""
             for i in range(0, n, 2):  # two tokens per chunk
                 await asyncio.sleep(TOKEN_DELAY)
