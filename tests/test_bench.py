@@ -325,6 +325,10 @@ def test_engine_kwargs_keeps_only_set_flags() -> None:
     argv = ["offline", "--model-path", "m", "--max-total-tokens", "2048", "--num-prompts", "3"]
     args = build_parser("offline").parse_args(argv)
     assert engine_kwargs(args) == {"model_path": "m", "max_total_tokens": 2048}
+    # one-batch shares the ServerArgs flags; argparse refuses a clash when the parser is built.
+    argv = ["one-batch", "--batch-size", "1", "8", "--load-format", "dummy", "--dtype", "bfloat16"]
+    args = build_parser("one-batch").parse_args(argv)
+    assert args.batch_size == [1, 8] and args.load_format == "dummy" and args.input_len == [1024]
 
 
 # ---- the serving client against a scripted streaming server ---------------------------------

@@ -20,7 +20,8 @@ def throughput_bins(
     results: Sequence[RequestResult], duration: float, bin_s: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray]:
     """(bin start times, output tokens per second in each bin): every chunk's tokens land in
-    the bin of the moment the client received it."""
+    the bin of the moment the client received it; the last, partial bin is divided by its own
+    width, so a run's tail does not look like a throughput collapse."""
     n_bins = max(1, math.ceil(duration / bin_s))
     tokens = np.zeros(n_bins)
     for r in results:
@@ -29,7 +30,9 @@ def throughput_bins(
         for t, k in zip(r.chunk_times, r.chunk_tokens, strict=True):
             i = min(int((r.send_time + t) / bin_s), n_bins - 1)
             tokens[i] += k
-    return np.arange(n_bins) * bin_s, tokens / bin_s
+    starts = np.arange(n_bins) * bin_s
+    widths = np.minimum(bin_s, duration - starts)
+    return starts, tokens / np.where(widths > 0, widths, bin_s)
 
 
 def in_flight(results: Sequence[RequestResult], times: np.ndarray) -> np.ndarray:
@@ -67,13 +70,14 @@ def plot_serving(
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
         ax.set_xlabel(label)
         ax.set_ylabel("count")
-    times, tok_s = throughput_bins(results, duration)
+    starts, tok_s = throughput_bins(results, duration)
     ax = axes.flat[4]
-    ax.step(times, tok_s, where="post", color="tab:green")
+    ax.stairs(tok_s, np.append(starts, max(duration, starts[-1] + 1e-9)), color="tab:green")
     ax.set_xlabel("time (s)")
     ax.set_ylabel("output tokens/s (1 s bins)")
     ax = axes.flat[5]
-    ax.step(times, in_flight(results, times), where="post", color="tab:purple")
+    grid = np.linspace(0.0, duration, 500)
+    ax.plot(grid, in_flight(results, grid), color="tab:purple")
     ax.set_xlabel("time (s)")
     ax.set_ylabel("requests in flight")
     fig.suptitle(f"{title}  ({len(ok)}/{len(results)} ok, {duration:.1f} s)")
