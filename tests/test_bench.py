@@ -463,8 +463,10 @@ def test_serving_client_generate_backend(fake_server, tiny_model: str, tmp_path:
     (rec,) = _records(out)
     assert (rec["completed"], rec["failed"]) == (8, 0)
     assert rec["total_output_tokens"] == 8 * 6
-    # Two tokens per chunk, TOKEN_DELAY apart: each token's ITL is about half the gap.
-    assert TOKEN_DELAY * 1000 * 0.4 <= rec["median_itl_ms"] <= TOKEN_DELAY * 1000 * 2
+    # Two tokens per chunk, TOKEN_DELAY apart: each token's ITL is half the gap (5 ms), close to
+    # TPOT (2 gaps over 5 tokens, 4 ms); unsplit chunk gaps would be 2.5x TPOT.
+    assert rec["median_itl_ms"] >= TOKEN_DELAY * 1000 * 0.4
+    assert rec["median_itl_ms"] <= 1.6 * rec["median_tpot_ms"]
 
 
 def test_request_rate_spreads_sends(fake_server, tiny_model: str) -> None:
@@ -484,7 +486,7 @@ def test_request_rate_spreads_sends(fake_server, tiny_model: str) -> None:
     results, duration = asyncio.run(serving.run_requests(args, reqs, offsets))
     sends = [r.send_time for r in results]
     for sent, due in zip(sends, offsets, strict=True):
-        assert due <= sent < due + 0.08
+        assert due <= sent < due + 0.3  # never early; late only by scheduling noise
     assert duration >= 0.5
 
 
