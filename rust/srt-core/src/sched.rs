@@ -699,7 +699,8 @@ impl BatchScheduler {
                     (self.alloc.pages_needed(prefix + extend, remaining - extend) * p) as f64;
                 mid_chunk = Some(id);
             }
-            budget -= extend;
+            // Saturating: a request over the budget may run alone.
+            budget = budget.saturating_sub(extend);
             admitted += 1;
             self.waiting.retain(|&(_, w)| w != id);
             let r = self
