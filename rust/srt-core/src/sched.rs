@@ -456,7 +456,7 @@ impl BatchScheduler {
                 }
                 State::MidChunk => {
                     n_mid += 1;
-                    self.chunked == Some(id) && kv > 0 && kv < len && kv % p == 0
+                    self.chunked == Some(id) && kv > 0 && kv < len && kv.is_multiple_of(p)
                 }
                 State::Sampling => {
                     n_running += 1;
@@ -473,7 +473,7 @@ impl BatchScheduler {
                     r.state.name()
                 ));
             }
-            if r.tree_owned > kv || r.tree_owned % p != 0 {
+            if r.tree_owned > kv || !r.tree_owned.is_multiple_of(p) {
                 return Err(format!(
                     "request {id}: tree-owned prefix {} of {kv} slots is not page aligned",
                     r.tree_owned
@@ -1018,7 +1018,7 @@ fn validate(cfg: &SchedConfig) -> Result<(), SchedError> {
     if p == 0 {
         return bad("page_size must be >= 1".into());
     }
-    if cfg.pool_size == 0 || cfg.pool_size % p != 0 {
+    if cfg.pool_size == 0 || !cfg.pool_size.is_multiple_of(p) {
         return bad(format!(
             "pool_size {} must be a positive multiple of page_size {p}",
             cfg.pool_size

@@ -308,26 +308,24 @@ impl Driver {
             let r = self.reqs.get_mut(&e.id).expect("known");
             let end = e.prefix_len + e.extend_len;
             let hashes = r.hash_upto(end).to_vec();
-            for pos in 0..e.prefix_len {
+            let (read, write) = r.view[..end].split_at(e.prefix_len);
+            for (pos, (s, h)) in read.iter().zip(&hashes).enumerate() {
                 assert!(
-                    !writes.contains(&r.view[pos]),
-                    "request {} reads slot {} that this step writes",
-                    e.id,
-                    r.view[pos]
+                    !writes.contains(s),
+                    "request {} reads slot {s} that this step writes",
+                    e.id
                 );
                 assert_eq!(
-                    self.content.get(&r.view[pos]),
-                    Some(&hashes[pos]),
-                    "request {} reads wrong KV at position {pos} (slot {})",
-                    e.id,
-                    r.view[pos]
+                    self.content.get(s),
+                    Some(h),
+                    "request {} reads wrong KV at position {pos} (slot {s})",
+                    e.id
                 );
             }
-            for pos in e.prefix_len..end {
-                let s = r.view[pos];
+            for (&s, &h) in write.iter().zip(&hashes[e.prefix_len..]) {
                 assert!(written.insert(s), "slot {s} written twice in one plan");
                 Self::assert_only_holder(&holders, s / p, e.id, s);
-                self.content.insert(s, hashes[pos]);
+                self.content.insert(s, h);
             }
             if r.phase == Phase::Waiting {
                 r.cached_len = r.cached_len.max(e.cached_len);
@@ -374,7 +372,7 @@ impl Driver {
             assert!(written.insert(s), "slot {s} written twice in one decode");
             Self::assert_only_holder(&holders, s / p, id, s);
             // The new slot continues the request's own last page or starts a fresh one.
-            if pos % p as usize != 0 {
+            if !pos.is_multiple_of(p as usize) {
                 assert_eq!(
                     s / p,
                     r.view[pos - 1] / p,
