@@ -7,3 +7,22 @@ use pyo3::PyErr;
 pub fn value_error(e: impl std::fmt::Display) -> PyErr {
     PyValueError::new_err(e.to_string())
 }
+
+/// `SchedError` -> exception: bad input or misuse -> `ValueError`; a failure inside the prefix
+/// cache or the allocator (a bookkeeping bug, never the caller's input) -> `RuntimeError`.
+pub fn sched_error(e: srt_core::sched::SchedError) -> PyErr {
+    use srt_core::sched::SchedError;
+    match e {
+        SchedError::Radix(_) | SchedError::Alloc(_) => {
+            pyo3::exceptions::PyRuntimeError::new_err(e.to_string())
+        }
+        _ => PyValueError::new_err(e.to_string()),
+    }
+}
+
+/// A violated `BatchScheduler` invariant -> `AssertionError`.
+pub fn sched_invariant_error(violation: String) -> PyErr {
+    pyo3::exceptions::PyAssertionError::new_err(format!(
+        "scheduler invariant violated: {violation}"
+    ))
+}
