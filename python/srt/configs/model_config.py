@@ -1,0 +1,103 @@
+"""ModelConfig: what the runtime needs to know about a model folder, read once.
+
+Built in the scheduler process (and wherever the context length or EOS ids are needed) from
+config.json / generation_config.json via transformers' AutoConfig: architecture, shapes,
+context length, dtype and EOS token ids. Importing it does not import torch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoConfig
+
+from srt.models.registry import SUPPORTED_ARCHITECTURES
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def resolve_device(device: str) -> str:
+    """ "auto" -> "cuda" when available, else "cpu"; anything else is returned as is."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class ModelConfig:
+    def __init__(
+        self,
+        model_path: str,
+        context_length: int | None = None,
+        dtype: str = "auto",
+        device: str = "cpu",
+    ) -> None:
+        self.model_path = model_path
+        self.hf_config: Any = AutoConfig.from_pretrained(model_path)
+        archs = getattr(self.hf_config, "architectures", None) or []
+        supported = [a for a in archs if a in SUPPORTED_ARCHITECTURES]
+        if not supported:
+            raise ValueError(
+                f"unsupported model architecture {archs or 'missing'} in {model_path}; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        self.architecture: str = supported[0]
+        cfg = self.hf_config
+        self.num_layers: int = cfg.num_hidden_layers
+        self.num_heads: int = cfg.num_attention_heads
+        self.num_kv_heads: int = getattr(cfg, "num_key_value_heads", None) or self.num_heads
+        self.hidden_size: int = cfg.hidden_size
+        self.head_dim: int = getattr(cfg, "head_dim", None) or self.hidden_size // self.num_heads
+        self.vocab_size: int = cfg.vocab_size
+        self.context_len: int = self._context_len(context_length)
+        self.device: str = resolve_device(device)
+        if dtype != "auto" and dtype not in _DTYPES:
+            raise ValueError(f"dtype must be auto or one of {_DTYPES}, got {dtype!r}")
+        self.dtype: str = dtype
+        self.eos_token_ids: set[int] = self._eos_token_ids()
+
+    def _context_len(self, override: int | None) -> int:
+        model_len = getattr(self.hf_config, "max_position_embeddings", None)
+        if override is None:
+            if model_len is None:
+                raise ValueError(
+                    f"{self.model_path} has no max_position_embeddings; pass --context-length"
+                )
+            return int(model_len)
+        if model_len is not None and override > model_len:
+            logger.warning(
+                "context length %d exceeds the model's max_position_embeddings %d; outputs past "
+                "%d tokens may be poor",
+                override,
+                model_len,
+                model_len,
+            )
+        return int(override)
+
+    def _eos_token_ids(self) -> set[int]:
+        ids: set[int] = set()
+        gen_file = Path(self.model_path) / "generation_config.json"
+        sources = [getattr(self.hf_config, "eos_token_id", None)]
+        if gen_file.is_file():
+            sources.append(json.loads(gen_file.read_text()).get("eos_token_id"))
+        for value in sources:
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, list):
+                ids.update(int(v) for v in value)
+        return ids
+
+    @property
+    def torch_dtype(self) -> Any:
+        """The torch dtype: "auto" is bf16 on cuda and fp32 on cpu."""
+        import torch
+
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        return getattr(torch, self.dtype)

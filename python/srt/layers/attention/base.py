@@ -1,0 +1,70 @@
+"""AttentionBackend: how the attention layers of a model read and write the paged KV cache.
+
+One backend object serves every layer of the model. The ModelRunner builds it by name
+(`srt.layers.attention.create_attention_backend`), gives it the pools once they are sized
+(`bind_pools`), calls `init_forward_metadata` once per step (index tensors shared by all layers),
+then each layer calls `forward`, which stores the new tokens' K/V at `out_cache_loc` and attends.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import TYPE_CHECKING
+
+import torch
+
+from srt.model_executor.forward_batch import ForwardBatch
+
+if TYPE_CHECKING:
+    from srt.layers.attention.layer import AttentionLayer
+    from srt.mem_cache.memory_pool import KVPool, ReqToTokenPool
+
+
+class AttentionBackend(abc.ABC):
+    def __init__(self) -> None:
+        self.req_to_token_pool: ReqToTokenPool | None = None
+        self.kv_pool: KVPool | None = None
+
+    def bind_pools(self, req_to_token_pool: ReqToTokenPool, kv_pool: KVPool) -> None:
+        """Called once by the ModelRunner: the pools are sized after the weights are loaded."""
+        self.req_to_token_pool = req_to_token_pool
+        self.kv_pool = kv_pool
+
+    @abc.abstractmethod
+    def init_forward_metadata(self, forward_batch: ForwardBatch) -> None:
+        """Prepares per-step state (e.g. KV slot index tensors) before the layers run."""
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: AttentionLayer,
+        forward_batch: ForwardBatch,
+    ) -> torch.Tensor:
+        """q [T, Hq, D], k/v [T, Hkv, D] of the new tokens -> attention output [T, Hq * D]."""
+        assert self.kv_pool is not None, "bind_pools() must be called before forward"
+        self.kv_pool.set_kv(layer.layer_id, forward_batch.out_cache_loc, k, v)
+        if forward_batch.is_decode:
+            return self.forward_decode(q, k, v, layer, forward_batch)
+        return self.forward_extend(q, k, v, layer, forward_batch)
+
+    @abc.abstractmethod
+    def forward_extend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: AttentionLayer,
+        forward_batch: ForwardBatch,
+    ) -> torch.Tensor: ...
+
+    @abc.abstractmethod
+    def forward_decode(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: AttentionLayer,
+        forward_batch: ForwardBatch,
+    ) -> torch.Tensor: ...

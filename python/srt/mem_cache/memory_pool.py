@@ -1,0 +1,148 @@
+"""KV cache tensors of the scheduler process: the request-to-token table and the paged KV pool.
+
+- `ReqToTokenPool`: one int32 row per running request; row r, column p holds the KV slot of
+  position p of that request. The scheduler writes it before each forward; the attention
+  backend reads it to find a sequence's keys and values.
+- `KVPool`: per-layer K and V tensors indexed by KV slot. Slots come from the Rust allocator
+  (`srt._native`), which hands out `page_size .. page_size + size`; page 0 (slots
+  `0 .. page_size`) is a padding sink, so the tensors have `size + page_size` rows.
+
+Both only hold tensors; which slots and rows are free is bookkeeping done elsewhere (rows here,
+slots in Rust).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+class ReqToTokenPool:
+    """`size` rows of `max_context_len` KV slot indices, with a free list of rows."""
+
+    def __init__(self, size: int, max_context_len: int, device: torch.device | str) -> None:
+        if size < 1 or max_context_len < 1:
+            raise ValueError(
+                f"ReqToTokenPool needs size >= 1 and max_context_len >= 1, got {size}, {max_context_len}"
+            )
+        self.size = size
+        self.max_context_len = max_context_len
+        self.device = torch.device(device)
+        # NOTE: zeros, not empty: a batched decode gathers whole padded rows and masks the tail;
+        # zero is the padding page, so even unmasked garbage would stay inside the pool.
+        self.req_to_token = torch.zeros(
+            (size, max_context_len), dtype=torch.int32, device=self.device
+        )
+        # Popping from the end hands out low rows first, which keeps tests readable.
+        self._free_rows = list(range(size - 1, -1, -1))
+        self._is_free = [True] * size
+
+    def available(self) -> int:
+        return len(self._free_rows)
+
+    def alloc(self) -> int | None:
+        """A free row, or None when every row is in use."""
+        if not self._free_rows:
+            return None
+        row = self._free_rows.pop()
+        self._is_free[row] = False
+        return row
+
+    def free(self, row: int) -> None:
+        if not 0 <= row < self.size:
+            raise ValueError(f"row {row} is outside the ReqToTokenPool of {self.size} rows")
+        if self._is_free[row]:
+            raise ValueError(f"row {row} is already free")
+        self._is_free[row] = True
+        self._free_rows.append(row)
+
+    def write(
+        self,
+        rows: Sequence[int] | torch.Tensor,
+        start_positions: Sequence[int] | torch.Tensor,
+        slots: Sequence[int] | torch.Tensor,
+        lengths: Sequence[int] | None = None,
+    ) -> None:
+        """Writes `slots` (flat, concatenated per row) at positions `start_positions[i] ..
+        start_positions[i] + lengths[i]` of `rows[i]`, in one indexed store.
+
+        `lengths` defaults to one slot per row (the decode step).
+        """
+        n_rows = len(rows)
+        if lengths is None:
+            lengths = [1] * n_rows
+        if len(start_positions) != n_rows or len(lengths) != n_rows:
+            raise ValueError("rows, start_positions and lengths must have the same length")
+        lens = torch.as_tensor(lengths, dtype=torch.int64)
+        total = int(lens.sum())
+        if len(slots) != total:
+            raise ValueError(
+                f"expected {total} slots for lengths {list(lengths)}, got {len(slots)}"
+            )
+        if total == 0:
+            return
+        starts = torch.as_tensor(start_positions, dtype=torch.int64).cpu()
+        row_idx = torch.repeat_interleave(torch.as_tensor(rows, dtype=torch.int64).cpu(), lens)
+        # Column of each slot: its row's start plus its offset inside the row's run.
+        run_begin = torch.cumsum(lens, 0) - lens
+        offsets = torch.arange(total) - torch.repeat_interleave(run_begin, lens)
+        col_idx = torch.repeat_interleave(starts, lens) + offsets
+        if int(col_idx.max()) >= self.max_context_len or int(col_idx.min()) < 0:
+            raise ValueError(f"position out of range [0, {self.max_context_len})")
+        values = torch.as_tensor(slots).to(device=self.device, dtype=torch.int32)
+        self.req_to_token[row_idx.to(self.device), col_idx.to(self.device)] = values
+
+
+class KVPool:
+    """Per-layer K and V buffers of shape [size + page_size, num_kv_heads, head_dim]."""
+
+    def __init__(
+        self,
+        size: int,
+        page_size: int,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        if page_size < 1 or size < 1 or size % page_size:
+            raise ValueError(
+                f"KVPool size {size} must be a positive multiple of page_size {page_size}"
+            )
+        self.size = size
+        self.page_size = page_size
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.device = torch.device(device)
+        rows = size + page_size
+        shape = (rows, num_kv_heads, head_dim)
+        # torch.empty: pages are not touched (nor committed by the OS) before they are used.
+        self.k_buffers = [
+            torch.empty(shape, dtype=dtype, device=self.device) for _ in range(num_layers)
+        ]
+        self.v_buffers = [
+            torch.empty(shape, dtype=dtype, device=self.device) for _ in range(num_layers)
+        ]
+        # NOTE: the padding page must hold finite values: masked-out positions of a padded batch
+        # read it, and NaN * 0 would still poison the attention output.
+        for buf in (*self.k_buffers, *self.v_buffers):
+            buf[:page_size].zero_()
+
+    @staticmethod
+    def bytes_per_token(
+        num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return 2 * num_layers * num_kv_heads * head_dim * elem
+
+    def set_kv(self, layer_id: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Stores k, v of shape [T, num_kv_heads, head_dim] at slots `loc` [T]."""
+        self.k_buffers[layer_id][loc] = k.to(self.dtype)
+        self.v_buffers[layer_id][loc] = v.to(self.dtype)
+
+    def get_kv(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k_buffers[layer_id], self.v_buffers[layer_id]
