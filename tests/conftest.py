@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from srt.testing.tiny_model import ARCHS, make_tiny_model
 
 

@@ -25,6 +25,7 @@ import httpx
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+
 from srt.bench import serving
 from srt.bench.datasets import (
     load_tokenizer,

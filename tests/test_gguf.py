@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
 from srt.model_loader import gguf
 from srt.model_loader.gguf import default_model_path, ensure_hf_folder, resolve_model_paths
 

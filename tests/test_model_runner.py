@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, GenerationConfig
+
 from srt.configs.model_config import ModelConfig
 from srt.layers.rotary import rope_settings
 from srt.mem_cache.memory_pool import ReqToTokenPool
@@ -20,7 +22,6 @@ from srt.model_executor.forward_batch import ForwardBatch
 from srt.model_executor.model_runner import ModelRunner
 from srt.server_args import ServerArgs
 from srt.testing.tiny_model import ARCHS, make_tiny_model
-from transformers import AutoModelForCausalLM, GenerationConfig
 
 ATOL = 1e-4
 

@@ -4,6 +4,7 @@ process (prefill, decode, commit, finish) and the errors that bad input raises."
 from __future__ import annotations
 
 import pytest
+
 from srt._native import BatchScheduler, Plan, PrefillEntry
 
 

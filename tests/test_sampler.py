@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from srt.layers.sampler import Sampler, SamplingBatchInfo, seeded_uniforms, splitmix64
 from srt.sampling_params import SamplingParams as SP
 

@@ -331,7 +331,7 @@ class Scheduler:
         next_ids = self.sampler(logits, info).tolist()
         self.plan.commit([r.nid for r in reqs], next_ids)
         stop_string_reqs: list[Req] = []
-        for req, tok in zip(reqs, next_ids):
+        for req, tok in zip(reqs, next_ids, strict=True):
             req.output_ids.append(tok)
             self.outbox[req.nid] = req
             if req.checks_stop_strings:
@@ -341,7 +341,7 @@ class Scheduler:
             results = self.stop_checker.step_batch(
                 [r.nid for r in stop_string_reqs], [[r.output_ids[-1]] for r in stop_string_reqs]
             )
-            for req, (_, stop_idx) in zip(stop_string_reqs, results):
+            for req, (_, stop_idx) in zip(stop_string_reqs, results, strict=True):
                 if stop_idx is not None:
                     matched[req.nid] = req.params.stop[stop_idx]
         for req in reqs:
