@@ -38,13 +38,13 @@ class ServerArgs:
     )
     dtype: str = _f(
         "auto",
-        "Weight and activation dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, "
-        "float16.",
+        "Weight and activation dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.",
         ("auto", "float32", "bfloat16", "float16"),
     )
     device: str = _f("auto", "Device: auto (cuda when available, else cpu), cpu or cuda.")
     load_format: str = _f(
-        "auto", "auto: real weights; dummy: random weights from config.json alone.",
+        "auto",
+        "auto: real weights; dummy: random weights from config.json alone.",
         ("auto", "dummy"),
     )
     mem_fraction_static: float | None = _f(
@@ -63,15 +63,11 @@ class ServerArgs:
         8192,
         "Longest prefill chunk: longer prompts are split over steps. -1 disables chunking.",
     )
-    schedule_policy: str = _f(
-        "fcfs", "Order of the waiting queue.", SCHEDULE_POLICIES
-    )
+    schedule_policy: str = _f("fcfs", "Order of the waiting queue.", SCHEDULE_POLICIES)
     page_size: int = _f(1, "Tokens per KV cache page.")
     disable_radix_cache: bool = _f(False, "Do not reuse cached prefixes across requests.")
     random_seed: int = _f(0, "Seed for the random schedule policy and unseeded sampling.")
-    log_level: str = _f(
-        "info", "Logging level.", ("debug", "info", "warning", "error", "critical")
-    )
+    log_level: str = _f("info", "Logging level.", ("debug", "info", "warning", "error", "critical"))
     tokenizer_worker_threads: int = _f(1, "Threads used to tokenize requests in main.")
 
     def __post_init__(self) -> None:

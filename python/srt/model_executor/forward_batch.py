@@ -57,7 +57,9 @@ class ForwardBatch:
         extend_lens: list[int],
         device: torch.device | str,
     ) -> ForwardBatch:
-        positions = [p for pre, n in zip(prefix_lens, extend_lens, strict=True) for p in range(pre, pre + n)]
+        positions = [
+            p for pre, n in zip(prefix_lens, extend_lens, strict=True) for p in range(pre, pre + n)
+        ]
         seq_lens = [pre + n for pre, n in zip(prefix_lens, extend_lens, strict=True)]
         return cls(
             mode=ForwardMode.EXTEND,

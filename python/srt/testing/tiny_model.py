@@ -150,7 +150,11 @@ def make_tiny_model(
     if arch == "qwen2":  # q/k/v biases start at zero; make them matter
         with torch.no_grad():
             for layer in model.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                for proj in (
+                    layer.self_attn.q_proj,
+                    layer.self_attn.k_proj,
+                    layer.self_attn.v_proj,
+                ):
                     proj.bias.normal_(0.0, 0.3)
     with torch.no_grad():  # norms start at one; perturb so a wrong norm shows
         for name, p in model.named_parameters():
