@@ -79,3 +79,67 @@ class BatchScheduler:
     def num_running(self) -> int: ...
 
 # --- end sched ---
+
+# --- radix / alloc ---
+
+class RadixTree:
+    """Prefix cache over token ids whose values are KV slot indices (scheduler process).
+
+    Keys are truncated to whole pages and matches are page aligned. Requests in different
+    namespaces never share prefixes. Not thread safe: one owner calls it.
+    """
+
+    def __init__(self, page_size: int = 1) -> None: ...
+    @property
+    def page_size(self) -> int: ...
+    def match_prefix(self, key: list[int], namespace: str = "") -> tuple[list[int], int, int]:
+        """`(values, node, length)` of the longest cached prefix; refreshes its LRU time.
+
+        `node` is where the match ends (the namespace's root when nothing matched); lock it
+        to keep the prefix cached. Unlocked node handles may be evicted later.
+        """
+    def insert(self, key: list[int], values: list[int], namespace: str = "") -> int:
+        """Caches `key -> values`; returns how many leading tokens were already cached.
+
+        The caller frees its duplicates `values[:returned]` and the unaligned tail beyond the
+        last whole page. Raises ValueError when the lengths differ.
+        """
+    def lock(self, node: int) -> None:
+        """Protects `node` and its ancestors from eviction. ValueError on a bad handle."""
+    def unlock(self, node: int) -> None:
+        """Undoes one `lock`. ValueError on a bad handle or a node that is not locked."""
+    def evict(self, n_tokens: int) -> list[int]:
+        """Frees least recently used unlocked leaves until at least `n_tokens` tokens are
+        freed or nothing evictable is left; returns the freed KV slots."""
+    def evictable_size(self) -> int: ...
+    def protected_size(self) -> int: ...
+    def total_size(self) -> int: ...
+    def reset(self) -> list[int]:
+        """Drops everything (every handle becomes invalid); returns all cached slots."""
+
+class SlotAllocator:
+    """KV slot allocator. Hands out slots `page_size .. page_size + size` (page 0 is the
+    padding sink), in whole pages; freed pages are reused most recently freed first."""
+
+    def __init__(self, size: int, page_size: int = 1) -> None:
+        """ValueError unless `size` is a multiple of `page_size >= 1`."""
+    @property
+    def page_size(self) -> int: ...
+    def size(self) -> int:
+        """Usable slots (page 0 excluded)."""
+    def available(self) -> int:
+        """Free slots (free pages * page_size)."""
+    def alloc(self, n: int) -> list[int]:
+        """`n` slots from fresh pages, all or nothing. MemoryError when out of memory."""
+    def alloc_extend(self, seq_len: int, last_slot: int, n_new: int) -> list[int]:
+        """`n_new` more slots for a sequence of `seq_len` tokens ending at `last_slot`: the
+        rest of its last page first, then fresh pages. MemoryError when out of memory,
+        ValueError when `last_slot` cannot end such a sequence."""
+    def pages_needed(self, seq_len: int, n_new: int) -> int:
+        """Fresh pages `alloc_extend(seq_len, _, n_new)` would take."""
+    def free(self, slots: list[int]) -> None:
+        """Frees the pages of `slots`. ValueError (nothing freed) on a double free or a slot
+        that was never handed out."""
+    def reset(self) -> None: ...
+
+# --- end radix / alloc ---

@@ -68,7 +68,12 @@ impl Detokenizer {
     pub fn from_json(json: &str) -> Result<Self, DetokError> {
         todo!()
     }
-    pub fn add_request(&mut self, id: u64, prompt_ids: &[u32], params: DecodeParams) -> Result<(), DetokError> {
+    pub fn add_request(
+        &mut self,
+        id: u64,
+        prompt_ids: &[u32],
+        params: DecodeParams,
+    ) -> Result<(), DetokError> {
         todo!()
     }
     pub fn step(&mut self, id: u64, new_ids: &[u32]) -> Result<StepOutput, DetokError> {

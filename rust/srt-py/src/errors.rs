@@ -1,8 +1,10 @@
 //! The one place where srt-core errors become Python exceptions.
 //! Add a `From`-style helper per core error type; never panic on input.
 
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyMemoryError, PyValueError};
 use pyo3::PyErr;
+use srt_core::alloc::AllocError;
+use srt_core::radix::RadixError;
 
 pub fn value_error(e: impl std::fmt::Display) -> PyErr {
     PyValueError::new_err(e.to_string())
@@ -25,4 +27,18 @@ pub fn sched_invariant_error(violation: String) -> PyErr {
     pyo3::exceptions::PyAssertionError::new_err(format!(
         "scheduler invariant violated: {violation}"
     ))
+}
+
+/// Every radix error is a caller mistake: `ValueError`.
+pub fn radix_error(e: RadixError) -> PyErr {
+    value_error(e)
+}
+
+/// Running out of KV memory is `MemoryError` (the scheduler retracts or waits); bad frees and
+/// bad configurations are `ValueError`.
+pub fn alloc_error(e: AllocError) -> PyErr {
+    match e {
+        AllocError::OutOfMemory { .. } => PyMemoryError::new_err(e.to_string()),
+        _ => value_error(e),
+    }
 }
