@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import shutil
+import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -38,13 +41,13 @@ class ServerArgs:
     )
     dtype: str = _f(
         "auto",
-        "Weight and activation dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, "
-        "float16.",
+        "Weight and activation dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.",
         ("auto", "float32", "bfloat16", "float16"),
     )
     device: str = _f("auto", "Device: auto (cuda when available, else cpu), cpu or cuda.")
     load_format: str = _f(
-        "auto", "auto: real weights; dummy: random weights from config.json alone.",
+        "auto",
+        "auto: real weights; dummy: random weights from config.json alone.",
         ("auto", "dummy"),
     )
     mem_fraction_static: float | None = _f(
@@ -63,15 +66,11 @@ class ServerArgs:
         8192,
         "Longest prefill chunk: longer prompts are split over steps. -1 disables chunking.",
     )
-    schedule_policy: str = _f(
-        "fcfs", "Order of the waiting queue.", SCHEDULE_POLICIES
-    )
+    schedule_policy: str = _f("fcfs", "Order of the waiting queue.", SCHEDULE_POLICIES)
     page_size: int = _f(1, "Tokens per KV cache page.")
     disable_radix_cache: bool = _f(False, "Do not reuse cached prefixes across requests.")
     random_seed: int = _f(0, "Seed for the random schedule policy and unseeded sampling.")
-    log_level: str = _f(
-        "info", "Logging level.", ("debug", "info", "warning", "error", "critical")
-    )
+    log_level: str = _f("info", "Logging level.", ("debug", "info", "warning", "error", "critical"))
     tokenizer_worker_threads: int = _f(1, "Threads used to tokenize requests in main.")
 
     def __post_init__(self) -> None:
@@ -119,6 +118,37 @@ class ServerArgs:
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> ServerArgs:
         return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+@dataclass(frozen=True)
+class PortArgs:
+    """The three ZMQ `ipc://` endpoints, as socket files in a private temp dir.
+
+    - `tokenizer_ipc`: main PULL-binds, the detokenizer PUSH-connects (BatchStrOut).
+    - `scheduler_ipc`: the scheduler PULL-binds, main PUSH-connects (requests, aborts).
+    - `detokenizer_ipc`: the detokenizer PULL-binds, the scheduler PUSH-connects (BatchTokenIDOut).
+    """
+
+    ipc_dir: str
+    tokenizer_ipc: str
+    scheduler_ipc: str
+    detokenizer_ipc: str
+
+    @classmethod
+    def new(cls) -> PortArgs:
+        # NOTE: a fresh dir per launch, so two servers on one machine never share sockets, and
+        # a short path, since a unix socket path is limited to ~107 bytes.
+        d = tempfile.mkdtemp(prefix="srt-ipc-")
+        return cls(
+            ipc_dir=d,
+            tokenizer_ipc=f"ipc://{os.path.join(d, 'tokenizer')}",
+            scheduler_ipc=f"ipc://{os.path.join(d, 'scheduler')}",
+            detokenizer_ipc=f"ipc://{os.path.join(d, 'detokenizer')}",
+        )
+
+    def cleanup(self) -> None:
+        """Removes the socket files and their dir; safe to call more than once."""
+        shutil.rmtree(self.ipc_dir, ignore_errors=True)
 
 
 def _strip_optional(tp: Any) -> Any:
