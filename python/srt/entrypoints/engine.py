@@ -49,7 +49,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.tokenizer_manager: TokenizerManager | None = None
         server_args = ServerArgs(model_path=model_path, **kwargs)
-        configure_logging(server_args, "engine")
+        configure_logging(server_args, "engine", force=False)  # the host may own logging
         self.server_args = prepare_server_args(server_args)
         self._port_args = PortArgs.new()
         try:

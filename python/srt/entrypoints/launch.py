@@ -44,14 +44,15 @@ class LaunchError(RuntimeError):
     """A child process failed to start; the message carries its error."""
 
 
-def configure_logging(server_args: ServerArgs, prefix: str = "") -> None:
+def configure_logging(server_args: ServerArgs, prefix: str = "", force: bool = True) -> None:
+    """Root logging at --log-level; `force=False` keeps a configuration the host program set."""
     level = getattr(logging, server_args.log_level.upper(), logging.INFO)
     tag = f"[{prefix}] " if prefix else ""
     logging.basicConfig(
         level=level,
         format=f"%(asctime)s {tag}%(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
-        force=True,
+        force=force,
     )
 
 
