@@ -15,7 +15,7 @@ import msgspec
 _NO_TOP_K = -1
 
 
-class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
+class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
     max_new_tokens: int | None = 128
     min_new_tokens: int = 0
     temperature: float = 1.0

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import shutil
+import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -115,6 +118,37 @@ class ServerArgs:
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> ServerArgs:
         return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+@dataclass(frozen=True)
+class PortArgs:
+    """The three ZMQ `ipc://` endpoints, as socket files in a private temp dir.
+
+    - `tokenizer_ipc`: main PULL-binds, the detokenizer PUSH-connects (BatchStrOut).
+    - `scheduler_ipc`: the scheduler PULL-binds, main PUSH-connects (requests, aborts).
+    - `detokenizer_ipc`: the detokenizer PULL-binds, the scheduler PUSH-connects (BatchTokenIDOut).
+    """
+
+    ipc_dir: str
+    tokenizer_ipc: str
+    scheduler_ipc: str
+    detokenizer_ipc: str
+
+    @classmethod
+    def new(cls) -> PortArgs:
+        # NOTE: a fresh dir per launch, so two servers on one machine never share sockets, and
+        # a short path, since a unix socket path is limited to ~107 bytes.
+        d = tempfile.mkdtemp(prefix="srt-ipc-")
+        return cls(
+            ipc_dir=d,
+            tokenizer_ipc=f"ipc://{os.path.join(d, 'tokenizer')}",
+            scheduler_ipc=f"ipc://{os.path.join(d, 'scheduler')}",
+            detokenizer_ipc=f"ipc://{os.path.join(d, 'detokenizer')}",
+        )
+
+    def cleanup(self) -> None:
+        """Removes the socket files and their dir; safe to call more than once."""
+        shutil.rmtree(self.ipc_dir, ignore_errors=True)
 
 
 def _strip_optional(tp: Any) -> Any:

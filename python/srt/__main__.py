@@ -1,0 +1,65 @@
+"""The `srt` command line: `python -m srt <command>` or the `srt` console script.
+
+Commands: `serve` (the OpenAI-compatible HTTP server; its flags are ServerArgs' fields). Each
+command registers itself in `COMMANDS` with a function that adds its parser, so more commands
+(e.g. `bench`) plug in without touching the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from srt.server_args import ServerArgs
+from srt.version import __version__
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        server_args = ServerArgs.from_cli_args(args)
+    except ValueError as e:
+        print(f"srt serve: error: {e}", file=sys.stderr)
+        return 2
+    from srt.entrypoints.http_server import launch_server
+
+    return launch_server(server_args)
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="Run the OpenAI-compatible HTTP server.",
+        description="Serve a model over HTTP: /v1/completions, /v1/chat/completions, "
+        "/v1/models, /generate and /health.",
+    )
+    ServerArgs.add_cli_args(p)
+    p.set_defaults(func=_serve)
+
+
+# name -> function adding the command's subparser (which sets `func` to its handler).
+COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {"serve": _add_serve}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="srt", description="srt: an LLM serving runtime with a Rust core."
+    )
+    parser.add_argument("--version", action="version", version=f"srt {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in COMMANDS.values():
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,356 @@
+"""The HTTP server (main process): FastAPI routes over the TokenizerManager, and `launch_server`.
+
+Routes: POST /generate (SGLang's native shape), POST /v1/completions, POST /v1/chat/completions,
+GET /v1/models, GET /health. Every error, including malformed JSON and pydantic validation
+failures (FastAPI's 422), is an OpenAI-style body `{"object": "error", "message", "type",
+"param", "code"}` with a 4xx status for client mistakes.
+
+`launch_server` resolves the model, starts the scheduler and detokenizer, prints
+`srt serving <model> at http://HOST:PORT` once the port is open, and serves until SIGINT/SIGTERM,
+then stops the children and removes the socket files (exit 0). A child that dies while serving
+ends the server with exit code 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from srt.entrypoints.openai.protocol import (
+    SSE_DONE,
+    ChatCompletionRequest,
+    CompletionRequest,
+    RequestError,
+    error_body,
+    sse_event,
+)
+from srt.entrypoints.openai.serving_chat import OpenAIServingChat
+from srt.entrypoints.openai.serving_completions import OpenAIServingCompletion
+from srt.managers.tokenizer_manager import (
+    ClientDisconnected,
+    GenerateReqInput,
+    RuntimeDeadError,
+    TokenizerManager,
+    final_output,
+    merge_streams,
+    public_output,
+    run_all,
+)
+from srt.server_args import PortArgs, ServerArgs
+
+logger = logging.getLogger(__name__)
+
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class GenerateRequest(BaseModel):
+    """POST /generate: one prompt or a batch (lists), as text or token ids."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str | list[str] | None = None
+    input_ids: list[int] | list[list[int]] | None = None
+    sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None
+    stream: bool = False
+    rid: str | list[str] | None = None
+    cache_salt: str = ""
+    return_logprob: bool = False
+
+    def to_inputs(self) -> tuple[list[GenerateReqInput], bool]:
+        """The single requests, and whether the body was a batch. ValueError if malformed."""
+        if self.return_logprob:
+            raise ValueError("return_logprob is not supported")
+        if (self.text is None) == (self.input_ids is None):
+            raise ValueError("give exactly one of `text` and `input_ids`")
+        if self.text is not None:
+            batch = isinstance(self.text, list)
+            prompts: list[Any] = list(self.text) if batch else [self.text]
+            key = "text"
+        else:
+            ids = self.input_ids or []
+            batch = bool(ids) and isinstance(ids[0], list)
+            prompts = list(ids) if batch else [ids]
+            key = "input_ids"
+        if batch and not prompts:
+            raise ValueError(f"`{key}` is an empty batch")
+        sps = self.sampling_params
+        if isinstance(sps, list):
+            if len(sps) != len(prompts):
+                raise ValueError(
+                    f"{len(sps)} sampling_params for {len(prompts)} prompts; give one per prompt"
+                )
+        else:
+            sps = [sps] * len(prompts)
+        rids: list[str | None] = [None] * len(prompts)
+        if self.rid is not None:
+            rids = [self.rid] if isinstance(self.rid, str) else list(self.rid)
+            if len(rids) != len(prompts):
+                raise ValueError("give one rid per prompt")
+        objs = [
+            GenerateReqInput(
+                sampling_params=sp, stream=self.stream, rid=rid, cache_salt=self.cache_salt
+            )
+            for sp, rid in zip(sps, rids, strict=True)
+        ]
+        for obj, p in zip(objs, prompts, strict=True):
+            setattr(obj, key, p)
+        return objs, batch
+
+
+def _error(status: int, message: str, type: str = "invalid_request_error", **kw: Any) -> Response:
+    return JSONResponse(error_body(message, type, **kw), status_code=status)
+
+
+def describe_validation_errors(errors: Sequence[Any]) -> str:
+    parts = []
+    for err in errors:
+        if err.get("type") == "json_invalid":
+            return f"malformed JSON body: {err.get('ctx', {}).get('error', err.get('msg'))}"
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+        parts.append(f"{loc or 'body'}: {err.get('msg')}")
+    return "; ".join(parts) or "invalid request"
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+async def parse_body(request: Request, model: type[M]) -> M:
+    """The JSON body as `model`, whatever the Content-Type (curl -d sends a form type);
+    RequestError (400) for malformed JSON or invalid fields."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(f"malformed JSON body: {e}") from e
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise RequestError(describe_validation_errors(e.errors())) from e
+
+
+def _json(model: BaseModel) -> Response:
+    return Response(content=model.model_dump_json(), media_type="application/json")
+
+
+def create_app(tokenizer_manager: TokenizerManager) -> FastAPI:
+    tm = tokenizer_manager
+    completions = OpenAIServingCompletion(tm)
+    chat = OpenAIServingChat(tm)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        tm.start()
+        yield
+
+    app = FastAPI(title="srt", lifespan=lifespan)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> Response:
+        return _error(400, describe_validation_errors(exc.errors()))
+
+    @app.exception_handler(RequestError)
+    async def on_request_error(request: Request, exc: RequestError) -> Response:
+        return _error(exc.status_code, exc.message, exc.type, param=exc.param, code=exc.code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        kind = "NotFoundError" if exc.status_code == 404 else "invalid_request_error"
+        return _error(exc.status_code, str(exc.detail), kind)
+
+    @app.exception_handler(RuntimeDeadError)
+    async def on_dead(request: Request, exc: RuntimeDeadError) -> Response:
+        return _error(503, str(exc), "server_error")
+
+    @app.exception_handler(ClientDisconnected)
+    async def on_disconnect(request: Request, exc: ClientDisconnected) -> Response:
+        return _error(499, "client disconnected", "client_closed_request")
+
+    @app.exception_handler(Exception)
+    async def on_bug(request: Request, exc: Exception) -> Response:
+        logger.exception("unhandled error on %s", request.url.path)
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
+
+    @app.get("/health")
+    async def health() -> Response:
+        if tm.dead_reason is not None:
+            return _error(503, tm.dead_reason, "server_error")
+        return Response(status_code=200)
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        return _json(completions.model_list())
+
+    @app.post("/generate")
+    async def generate(request: Request) -> Response:
+        body = await parse_body(request, GenerateRequest)
+        try:
+            objs, batch = body.to_inputs()
+            reqs = [await tm.tokenize_request(o) for o in objs]
+        except ValueError as e:
+            raise RequestError(str(e)) from e
+        if body.stream:
+            return StreamingResponse(
+                _generate_stream(tm, reqs, batch),
+                media_type="text/event-stream",
+                headers=_SSE_HEADERS,
+            )
+        outs = await run_all([final_output(tm.generate_tokenized(r, request)) for r in reqs])
+        result: Any = [public_output(o) for o in outs] if batch else public_output(outs[0])
+        return JSONResponse(result)
+
+    @app.post("/v1/completions")
+    async def v1_completions(request: Request) -> Response:
+        body = await parse_body(request, CompletionRequest)
+        out = await completions.create(body, request)
+        if isinstance(out, BaseModel):
+            return _json(out)
+        return StreamingResponse(out, media_type="text/event-stream", headers=_SSE_HEADERS)
+
+    @app.post("/v1/chat/completions")
+    async def v1_chat_completions(request: Request) -> Response:
+        body = await parse_body(request, ChatCompletionRequest)
+        out = await chat.create(body, request)
+        if isinstance(out, BaseModel):
+            return _json(out)
+        return StreamingResponse(out, media_type="text/event-stream", headers=_SSE_HEADERS)
+
+    return app
+
+
+async def _generate_stream(tm: TokenizerManager, reqs: list, batch: bool) -> AsyncIterator[str]:
+    """SSE of /generate: cumulative SGLang dicts (with "index" for a batch), then [DONE]."""
+    try:
+        async for i, out in merge_streams([tm.generate_tokenized(r) for r in reqs]):
+            d = public_output(out)
+            if batch:
+                d["index"] = i
+            yield sse_event(d)
+    except RuntimeDeadError as e:
+        yield sse_event({"error": error_body(str(e), "server_error")})
+    yield SSE_DONE
+
+
+# ---- launching -----------------------------------------------------------------------------
+
+
+def launch_server(server_args: ServerArgs) -> int:
+    """Runs the server until SIGINT/SIGTERM; returns the process exit code."""
+    import uvicorn
+
+    from srt.entrypoints.launch import (
+        LaunchError,
+        Subprocesses,
+        configure_logging,
+        launch_subprocesses,
+        prepare_server_args,
+    )
+
+    configure_logging(server_args, "main")
+    stop_signals: list[int] = []
+    serving = False
+    port_args: PortArgs | None = None
+    procs: Subprocesses | None = None
+    tm: TokenizerManager | None = None
+
+    def on_signal(sig: int, frame: Any) -> None:
+        # NOTE: uvicorn restores this handler after its graceful shutdown and re-raises the
+        # signal it caught; recording it (instead of dying) lets us clean up and exit 0.
+        stop_signals.append(sig)
+        if procs is not None:
+            procs.begin_shutdown()
+        if len(stop_signals) == 1 and not serving:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        server_args = prepare_server_args(server_args)
+        port_args = PortArgs.new()
+        procs = launch_subprocesses(server_args, port_args)
+        tm = TokenizerManager(server_args, port_args, procs.scheduler_info)
+
+        def on_death(name: str, code: int | None) -> None:
+            print(f"srt: the {name} process died (exit code {code}); exiting", file=sys.stderr)
+            sys.stderr.flush()
+            os._exit(1)
+
+        procs.start_watchdog(on_death)
+        app = create_app(tm)
+        config = uvicorn.Config(
+            app,
+            host=server_args.host,
+            port=server_args.port,
+            log_level=server_args.log_level,
+            access_log=server_args.log_level == "debug",
+            timeout_graceful_shutdown=5,
+        )
+        server = _server_class()(config, on_stop=procs.begin_shutdown)
+        serving = True
+        if stop_signals:  # a signal came during startup after KeyboardInterrupt was handled
+            return 0
+        ok = asyncio.run(_serve(server, server_args, stop_signals))
+        return 0 if ok or stop_signals else 1
+    except SystemExit as e:  # uvicorn exits this way when it cannot bind the port
+        return e.code if isinstance(e.code, int) else 1
+    except LaunchError as e:
+        print(f"srt: startup failed: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:  # e.g. no model given and no default model installed
+        print(f"srt: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if tm is not None:
+            tm.close()
+        if procs is not None:
+            procs.shutdown()
+        if port_args is not None:
+            port_args.cleanup()
+
+
+def _server_class() -> type:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, telling the watchdog on SIGINT/SIGTERM that children will stop."""
+
+        def __init__(self, config: uvicorn.Config, on_stop: Callable[[], None]) -> None:
+            super().__init__(config)
+            self._on_stop = on_stop
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            self._on_stop()
+            super().handle_exit(sig, frame)
+
+    return Server
+
+
+async def _serve(server: Any, server_args: ServerArgs, stop_signals: list[int]) -> bool:
+    """Serves until uvicorn stops; False if it never started (e.g. the port is taken)."""
+    task = asyncio.create_task(server.serve())
+    while not server.started and not task.done():
+        if stop_signals:  # caught just before uvicorn took over the handlers
+            server.should_exit = True
+        await asyncio.sleep(0.05)
+    if server.started:
+        port = server_args.port
+        with contextlib.suppress(Exception):  # the real port when --port 0
+            port = server.servers[0].sockets[0].getsockname()[1]
+        print(f"srt serving {server_args.served_model_name} at http://{server_args.host}:{port}")
+        sys.stdout.flush()
+    await task
+    return server.started

@@ -1,0 +1,117 @@
+"""POST /v1/chat/completions (main process): ChatCompletionRequest in, the chat template applied
+by the TokenizerManager, ChatCompletionResponse or a stream of chat.completion.chunk out.
+
+Stream shape per choice: a first chunk whose delta is {"role": "assistant", "content": ""},
+content deltas, then one chunk with an empty delta and the finish_reason; with
+stream_options.include_usage, one last chunk with `choices: []` and the usage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from srt.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionResponseChoice,
+    ChatCompletionStreamChoice,
+    ChatCompletionStreamResponse,
+    ChatMessageOut,
+    DeltaMessage,
+    RequestError,
+    new_id,
+    openai_finish_reason,
+)
+from srt.entrypoints.openai.serving_base import OpenAIServingBase, sse_stream
+from srt.managers.io_struct import TokenizedGenerateReqInput
+from srt.managers.tokenizer_manager import Disconnectable, GenerateReqInput
+
+
+class OpenAIServingChat(OpenAIServingBase):
+    async def create(
+        self, req: ChatCompletionRequest, raw_request: Disconnectable | None = None
+    ) -> ChatCompletionResponse | AsyncIterator[str]:
+        """A response, or (stream=true) an async iterator of SSE strings ending in [DONE].
+        Raises RequestError for anything wrong with the request, before generating."""
+        req.check_supported()
+        self.check_model(req.model)
+        try:
+            sp = req.sampling_params(req.max_new_tokens())
+        except ValueError as e:
+            raise RequestError(str(e)) from e
+        messages = [m.to_template_dict(i) for i, m in enumerate(req.messages)]
+        try:
+            prompt = self.tm.apply_chat_template(messages)
+        except ValueError as e:
+            raise RequestError(str(e), param="messages") from e
+        obj = GenerateReqInput(text=prompt, cache_salt=req.cache_salt)
+        # NOTE: the template already holds the special tokens (BOS, role markers).
+        reqs = await self.tokenize_choices([obj], sp, add_special_tokens=False)
+        if req.stream:
+            return sse_stream(self._stream(req, reqs))
+        outs = await self.run_choices(reqs, raw_request)
+        choices = []
+        for i, out in enumerate(outs):
+            reason, matched = openai_finish_reason(out["meta_info"]["finish_reason"])
+            choices.append(
+                ChatCompletionResponseChoice(
+                    index=i,
+                    message=ChatMessageOut(content=out["text"]),
+                    finish_reason=reason,
+                    matched_stop=matched,
+                )
+            )
+        return ChatCompletionResponse(
+            id=new_id("chatcmpl"),
+            model=self.model_name,
+            choices=choices,
+            usage=self.usage(outs, sp.n),
+        )
+
+    def _chunk(
+        self,
+        rid: str,
+        index: int,
+        delta: DeltaMessage,
+        reason: str | None = None,
+        matched: int | str | None = None,
+    ) -> ChatCompletionStreamResponse:
+        return ChatCompletionStreamResponse(
+            id=rid,
+            model=self.model_name,
+            choices=[
+                ChatCompletionStreamChoice(
+                    index=index, delta=delta, finish_reason=reason, matched_stop=matched
+                )
+            ],
+        )
+
+    async def _stream(
+        self, req: ChatCompletionRequest, reqs: list[TokenizedGenerateReqInput]
+    ) -> AsyncIterator[ChatCompletionStreamResponse]:
+        rid = new_id("chatcmpl")
+        # The role comes first for every choice, before any waiting on the model.
+        for i in range(len(reqs)):
+            yield self._chunk(rid, i, DeltaMessage(role="assistant", content=""))
+        finals: dict[int, dict[str, Any]] = {}
+        async for i, out in self.stream_choices(reqs):
+            fr = out["meta_info"]["finish_reason"]
+            reason, matched = openai_finish_reason(fr)
+            if reason == "abort":
+                raise RequestError(
+                    f"the request was aborted: {fr.get('message') or 'no reason given'}",
+                    status_code=500,
+                    type="server_error",
+                )
+            text = out["delta"]["text"]
+            if text:
+                yield self._chunk(rid, i, DeltaMessage(content=text))
+            if reason is not None:
+                finals[i] = out
+                yield self._chunk(rid, i, DeltaMessage(), reason, matched)
+        if req.stream_options is not None and req.stream_options.include_usage:
+            usage = self.usage([finals[i] for i in range(len(reqs))], req.n)
+            yield ChatCompletionStreamResponse(
+                id=rid, model=self.model_name, choices=[], usage=usage
+            )

@@ -1,0 +1,446 @@
+"""TokenizerManager: the main process's side of every request.
+
+In: a `GenerateReqInput` (text or token ids + sampling params) from the HTTP server or the
+Engine. It applies the chat template (for chat requests), tokenizes, validates against the
+model's limits, sends `TokenizedGenerateReqInput` to the scheduler (PUSH `scheduler_ipc`), and
+keeps a `ReqState` per rid. A background asyncio task receives `BatchStrOut` from the detokenizer
+(PULL `tokenizer_ipc`) and wakes the waiters. Out: SGLang-shaped dicts
+`{text, output_ids, meta_info{id, prompt_tokens, completion_tokens, cached_tokens, finish_reason,
+e2e_latency}}` (text and output_ids cumulative) plus `delta` (the new text and ids since the last
+yield) for the OpenAI layer.
+
+Every request ends: with its finishing output, with an abort when the client goes away (an
+`AbortReq` is sent and the state dropped at once), or with an error when the runtime fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from srt.managers.io_struct import (
+    AbortReq,
+    BatchStrOut,
+    FinishReason,
+    TokenizedGenerateReqInput,
+    decode,
+    encode,
+)
+from srt.sampling_params import SamplingParams
+from srt.server_args import PortArgs, ServerArgs
+
+logger = logging.getLogger(__name__)
+
+# Texts longer than this are tokenized on a worker thread, so they don't stall the event loop.
+_INLINE_TOKENIZE_CHARS = 2048
+# How often a waiter checks whether its HTTP client is still there.
+_DISCONNECT_POLL_S = 2.0
+
+
+class RuntimeDeadError(RuntimeError):
+    """The scheduler or detokenizer died; no request can complete."""
+
+
+@dataclasses.dataclass
+class GenerateReqInput:
+    """One prompt to generate from: exactly one of `text` and `input_ids`."""
+
+    text: str | None = None
+    input_ids: list[int] | None = None
+    sampling_params: SamplingParams | dict | None = None
+    stream: bool = False
+    rid: str | None = None
+    cache_salt: str = ""
+
+
+@dataclasses.dataclass
+class ReqState:
+    """What has arrived for one request and not yet been handed to its waiter."""
+
+    prompt_tokens: int
+    created: float
+    stream: bool
+    text_parts: list[str] = dataclasses.field(default_factory=list)
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    pending_text: list[str] = dataclasses.field(default_factory=list)
+    pending_ids: list[int] = dataclasses.field(default_factory=list)
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    finish_reason: FinishReason | None = None
+    finished: bool = False
+    error: str | None = None
+    next_disconnect_check: float = 0.0
+    event: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+
+class ClientDisconnected(Exception):
+    """The HTTP client went away while waiting; its request has been aborted."""
+
+
+class Disconnectable(Protocol):
+    """What `generate_request` needs of an HTTP request (Starlette's Request fits)."""
+
+    async def is_disconnected(self) -> bool: ...
+
+
+class TokenizerManager:
+    """Tokenizes and validates requests, forwards them, and streams their outputs back."""
+
+    def __init__(
+        self,
+        server_args: ServerArgs,
+        port_args: PortArgs,
+        scheduler_info: dict[str, Any],
+    ) -> None:
+        from transformers import AutoTokenizer
+
+        self.server_args = server_args
+        tokenizer_path = server_args.tokenizer_path or server_args.model_path
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        self.model_path = server_args.model_path or ""
+        self.served_model_name = server_args.served_model_name or self.model_path
+        self.context_len = int(scheduler_info["context_len"])
+        self.vocab_size = int(scheduler_info.get("vocab_size") or len(self.tokenizer))
+        self.max_total_num_tokens = int(
+            scheduler_info.get("max_total_num_tokens") or self.context_len
+        )
+        self.scheduler_info = dict(scheduler_info)
+        self._executor = ThreadPoolExecutor(
+            max_workers=max(1, server_args.tokenizer_worker_threads),
+            thread_name_prefix="srt-tokenize",
+        )
+
+        # NOTE: sends use a plain (blocking) socket: a PUSH send only blocks when the scheduler
+        # stops reading, and then the watchdog ends the process anyway.
+        self._sync_ctx = zmq.Context(1)
+        self._send_sock = self._sync_ctx.socket(zmq.PUSH)
+        self._send_sock.setsockopt(zmq.LINGER, 0)
+        self._send_sock.connect(port_args.scheduler_ipc)
+        self._async_ctx = zmq.asyncio.Context(1)
+        self._recv_sock = self._async_ctx.socket(zmq.PULL)
+        self._recv_sock.setsockopt(zmq.LINGER, 0)
+        self._recv_sock.bind(port_args.tokenizer_ipc)
+
+        self.rid_to_state: dict[str, ReqState] = {}
+        self._recv_task: asyncio.Task | None = None
+        self.dead_reason: str | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Starts the receive loop on the running event loop (idempotent)."""
+        if self._recv_task is None or self._recv_task.done():
+            self._recv_task = asyncio.get_running_loop().create_task(self._recv_loop())
+
+    def fail_all(self, reason: str) -> None:
+        """Marks the runtime dead: every waiter ends with `reason`, new requests fail.
+
+        Must run on the event loop's thread (use loop.call_soon_threadsafe otherwise)."""
+        self.dead_reason = reason
+        for state in self.rid_to_state.values():
+            state.error = reason
+            state.event.set()
+        self.rid_to_state.clear()
+
+    def close(self) -> None:
+        if self._recv_task is not None:
+            self._recv_task.cancel()
+        self._send_sock.close(linger=0)
+        self._recv_sock.close(linger=0)
+        self._sync_ctx.term()
+        self._async_ctx.term()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _recv_loop(self) -> None:
+        while True:
+            buf = await self._recv_sock.recv()
+            try:
+                msg = decode(buf)
+                if isinstance(msg, BatchStrOut):
+                    self._handle_batch(msg)
+                else:
+                    logger.error("unexpected message %s; ignored", type(msg).__name__)
+            except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
+                logger.error("bad message from the detokenizer: %s", e)
+
+    def _handle_batch(self, batch: BatchStrOut) -> None:
+        for i, rid in enumerate(batch.rids):
+            state = self.rid_to_state.get(rid)
+            if state is None:  # aborted by its client; the rest of its outputs are moot
+                continue
+            if batch.texts[i]:
+                state.text_parts.append(batch.texts[i])
+                state.pending_text.append(batch.texts[i])
+            state.output_ids.extend(batch.new_ids[i])
+            state.pending_ids.extend(batch.new_ids[i])
+            state.completion_tokens = batch.completion_tokens[i]
+            state.cached_tokens = batch.cached_tokens[i]
+            fr = batch.finished[i]
+            if fr is not None:
+                state.finish_reason = fr
+                state.finished = True
+                del self.rid_to_state[rid]
+                if fr.type == "stop" and isinstance(fr.matched, str):
+                    # The detokenizer may have matched the stop string before the scheduler
+                    # did; stop the scheduler spending steps on it (a no-op if it is done).
+                    self._send_sock.send(encode(AbortReq(rid=rid, message="stop string")))
+            # A non-stream waiter only needs the end; waking it per token would be wasted work.
+            if state.stream or state.finished:
+                state.event.set()
+
+    # ---- tokenization and validation ------------------------------------------------------
+
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
+        """Renders chat messages (role/content dicts) into the prompt text, ready to generate."""
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise ValueError("this model's tokenizer has no chat template; use /v1/completions")
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+        except Exception as e:  # jinja2 errors, raise_exception() in templates
+            raise ValueError(f"chat template failed: {e}") from e
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if len(text) <= _INLINE_TOKENIZE_CHARS:
+            return self._encode(text, add_special_tokens)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._encode, text, add_special_tokens)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    async def tokenize_request(
+        self, obj: GenerateReqInput, add_special_tokens: bool = True
+    ) -> TokenizedGenerateReqInput:
+        """Validates `obj` (ValueError with a client-facing message) and tokenizes it."""
+        if (obj.text is None) == (obj.input_ids is None):
+            raise ValueError("give exactly one of `text` and `input_ids`")
+        if obj.text is not None:
+            if not isinstance(obj.text, str):
+                raise ValueError("`text` must be a string")
+            if not obj.text:
+                raise ValueError("the prompt is empty")
+            input_ids = await self.tokenize(obj.text, add_special_tokens)
+        else:
+            input_ids = list(obj.input_ids or [])
+            for t in input_ids:
+                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
+                    raise ValueError(
+                        f"input_ids: {t!r} is not a token id in [0, {self.vocab_size})"
+                    )
+        if not input_ids:
+            raise ValueError("the prompt is empty (no tokens)")
+
+        sp = obj.sampling_params
+        if isinstance(sp, SamplingParams):
+            sp = copy.copy(sp)
+            sp.verify(self.vocab_size)
+        else:
+            sp = SamplingParams.from_dict(sp)
+            sp.verify(self.vocab_size)
+        sp.n = 1  # NOTE: n > 1 is fanned out into separate requests by the callers
+
+        n_prompt = len(input_ids)
+        if n_prompt >= self.context_len:
+            raise ValueError(
+                f"the prompt is {n_prompt} tokens, but this model's context length is "
+                f"{self.context_len} tokens (at least one must be left for the output)"
+            )
+        if sp.max_new_tokens is None:
+            sp.max_new_tokens = self.context_len - n_prompt
+        elif n_prompt + sp.max_new_tokens > self.context_len:
+            raise ValueError(
+                f"this model's context length is {self.context_len} tokens, but "
+                f"{n_prompt + sp.max_new_tokens} were requested ({n_prompt} in the prompt, "
+                f"{sp.max_new_tokens} for the output); reduce the prompt or max_new_tokens"
+            )
+        if n_prompt >= self.max_total_num_tokens:
+            raise ValueError(
+                f"the prompt is {n_prompt} tokens, more than the KV cache holds "
+                f"({self.max_total_num_tokens}; see --max-total-tokens)"
+            )
+        # NOTE: a request longer than the whole KV pool could never finish; like SGLang we cap
+        # its output at what the pool can hold.
+        sp.max_new_tokens = min(sp.max_new_tokens, self.max_total_num_tokens - n_prompt)
+        sp.min_new_tokens = min(sp.min_new_tokens, sp.max_new_tokens)
+
+        rid = obj.rid or uuid.uuid4().hex
+        if rid in self.rid_to_state:
+            raise ValueError(f"request id {rid!r} is already in use")
+        return TokenizedGenerateReqInput(
+            rid=rid,
+            input_ids=input_ids,
+            sampling_params=sp,
+            stream=obj.stream,
+            cache_salt=obj.cache_salt,
+            created_time=time.time(),
+        )
+
+    # ---- generation ------------------------------------------------------------------------
+
+    async def generate_request(
+        self,
+        obj: GenerateReqInput,
+        request: Disconnectable | None = None,
+        add_special_tokens: bool = True,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Yields output dicts: one per arrival when `obj.stream`, else only the final one.
+
+        Raises ValueError for an invalid request (before anything is sent) and RuntimeDeadError
+        when the runtime died. Closing or cancelling the iterator aborts the request."""
+        if self.dead_reason is not None:
+            raise RuntimeDeadError(self.dead_reason)
+        self.start()
+        tokenized = await self.tokenize_request(obj, add_special_tokens)
+        async for out in self.generate_tokenized(tokenized, request):
+            yield out
+
+    async def generate_tokenized(
+        self,
+        req: TokenizedGenerateReqInput,
+        request: Disconnectable | None = None,
+    ) -> AsyncIterator[dict[str, Any]]:
+        if self.dead_reason is not None:
+            raise RuntimeDeadError(self.dead_reason)
+        self.start()
+        rid = req.rid
+        state = ReqState(
+            prompt_tokens=len(req.input_ids), created=req.created_time, stream=req.stream
+        )
+        self.rid_to_state[rid] = state
+        self._send_sock.send(encode(req))
+        try:
+            while True:
+                await self._wait(state, request)
+                if state.error is not None:
+                    raise RuntimeDeadError(state.error)
+                if state.finished or req.stream:
+                    yield self._make_output(rid, state)
+                if state.finished:
+                    return
+        finally:
+            if not state.finished:
+                self.abort_request(rid)
+
+    async def _wait(self, state: ReqState, request: Disconnectable | None) -> None:
+        if request is None:
+            await state.event.wait()
+        else:
+            # NOTE: outputs may wake us far more often than the poll period, so the check is
+            # paced by the clock, not by timeouts.
+            while True:
+                left = state.next_disconnect_check - time.monotonic()
+                if left > 0:
+                    try:
+                        await asyncio.wait_for(state.event.wait(), timeout=left)
+                        break
+                    except asyncio.TimeoutError:
+                        pass
+                state.next_disconnect_check = time.monotonic() + _DISCONNECT_POLL_S
+                if await request.is_disconnected():
+                    raise ClientDisconnected()
+        state.event.clear()
+
+    def abort_request(self, rid: str, message: str = "aborted by the client") -> None:
+        """Forgets `rid` here and tells the scheduler to stop it (no-op if it is done)."""
+        if self.rid_to_state.pop(rid, None) is None:
+            return
+        if self.dead_reason is None:
+            self._send_sock.send(encode(AbortReq(rid=rid, message=message)))
+
+    @staticmethod
+    def _make_output(rid: str, state: ReqState) -> dict[str, Any]:
+        delta_text = "".join(state.pending_text)
+        delta_ids = state.pending_ids
+        state.pending_text = []
+        state.pending_ids = []
+        fr = state.finish_reason
+        return {
+            "text": "".join(state.text_parts),
+            "output_ids": list(state.output_ids),
+            "meta_info": {
+                "id": rid,
+                "prompt_tokens": state.prompt_tokens,
+                "completion_tokens": state.completion_tokens,
+                "cached_tokens": state.cached_tokens,
+                "finish_reason": fr.to_json() if fr is not None else None,
+                "e2e_latency": time.time() - state.created,
+            },
+            "delta": {"text": delta_text, "output_ids": delta_ids},
+        }
+
+
+def public_output(out: dict[str, Any]) -> dict[str, Any]:
+    """The SGLang-shaped dict without the `delta` used internally by the OpenAI layer."""
+    return {k: v for k, v in out.items() if k != "delta"}
+
+
+async def merge_streams(
+    streams: list[AsyncIterator[dict[str, Any]]],
+) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+    """Interleaves several output streams as (index, output) in arrival order.
+
+    Closing the merged iterator cancels (and so aborts) every stream still running."""
+    queue: asyncio.Queue[tuple[int, dict[str, Any] | BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, it: AsyncIterator[dict[str, Any]]) -> None:
+        try:
+            async for out in it:
+                await queue.put((i, out))
+            await queue.put((i, None))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # surfaced to the consumer below
+            await queue.put((i, e))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def run_all(coros: list[Awaitable[Any]]) -> list[Any]:
+    """Gathers `coros`; if one fails, cancels the others (aborting their requests) and raises."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def final_output(gen: AsyncIterator[dict[str, Any]]) -> dict[str, Any]:
+    """The last output of a (non-stream) generation."""
+    last: dict[str, Any] | None = None
+    async for out in gen:
+        last = out
+    if last is None:  # generate_tokenized always yields its final output
+        raise RuntimeError("generation ended without output")
+    return last
