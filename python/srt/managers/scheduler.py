@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import faulthandler
 import logging
-import os
 import random
-import signal
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -41,7 +39,6 @@ from srt.model_executor.forward_batch import ForwardBatch
 from srt.model_executor.model_runner import ModelRunner
 from srt.sampling_params import SamplingParams
 from srt.server_args import PortArgs, ServerArgs
-from srt.utils.process import configure_logging, set_parent_death_signal
 
 logger = logging.getLogger(__name__)
 
@@ -405,22 +402,9 @@ class Scheduler:
 def run_scheduler_process(
     server_args: ServerArgs, port_args: PortArgs, ready_conn: Connection
 ) -> None:
-    """Entry point of the scheduler process (multiprocessing spawn target)."""
-    set_parent_death_signal()
-    configure_logging(server_args.log_level, "scheduler")
+    """Entry point of the scheduler process (run by `launch._child_entry`, which ties it to the
+    parent, sets up logging and reports an exception from here as a failed start)."""
     faulthandler.enable()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # main decides when we stop
-    try:
-        scheduler = Scheduler(server_args, port_args)
-    except Exception as e:  # report any startup failure to main, then exit nonzero
-        logger.exception("scheduler failed to start")
-        ready_conn.send_bytes(
-            encode(ProcessReady(name="scheduler", ok=False, error=f"{type(e).__name__}: {e}"))
-        )
-        os._exit(1)
+    scheduler = Scheduler(server_args, port_args)
     ready_conn.send_bytes(encode(ProcessReady(name="scheduler", ok=True, info=scheduler.info)))
-    try:
-        scheduler.event_loop()
-    except Exception:
-        logger.exception("scheduler crashed")
-        os._exit(1)
+    scheduler.event_loop()
