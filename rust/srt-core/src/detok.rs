@@ -75,9 +75,9 @@ use tokenizers::Tokenizer;
 /// Prompt ids kept as left context for the first generated tokens.
 const PROMPT_CONTEXT: usize = 8;
 /// Emitted ids a window may hold before it is cut back to its last [`KEEP`] emitted ids.
-const REBASE_AT: usize = 12;
+const REBASE_AT: usize = 4;
 /// Emitted ids kept as left context when a window is cut.
-const KEEP: usize = 4;
+const KEEP: usize = 2;
 /// Ids a window may hold back before they are released regardless (see module docs).
 pub const MAX_PENDING: usize = 128;
 
@@ -130,8 +130,8 @@ enum TokenKind {
     /// Not in the vocabulary: `decode` drops it.
     Unknown,
     Normal,
-    /// `<0xNN>`, under a decoder that contains `ByteFallback`.
-    Byte,
+    /// `<0xNN>` (its byte), under a decoder that contains `ByteFallback`.
+    Byte(u8),
     /// An added token marked special.
     Special,
 }
@@ -161,7 +161,9 @@ impl Vocab {
                     special_text.insert(id, content);
                     TokenKind::Special
                 }
-                Some(tok) if byte_fallback && is_byte_token(&tok) => TokenKind::Byte,
+                Some(tok) if byte_fallback => {
+                    byte_token(&tok).map_or(TokenKind::Normal, TokenKind::Byte)
+                }
                 Some(_) => TokenKind::Normal,
             };
             kinds.push(kind);
@@ -199,14 +201,13 @@ fn has_byte_fallback(decoder: &DecoderWrapper) -> bool {
     }
 }
 
-/// The test `ByteFallback` applies to a token string.
-fn is_byte_token(tok: &str) -> bool {
-    tok.len() == 6
-        && tok.starts_with("<0x")
-        && tok.ends_with('>')
-        && tok
-            .get(3..5)
-            .is_some_and(|h| u8::from_str_radix(h, 16).is_ok())
+/// The byte of a `<0xNN>` token, by the test `ByteFallback` applies to a token string.
+fn byte_token(tok: &str) -> Option<u8> {
+    if tok.len() == 6 && tok.starts_with("<0x") && tok.ends_with('>') {
+        tok.get(3..5).and_then(|h| u8::from_str_radix(h, 16).ok())
+    } else {
+        None
+    }
 }
 
 /// Special-token handling of a request, fixed when it is added.
@@ -243,7 +244,7 @@ impl Mode {
         match (kind, self) {
             (TokenKind::Unknown, _) | (TokenKind::Special, Mode::Skip) => Role::Ignore,
             (TokenKind::Special, Mode::Spaced) => Role::Break,
-            (TokenKind::Byte, _) => Role::Token { byte: true },
+            (TokenKind::Byte(_), _) => Role::Token { byte: true },
             (TokenKind::Normal, _) | (TokenKind::Special, Mode::Inline) => {
                 Role::Token { byte: false }
             }
@@ -319,7 +320,16 @@ impl Window {
             // across it), and the ids kept give the text after `read` the left context that
             // Strip / Metaspace decoders look at. A cut through a closed byte run or a
             // character only changes the window's own leading text, on both sides of a diff.
-            let cut = self.read - KEEP;
+            let mut cut = self.read - KEEP;
+            if let Some(start) = self.run_start {
+                // After a forced release an open byte run spans `read`: cut only where a
+                // character starts, so the run's kept part stays valid UTF-8.
+                while cut > start
+                    && matches!(vocab.kind(self.ids[cut]), TokenKind::Byte(b) if b & 0xC0 == 0x80)
+                {
+                    cut -= 1;
+                }
+            }
             self.ids.drain(..cut);
             self.read -= cut;
             self.run_start = self.run_start.map(|s| s.saturating_sub(cut));
@@ -466,7 +476,7 @@ impl Request {
         tail.reverse();
         let mut window = Window::default();
         for &id in &tail {
-            window.push(id, vocab.kind(id) == TokenKind::Byte);
+            window.push(id, matches!(vocab.kind(id), TokenKind::Byte(_)));
         }
         window.read = tail.len();
         window.text = vocab.decode(&tail)?;

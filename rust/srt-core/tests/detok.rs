@@ -591,7 +591,7 @@ fn window_stays_bounded() {
             shown.push_str(&detok.step(1, &[id]).unwrap().text);
             widest = widest.max(detok.window_len(1).unwrap());
         }
-        // Cut back once past 12 emitted ids, plus what is held: byte-level ids ending inside a
+        // Cut back to a few emitted ids, plus what is held: byte-level ids ending inside a
         // character (emoji strings), or a byte-fallback run, held whole until a non-byte id
         // closes it (the toy vocabulary spells a Japanese sentence as one 57-byte run).
         let bound = 24 + longest_byte_run(&tok, &gen);
@@ -610,8 +610,16 @@ fn window_bounded_on_pathological_output() {
     let mut detok = detok_for(&tok);
     let eos = tok.token_to_id("</s>").unwrap();
     let emoji: Vec<u32> = "😀".bytes().map(|b| byte_token(&tok, b)).collect();
-    let sequences: [Vec<u32>; 2] = [vec![eos; 5000], emoji.repeat(2000)];
-    for gen in sequences {
+    let mut rng = Rng(6);
+    let garbage: Vec<u32> = (0..5000)
+        .map(|_| byte_token(&tok, rng.next() as u8))
+        .collect();
+    let sequences = [
+        (vec![eos; 5000], true),
+        (emoji.repeat(2000), true),
+        (garbage, false),
+    ];
+    for (gen, exact) in sequences {
         detok
             .add_request(1, &encode(&tok, "Hi"), DecodeParams::default())
             .unwrap();
@@ -621,8 +629,11 @@ fn window_bounded_on_pathological_output() {
             assert_bounded(&detok, bound);
         }
         shown.push_str(&detok.finish(1).unwrap());
-        let all: Vec<u32> = encode(&tok, "Hi").into_iter().chain(gen).collect();
-        assert_eq!(format!("Hi{shown}"), tok.decode(&all, true).unwrap());
+        // A byte run longer than MAX_PENDING that turns invalid is released inexactly.
+        if exact {
+            let all: Vec<u32> = encode(&tok, "Hi").into_iter().chain(gen).collect();
+            assert_eq!(format!("Hi{shown}"), tok.decode(&all, true).unwrap());
+        }
     }
     let tok = byte_level_tokenizer();
     let mut detok = detok_for(&tok);
