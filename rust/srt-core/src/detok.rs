@@ -25,7 +25,7 @@
 //!   non-byte token closes it, because the decoder turns the *whole* run into U+FFFD when any
 //!   byte of it is invalid, so one stray byte would turn characters already shown into U+FFFD.
 //!
-//! Once a window holds more than [`REBASE_AT`] emitted ids it is cut back to the last [`KEEP`],
+//! Once a window holds more than `REBASE_AT` emitted ids it is cut back to the last `KEEP`,
 //! so emitted tokens stay as left context: that keeps the leading space of the next token right
 //! for decoders that strip it at the start of the text (Metaspace, `Strip(" ", 1, 0)`). The
 //! window is thus bounded (about `REBASE_AT` ids plus what is held back) and each step decodes
@@ -38,11 +38,13 @@
 //! # What the deltas add up to
 //!
 //! With `P` the prompt ids and `G` the generated ids, and no stop string matched: all deltas plus
-//! the final flush equal `decode(P ++ G)` minus its prefix `decode(P)`, whenever `decode(P)` is a
-//! prefix of `decode(P ++ G)` (it is not when the prompt ends inside a UTF-8 character or a byte
-//! run that the generation makes invalid; the first delta then restarts at the first changed
-//! character). So the first token's leading space is kept after a non-empty prompt and dropped
-//! (by Strip / Metaspace decoders) after an empty one, exactly as the full decode does.
+//! the final flush equal `decode(P ++ G)` minus its prefix `decode(P)`. More precisely they
+//! equal `decode(P ++ G)` from the end of its longest common prefix with `decode(P)`: the same
+//! thing when `decode(P)` is a prefix, and otherwise (the prompt ends inside a UTF-8 character
+//! or a byte run that the generation completes or makes invalid) the first delta restarts at
+//! the first character that changed. So the first token's leading space is kept after a
+//! non-empty prompt and dropped (by Strip / Metaspace decoders) after an empty one or one made
+//! only of skipped special tokens, exactly as the full decode does.
 //!
 //! # Special tokens
 //!
@@ -61,7 +63,9 @@
 //! Matched on the final text of the generation (never the prompt). The stop string that
 //! completes first wins (ties: the longest, then the first listed), so the outcome does not
 //! depend on how text was split into tokens. Text is released only when no suffix of it could
-//! start a stop string; after a match nothing more is released.
+//! start a stop string; after a match nothing more is released. A stop string that only the
+//! final flush completes (text held as incomplete UTF-8 until then) is cut there too, but
+//! `finish` returns text only.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -72,9 +76,12 @@ use thiserror::Error;
 use tokenizers::decoders::DecoderWrapper;
 use tokenizers::Tokenizer;
 
+mod stop;
+use stop::StopFilter;
+
 /// Prompt ids kept as left context for the first generated tokens.
 const PROMPT_CONTEXT: usize = 8;
-/// Emitted ids a window may hold before it is cut back to its last [`KEEP`] emitted ids.
+/// Emitted ids a window may hold before it is cut back to its last `KEEP` emitted ids.
 const REBASE_AT: usize = 4;
 /// Emitted ids kept as left context when a window is cut.
 const KEEP: usize = 2;
@@ -360,81 +367,6 @@ fn common_prefix(a: &str, b: &str) -> usize {
         .zip(b.chars())
         .find(|((_, ca), cb)| ca != cb)
         .map_or(a.len().min(b.len()), |((i, _), _)| i)
-}
-
-/// Holds back text that could be the start of a stop string, and cuts at a match.
-#[derive(Debug)]
-struct StopFilter {
-    /// (index in `DecodeParams::stop`, string), empty strings left out.
-    stops: Vec<(usize, String)>,
-    keep_stop: bool,
-    held: String,
-    matched: Option<usize>,
-}
-
-impl StopFilter {
-    fn new(stop: &[String], keep_stop: bool) -> Self {
-        StopFilter {
-            stops: stop
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| !s.is_empty())
-                .map(|(i, s)| (i, s.clone()))
-                .collect(),
-            keep_stop,
-            held: String::new(),
-            matched: None,
-        }
-    }
-
-    /// Appends final text; returns what may be shown.
-    fn push(&mut self, text: &str) -> String {
-        if self.matched.is_some() {
-            return String::new();
-        }
-        if self.stops.is_empty() {
-            return text.to_owned();
-        }
-        self.held.push_str(text);
-        // Earliest end wins, then earliest start (longest), then the first listed. `held` has
-        // no match before this push, so each string's first occurrence is its earliest end.
-        let best = self
-            .stops
-            .iter()
-            .filter_map(|(i, s)| self.held.find(s.as_str()).map(|at| (at + s.len(), at, *i)))
-            .min();
-        if let Some((end, start, index)) = best {
-            self.matched = Some(index);
-            let keep = if self.keep_stop { end } else { start };
-            let out = self.held[..keep].to_owned();
-            self.held = String::new();
-            return out;
-        }
-        let hold = self
-            .stops
-            .iter()
-            .map(|(_, s)| longest_suffix_prefix(&self.held, s))
-            .max()
-            .unwrap_or(0);
-        let out = self.held[..self.held.len() - hold].to_owned();
-        self.held.drain(..self.held.len() - hold);
-        out
-    }
-
-    /// End of the request: what was held cannot become a stop string any more.
-    fn flush(&mut self) -> String {
-        std::mem::take(&mut self.held)
-    }
-}
-
-/// Length of the longest suffix of `text` that is a proper prefix of `stop`. Byte-wise: a
-/// suffix of valid UTF-8 that starts a valid string begins at a char boundary.
-fn longest_suffix_prefix(text: &str, stop: &str) -> usize {
-    let (text, stop) = (text.as_bytes(), stop.as_bytes());
-    (1..stop.len().min(text.len() + 1))
-        .rev()
-        .find(|&k| text.ends_with(&stop[..k]))
-        .unwrap_or(0)
 }
 
 /// Per-request state.
