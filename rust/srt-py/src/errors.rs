@@ -42,3 +42,10 @@ pub fn alloc_error(e: AllocError) -> PyErr {
         _ => value_error(e),
     }
 }
+
+/// Detokenizer errors: unknown or duplicate requests, unreadable tokenizers and decode failures
+/// are all bad input to the caller, hence `ValueError` (a missing tokenizer file is reported as
+/// `FileNotFoundError` by the binding before it gets here).
+pub fn detok_error(e: srt_core::detok::DetokError) -> PyErr {
+    PyValueError::new_err(e.to_string())
+}
