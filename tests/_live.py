@@ -4,27 +4,23 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 
-def tiny_llama_path(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> str:
-    """The tiny llama folder: conftest's `tiny_model_paths` when there is one, else built here."""
-    try:
-        paths: Any = request.getfixturevalue("tiny_model_paths")
-    except pytest.FixtureLookupError:
-        paths = None
-    if isinstance(paths, dict) and "llama" in paths:
-        return str(paths["llama"])
-    if isinstance(paths, (str, os.PathLike)):
-        return str(paths)
-    from srt.testing.tiny_model import make_tiny_model
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment for a child `python -m srt ...`: it imports the same `srt` as this test
+    (an installed package, or the source tree during development)."""
+    import srt
 
-    return make_tiny_model(tmp_path_factory.mktemp("tiny_llama") / "llama", "llama")
+    env = dict(os.environ, **extra)
+    root = str(Path(srt.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
 
 
 def free_port() -> int:
@@ -58,3 +54,32 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def start_server(
+    args: list[str], log: Path, tmpdir: Path, timeout: float = 120.0
+) -> tuple[subprocess.Popen, str]:
+    """Starts `python -m srt serve ARGS --port <free>` and waits until /health answers 200.
+    Returns the process and its base URL; fails the test with the log if it never does."""
+    import httpx
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "srt", "serve", "--port", str(port), *args]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=subprocess_env(TMPDIR=str(tmpdir))
+        )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"server not healthy within {timeout} s:\n{log.read_text()}")
+        time.sleep(0.5)

@@ -9,8 +9,6 @@ import asyncio
 import importlib.util
 import json
 import math
-import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,6 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
+from _live import free_port, subprocess_env
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
@@ -35,8 +34,6 @@ from srt.bench.datasets import (
 )
 from srt.bench.metrics import RequestResult, append_jsonl, make_record, serving_metrics
 from srt.bench.plot import plot_serving, throughput_bins
-
-SRC = str(Path(__file__).resolve().parents[1] / "python")
 
 
 def _has(module: str) -> bool:
@@ -60,10 +57,8 @@ NEEDS_SERVER = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from srt.testing.tiny_model import make_tiny_model
-
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", "llama")
+def tiny_model(tiny_model_paths: dict[str, str]) -> str:
+    return tiny_model_paths["llama"]
 
 
 @pytest.fixture(scope="module")
@@ -72,15 +67,7 @@ def tokenizer(tiny_model: str) -> Any:
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return subprocess_env()
 
 
 def _records(path: Path) -> list[dict]:
@@ -394,7 +381,7 @@ def fake_server() -> Iterator[tuple[str, dict]]:
     import uvicorn
 
     app = _fake_app()
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -496,7 +483,7 @@ def test_request_rate_spreads_sends(fake_server, tiny_model: str) -> None:
 
 @pytest.fixture(scope="module")
 def live_server(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     cmd = [sys.executable, "-m", "srt", "serve", "--model-path", tiny_model, "--port", str(port),
            "--device", "cpu", "--max-total-tokens", "4096"]  # fmt: skip

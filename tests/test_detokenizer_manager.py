@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+
 from srt.managers.detokenizer_manager import DetokenizerManager
 from srt.managers.io_struct import BatchTokenIDOut, DetokInit, FinishReason
 from srt.server_args import PortArgs, ServerArgs

@@ -11,15 +11,16 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from _live import alive, tiny_llama_path
+from _live import alive
+
 from srt.entrypoints.engine import Engine
 
 GREEDY = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
 
 
 @pytest.fixture(scope="module")
-def model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
-    return tiny_llama_path(request, tmp_path_factory)
+def model(tiny_model_paths: dict[str, str]) -> str:
+    return tiny_model_paths["llama"]
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ argument defaults, conversions, exceptions and their messages.
 """
 
 import pytest
+
 from srt._native import SlotAllocator
 
 

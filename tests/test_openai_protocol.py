@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
+
 from srt.entrypoints.http_server import create_app
 from srt.entrypoints.openai.protocol import (
     SSE_DONE,

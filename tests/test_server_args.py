@@ -7,6 +7,7 @@ import dataclasses
 import os
 
 import pytest
+
 from srt.__main__ import build_parser, main
 from srt.server_args import PortArgs, ServerArgs
 

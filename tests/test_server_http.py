@@ -5,7 +5,6 @@ detokenizer)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,9 +15,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from _live import alive, child_pids, free_port, tiny_llama_path
+from _live import alive, child_pids, free_port, subprocess_env
 
-REPO = Path(__file__).resolve().parents[1]
 MAX_TOTAL_TOKENS = 4096
 
 
@@ -32,14 +30,13 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+    tiny_model_paths: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
-    model = tiny_llama_path(request, tmp_path_factory)
+    model = tiny_model_paths["llama"]
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     tmpdir = tmp_path_factory.mktemp("tmp")
-    env = dict(os.environ, TMPDIR=str(tmpdir))
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "python"), env.get("PYTHONPATH", "")])
+    env = subprocess_env(TMPDIR=str(tmpdir))
     cmd = [sys.executable, "-m", "srt", "serve", "--model-path", model, "--port", str(port)]
     cmd += ["--max-total-tokens", str(MAX_TOTAL_TOKENS)]
     with open(log, "wb") as out:

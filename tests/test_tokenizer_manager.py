@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import zmq
+
 from srt.managers.io_struct import (
     AbortReq,
     BatchStrOut,

@@ -1,6 +1,7 @@
 """The `srt` command line: `python -m srt <command>` or the `srt` console script.
 
-Commands: `serve` (the OpenAI-compatible HTTP server; its flags are ServerArgs' fields). Each
+Commands: `serve` (the OpenAI-compatible HTTP server; its flags are ServerArgs' fields) and
+`bench` (the benchmark tools of `srt.bench`). Each
 command registers itself in `COMMANDS` with a function that adds its parser, so more commands
 (e.g. `bench`) plug in without touching the others.
 """
@@ -37,8 +38,24 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_serve)
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from srt.bench.__main__ import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="Benchmarks: serving, one-batch, offline (same as `python -m srt.bench`).",
+        add_help=False,
+    )
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_bench)
+
+
 # name -> function adding the command's subparser (which sets `func` to its handler).
-COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {"serve": _add_serve}
+COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {"serve": _add_serve, "bench": _add_bench}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # the bench tools own their whole argument list, --help included
+        from srt.bench.__main__ import main as bench_main
+
+        return bench_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:

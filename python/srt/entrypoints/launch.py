@@ -97,16 +97,16 @@ def _child_entry(
 
 def prepare_server_args(server_args: ServerArgs) -> ServerArgs:
     """Resolves model and tokenizer to HF folders (once, in main) and fixes the served name."""
-    from srt.model_loader.gguf import resolve_model_paths
+    from srt.model_loader.gguf import default_model_path, resolve_model_paths
 
     served = server_args.served_model_name or server_args.model_path
+    if served is None:  # the default model: named after its GGUF file, not the cache folder
+        served = os.path.basename(default_model_path()).removesuffix(".gguf")
     model_path, tokenizer_path = resolve_model_paths(
         server_args.model_path, server_args.tokenizer_path
     )
     return server_args.replace(
-        model_path=model_path,
-        tokenizer_path=tokenizer_path,
-        served_model_name=served or os.path.basename(os.path.normpath(model_path)),
+        model_path=model_path, tokenizer_path=tokenizer_path, served_model_name=served
     )
 
 

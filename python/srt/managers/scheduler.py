@@ -134,16 +134,21 @@ class Scheduler:
     def event_loop(self) -> None:
         while True:
             self.recv_requests(block=not self.reqs)
-            plan = self.plan.schedule()
-            if plan.kind == "prefill":
-                self.run_prefill(plan.entries)
-                self.stuck_steps = 0
-            elif plan.kind == "decode":
-                self.run_decode(plan.ids, plan.slots, plan.retracted)
-                self.stuck_steps = 0
-            elif self.reqs:
-                self.handle_idle_with_requests()
-            self.flush_outputs()
+            self.run_step()
+
+    def run_step(self) -> str:
+        """Plans and runs one step, sends its outputs; returns the plan's kind."""
+        plan = self.plan.schedule()
+        if plan.kind == "prefill":
+            self.run_prefill(plan.entries)
+            self.stuck_steps = 0
+        elif plan.kind == "decode":
+            self.run_decode(plan.ids, plan.slots, plan.retracted)
+            self.stuck_steps = 0
+        elif self.reqs:
+            self.handle_idle_with_requests()
+        self.flush_outputs()
+        return plan.kind
 
     def recv_requests(self, block: bool) -> None:
         if block:

@@ -1,0 +1,238 @@
+"""Scheduler process logic in-process: continuous batching over the Rust plan, prefix reuse,
+chunked prefill, eviction and retraction under a small KV pool, against HF transformers.
+
+The scheduler runs without its process wrapper: requests go straight to `add_request`, steps
+run one by one, and its `BatchTokenIDOut` messages are read from the detokenizer socket.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import transformers
+import zmq
+
+from srt.managers.io_struct import BatchTokenIDOut, TokenizedGenerateReqInput, decode
+from srt.managers.scheduler import Scheduler
+from srt.sampling_params import SamplingParams
+from srt.server_args import PortArgs, ServerArgs
+
+
+class Harness:
+    def __init__(self, model_path: str, **server_kwargs: object) -> None:
+        self.port_args = PortArgs.new()
+        self.ctx = zmq.Context()
+        self.pull = self.ctx.socket(zmq.PULL)
+        self.pull.bind(self.port_args.detokenizer_ipc)
+        args = ServerArgs(model_path=model_path, tokenizer_path=model_path, **server_kwargs)
+        self.sched = Scheduler(args, self.port_args)
+        self.outputs: dict[str, list[int]] = {}
+        self.finished: dict[str, dict] = {}
+        self.cached: dict[str, int] = {}
+        self.retracted = 0
+        self.kinds: list[str] = []
+        run_decode = self.sched.run_decode
+
+        def counting_decode(nids: list[int], slots: list[int], retracted: list[int]) -> None:
+            self.retracted += len(retracted)
+            run_decode(nids, slots, retracted)
+
+        self.sched.run_decode = counting_decode  # type: ignore[method-assign]
+
+    def submit(self, rid: str, ids: list[int], **params: object) -> None:
+        msg = TokenizedGenerateReqInput(
+            rid=rid, input_ids=ids, sampling_params=SamplingParams(**params)
+        )
+        self.sched.add_request(msg)
+
+    def run(self, max_steps: int = 5000) -> None:
+        for _ in range(max_steps):
+            if not self.sched.reqs:
+                break
+            self.kinds.append(self.sched.run_step())
+            self.sched.plan.check_invariants()
+        self.sched.flush_outputs()
+        assert not self.sched.reqs, "requests still in the system after max_steps"
+        while self.pull.poll(100):
+            msg = decode(self.pull.recv())
+            assert isinstance(msg, BatchTokenIDOut)
+            for i, rid in enumerate(msg.rids):
+                self.outputs.setdefault(rid, []).extend(msg.new_ids[i])
+                self.cached[rid] = msg.cached_tokens[i]
+                if msg.finished[i] is not None:
+                    assert rid not in self.finished, "a request finished twice"
+                    self.finished[rid] = msg.finished[i].to_json()
+
+    def assert_pool_returned(self) -> None:
+        stats = self.sched.plan.stats()
+        assert stats["request_owned"] == 0
+        assert stats["num_running"] == 0 and stats["num_waiting"] == 0
+        tree = stats["evictable"] + stats["protected"]
+        assert stats["protected"] == 0
+        assert stats["available"] + tree == self.sched.pool_size
+        assert self.sched.runner.req_to_token_pool.available() == (
+            self.sched.runner.req_to_token_pool.size
+        )
+
+    def close(self) -> None:
+        self.pull.close(linger=0)
+        self.sched.recv_sock.close(linger=0)
+        self.sched.send_sock.close(linger=0)
+        self.ctx.term()
+        self.port_args.cleanup()
+
+
+def hf_greedy(model: transformers.PreTrainedModel, ids: list[int], n: int) -> list[int]:
+    """Reference greedy continuation (no EOS stop), recomputing the whole sequence each step."""
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([seq])).logits[0, -1]
+            seq.append(int(logits.argmax()))
+    return seq[len(ids) :]
+
+
+def make_prompts(vocab: int, n: int, seed: int) -> list[list[int]]:
+    """Prompts drawn from a few shared prefixes, so the prefix cache has work to do."""
+    rng = random.Random(seed)
+    prefixes = [[rng.randrange(3, vocab) for _ in range(rng.randint(8, 24))] for _ in range(3)]
+    return [
+        rng.choice(prefixes) + [rng.randrange(3, vocab) for _ in range(rng.randint(1, 20))]
+        for _ in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def hf_models(tiny_model_paths: dict[str, str]) -> dict[str, transformers.PreTrainedModel]:
+    return {
+        arch: transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+        for arch, path in tiny_model_paths.items()
+    }
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_batched_greedy_equals_hf(arch: str, tiny_model_paths: dict, hf_models: dict) -> None:
+    """Many requests batched together (continuous batching, shared prefixes) give HF's greedy
+    output for every architecture."""
+    h = Harness(tiny_model_paths[arch], max_total_tokens=4096, chunked_prefill_size=32)
+    try:
+        prompts = make_prompts(h.sched.vocab_size, 8, seed=1)
+        for i, p in enumerate(prompts):
+            h.submit(f"r{i}", p, max_new_tokens=12, temperature=0.0, ignore_eos=True)
+        h.run()
+        for i, p in enumerate(prompts):
+            assert h.outputs[f"r{i}"] == hf_greedy(hf_models[arch], p, 12), f"request r{i}"
+            assert h.finished[f"r{i}"] == {"type": "length", "length": 12}
+        assert sum(h.cached.values()) > 0, "shared prefixes were never reused"
+        h.assert_pool_returned()
+    finally:
+        h.close()
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_small_pool_evicts_and_retracts_without_changing_outputs(
+    page_size: int, tiny_model_paths: dict, hf_models: dict
+) -> None:
+    """A KV pool too small for all requests at once forces eviction and retraction; every
+    request still completes with its greedy output and no slot leaks."""
+    h = Harness(
+        tiny_model_paths["llama"],
+        max_total_tokens=192,
+        page_size=page_size,
+        chunked_prefill_size=16,
+        max_running_requests=16,
+        schedule_policy="lpm",
+    )
+    try:
+        prompts = make_prompts(h.sched.vocab_size, 12, seed=2)
+        for i, p in enumerate(prompts):
+            h.submit(f"r{i}", p, max_new_tokens=40, temperature=0.0, ignore_eos=True)
+        h.run()
+        assert h.retracted > 0, "the pool was meant to be too small to avoid retraction"
+        for i, p in enumerate(prompts):
+            assert h.outputs[f"r{i}"] == hf_greedy(hf_models["llama"], p, 40), f"request r{i}"
+        h.assert_pool_returned()
+    finally:
+        h.close()
+
+
+def test_long_prompt_is_chunked(tiny_model_paths: dict, hf_models: dict) -> None:
+    h = Harness(tiny_model_paths["qwen2"], max_total_tokens=1024, chunked_prefill_size=16)
+    try:
+        prompt = make_prompts(h.sched.vocab_size, 1, seed=3)[0] * 4  # > 3 chunks
+        h.submit("long", prompt, max_new_tokens=6, temperature=0.0, ignore_eos=True)
+        h.submit("short", prompt[:5], max_new_tokens=6, temperature=0.0, ignore_eos=True)
+        h.run()
+        assert h.kinds.count("prefill") >= len(prompt) // 16
+        assert h.outputs["long"] == hf_greedy(hf_models["qwen2"], prompt, 6)
+        assert h.outputs["short"] == hf_greedy(hf_models["qwen2"], prompt[:5], 6)
+        h.assert_pool_returned()
+    finally:
+        h.close()
+
+
+def test_prefix_reuse_reports_cached_tokens(tiny_model_paths: dict) -> None:
+    h = Harness(tiny_model_paths["llama"], max_total_tokens=1024)
+    try:
+        prompt = list(range(10, 50))
+        h.submit("first", prompt, max_new_tokens=4, temperature=0.0)
+        h.run()
+        h.submit("second", prompt, max_new_tokens=4, temperature=0.0)
+        h.run()
+        assert h.cached["first"] == 0
+        assert h.cached["second"] >= len(prompt) - 1
+        assert h.outputs["first"] == h.outputs["second"]
+    finally:
+        h.close()
+
+
+def test_disabled_radix_cache_reuses_nothing(tiny_model_paths: dict) -> None:
+    h = Harness(tiny_model_paths["llama"], max_total_tokens=1024, disable_radix_cache=True)
+    try:
+        prompt = list(range(10, 50))
+        h.submit("first", prompt, max_new_tokens=4, temperature=0.0)
+        h.run()
+        h.submit("second", prompt, max_new_tokens=4, temperature=0.0)
+        h.run()
+        assert h.cached["second"] == 0
+        assert h.outputs["first"] == h.outputs["second"]
+        stats = h.sched.plan.stats()
+        assert stats["available"] == h.sched.pool_size
+    finally:
+        h.close()
+
+
+def test_finish_reasons(tiny_model_paths: dict, hf_models: dict) -> None:
+    """EOS / stop_token_ids, stop strings, max_new_tokens and the context length."""
+    h = Harness(tiny_model_paths["llama"], max_total_tokens=2048, context_length=64)
+    try:
+        prompt = list(range(10, 30))
+        ref = hf_greedy(hf_models["llama"], prompt, 30)
+        h.submit("stop_id", prompt, max_new_tokens=30, temperature=0.0, stop_token_ids=[ref[3]])
+        h.submit("length", prompt, max_new_tokens=5, temperature=0.0, ignore_eos=True)
+        h.submit("context", prompt, max_new_tokens=None, temperature=0.0, ignore_eos=True)
+        tok = h.sched.stop_checker
+        text = tok.decode(ref[:8], True)
+        stop = text[len(tok.decode(ref[:5], True)) :][:2] if len(text) > 2 else None
+        if stop:
+            h.submit("stop_str", prompt, max_new_tokens=30, temperature=0.0, stop=[stop])
+        h.submit("zero", prompt, max_new_tokens=0)
+        h.submit("abort_empty", [], max_new_tokens=3)
+        h.run()
+        first = ref.index(ref[3])
+        assert h.finished["stop_id"] == {"type": "stop", "matched": ref[3]}
+        assert h.outputs["stop_id"] == ref[: first + 1]
+        assert h.finished["length"] == {"type": "length", "length": 5}
+        assert len(h.outputs["context"]) == 64 - len(prompt)
+        assert h.finished["context"]["type"] == "length"
+        if stop:
+            assert h.finished["stop_str"] == {"type": "stop", "matched": stop}
+            assert len(h.outputs["stop_str"]) <= 8
+        assert h.finished["zero"] == {"type": "length", "length": 0}
+        assert h.outputs["zero"] == []
+        assert h.finished["abort_empty"]["type"] == "abort"
+        h.assert_pool_returned()
+    finally:
+        h.close()
