@@ -83,8 +83,12 @@ def run_hf(model_dir: str, prompts: list[list[int]], n: int, args: argparse.Name
 
     def generate(batch: list[list[int]], max_new_tokens: int = n) -> list[list[int]]:
         enc = tok.pad({"input_ids": batch}, return_tensors="pt")
+        cfg = copy.deepcopy(gen_cfg)
+        # NOTE: generation kwargs beside a generation_config make transformers 5 merge the
+        # model's defaults back in (EOS included), so everything goes through the config.
+        cfg.max_new_tokens = max_new_tokens
         with torch.inference_mode():
-            out = model.generate(**enc, generation_config=gen_cfg, max_new_tokens=max_new_tokens)
+            out = model.generate(**enc, generation_config=cfg)
         return out[:, enc["input_ids"].shape[1] :].tolist()
 
     # Warmup in the shape measured next (a padded batch takes other kernels than one prompt).

@@ -236,3 +236,23 @@ def test_finish_reasons(tiny_model_paths: dict, hf_models: dict) -> None:
         h.assert_pool_returned()
     finally:
         h.close()
+
+
+def test_tokenizer_eos_counts_as_eos(tmp_path, tiny_model_paths: dict) -> None:
+    """EOS comes from generation_config, config.json and the tokenizer's eos_token."""
+    import json
+    import shutil
+
+    from srt.managers.scheduler import tokenizer_eos_id
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_paths["llama"], model)
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    cfg["eos_token"] = "<|endoftext|>"  # differs from generation_config's <|im_end|>
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert tokenizer_eos_id(str(model)) == 0
+    h = Harness(str(model), max_total_tokens=512)
+    try:
+        assert h.sched.eos_ids == {0, 2}
+    finally:
+        h.close()

@@ -13,11 +13,13 @@ Rust owns the bookkeeping (prefix tree, slot ownership); this module owns tensor
 from __future__ import annotations
 
 import faulthandler
+import json
 import logging
 import random
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 import torch
 import zmq
@@ -104,6 +106,10 @@ class Scheduler:
         self.sampler = Sampler()
         # Stop strings must end generation here, not only be trimmed by the detokenizer.
         self.stop_checker = Detokenizer(server_args.tokenizer_path or server_args.model_path)
+        tokenizer_eos = tokenizer_eos_id(server_args.tokenizer_path or server_args.model_path)
+        self.eos_ids = self.model_config.eos_token_ids | (
+            {tokenizer_eos} if tokenizer_eos is not None else set()
+        )
         self.rng = random.Random(server_args.random_seed)
         self.reqs: dict[int, Req] = {}  # by native id
         self.rid_to_nid: dict[str, int] = {}
@@ -176,7 +182,7 @@ class Scheduler:
         max_new = limit if p.max_new_tokens is None else min(p.max_new_tokens, limit)
         stop_ids = set(p.stop_token_ids)
         if not p.ignore_eos:
-            stop_ids |= self.model_config.eos_token_ids
+            stop_ids |= self.eos_ids
         req = Req(
             rid=msg.rid,
             nid=nid,
@@ -402,6 +408,25 @@ class Scheduler:
             out.cached_tokens.append(req.cached_tokens)
         self.outbox.clear()
         self.send_sock.send(encode(out))
+
+
+def tokenizer_eos_id(tokenizer_path: str) -> int | None:
+    """The id of tokenizer_config.json's eos_token in tokenizer.json, if both name one."""
+    folder = Path(tokenizer_path)
+    try:
+        eos = json.loads((folder / "tokenizer_config.json").read_text()).get("eos_token")
+        tok = json.loads((folder / "tokenizer.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(eos, dict):
+        eos = eos.get("content")
+    if not isinstance(eos, str):
+        return None
+    for added in tok.get("added_tokens", []):
+        if added.get("content") == eos:
+            return int(added["id"])
+    vocab = (tok.get("model") or {}).get("vocab")
+    return int(vocab[eos]) if isinstance(vocab, dict) and eos in vocab else None
 
 
 def run_scheduler_process(
