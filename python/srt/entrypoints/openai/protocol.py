@@ -1,7 +1,7 @@
 """OpenAI API shapes (pydantic): requests, responses, stream chunks, errors, and SSE framing.
 
 Requests are strict: an unknown field is a 400, and a known field srt does not implement
-(logprobs, tools, echo, ...) is a 400 naming it, rather than being silently ignored. srt's own
+(tools, suffix, ...) is a 400 naming it, rather than being silently ignored. srt's own
 sampling knobs (top_k, min_p, repetition_penalty, min_tokens, stop_token_ids, ignore_eos, ...)
 are accepted as extra top-level fields, which is where the openai client puts `extra_body`.
 """
@@ -94,10 +94,11 @@ class _SamplingFields(BaseModel):
     presence_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None
-    # Known OpenAI fields srt does not implement: a 400 when set.
-    best_of: int | None = None
+    # chat: bool with top_logprobs; completions: an int (top alternatives), see logprobs.py
     logprobs: Any = None
     top_logprobs: int | None = None
+    # Known OpenAI fields srt does not implement: a 400 when set.
+    best_of: int | None = None
     # srt extensions (the openai client's `extra_body`).
     top_k: int | None = None
     min_p: float | None = None
@@ -111,10 +112,6 @@ class _SamplingFields(BaseModel):
     cache_salt: str = ""
 
     def check_supported(self) -> None:
-        if self.logprobs not in (None, False, 0):
-            raise RequestError("logprobs are not supported", param="logprobs")
-        if self.top_logprobs:
-            raise RequestError("top_logprobs are not supported", param="top_logprobs")
         if self.best_of is not None and self.best_of != self.n:
             raise RequestError("best_of is not supported", param="best_of")
         if self.stream_options is not None and not self.stream:
@@ -155,10 +152,26 @@ class CompletionRequest(_SamplingFields):
     echo: bool = False
     suffix: str | None = None
 
+    def logprob_request(self) -> tuple[bool, int]:
+        """(return logprobs, top alternatives per token)."""
+        if self.logprobs is None:
+            return False, 0
+        return True, int(self.logprobs)
+
     def check_supported(self) -> None:
         super().check_supported()
-        if self.echo:
-            raise RequestError("echo is not supported", param="echo")
+        lp = self.logprobs
+        if lp is not None and (
+            isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= 20
+        ):
+            raise RequestError("logprobs must be an integer in [0, 20]", param="logprobs")
+        if self.top_logprobs is not None:
+            raise RequestError(
+                "top_logprobs is a chat field; use logprobs=<int> on completions",
+                param="top_logprobs",
+            )
+        if self.echo and self.stream:
+            raise RequestError("echo is not supported with stream=true", param="echo")
         if self.suffix:
             raise RequestError("suffix is not supported", param="suffix")
 
@@ -227,8 +240,21 @@ class ChatCompletionRequest(_SamplingFields):
     metadata: dict[str, str] | None = None
     service_tier: str | None = None
 
+    def logprob_request(self) -> tuple[bool, int]:
+        """(return logprobs, top alternatives per token)."""
+        if not self.logprobs:
+            return False, 0
+        return True, self.top_logprobs or 0
+
     def check_supported(self) -> None:
         super().check_supported()
+        if self.logprobs is not None and not isinstance(self.logprobs, bool):
+            raise RequestError("logprobs must be a boolean", param="logprobs")
+        if self.top_logprobs is not None:
+            if not 0 <= self.top_logprobs <= 20:
+                raise RequestError("top_logprobs must be in [0, 20]", param="top_logprobs")
+            if not self.logprobs:
+                raise RequestError("top_logprobs needs logprobs=true", param="top_logprobs")
         for name in ("tools", "functions", "function_call", "audio"):
             if getattr(self, name):
                 raise RequestError(f"{name} is not supported", param=name)
@@ -275,7 +301,7 @@ class UsageInfo(BaseModel):
 class CompletionResponseChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
     finish_reason: str | None = None
     matched_stop: int | str | None = None
 
@@ -292,7 +318,7 @@ class CompletionResponse(BaseModel):
 class CompletionStreamChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
     finish_reason: str | None = None
     matched_stop: int | str | None = None
 
@@ -321,7 +347,7 @@ class ChatMessageOut(BaseModel):
 class ChatCompletionResponseChoice(BaseModel):
     index: int
     message: ChatMessageOut
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
     finish_reason: str | None = None
     matched_stop: int | str | None = None
 
@@ -347,7 +373,7 @@ class DeltaMessage(BaseModel):
 class ChatCompletionStreamChoice(BaseModel):
     index: int
     delta: DeltaMessage
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
     finish_reason: str | None = None
     matched_stop: int | str | None = None
 
