@@ -133,12 +133,15 @@ def test_unsupported_completion_features_are_400(kwargs: dict, param: str) -> No
         ({"logprobs": 1}, "logprobs"),
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "xml"}}, "response_format"),
+        ({"response_format": {"type": "json_schema"}}, "response_format"),
     ],
 )
 def test_unsupported_chat_features_are_400(kwargs: dict, param: str) -> None:
     with pytest.raises(RequestError) as e:
-        ChatCompletionRequest(messages=MSGS, **kwargs).check_supported()
+        req = ChatCompletionRequest(messages=MSGS, **kwargs)
+        req.check_supported()
+        req.sampling_params(None)
     assert e.value.param == param
 
 

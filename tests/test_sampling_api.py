@@ -5,6 +5,7 @@ random llama): /generate and the OpenAI endpoints via the official `openai` clie
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -388,3 +389,81 @@ def test_openai_sampling_fields(client: openai.OpenAI, live: Live) -> None:
         },
     )
     assert sid.choices[0].finish_reason == "stop"
+
+
+# ---- structured output ----------------------------------------------------------------------
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "color": {"enum": ["red", "green", "blue"]},
+        "n": {"type": "integer", "minimum": 0, "maximum": 99},
+        "ok": {"type": "boolean"},
+    },
+    "required": ["color", "n", "ok"],
+    "additionalProperties": False,
+}
+
+
+def check_schema(obj: object) -> None:
+    """SCHEMA checked by hand (jsonschema is not a dependency)."""
+    assert isinstance(obj, dict) and set(obj) == {"color", "n", "ok"}, obj
+    assert obj["color"] in ("red", "green", "blue")
+    assert isinstance(obj["n"], int) and not isinstance(obj["n"], bool) and 0 <= obj["n"] <= 99
+    assert isinstance(obj["ok"], bool)
+
+
+def test_generate_json_schema_and_regex(live: Live) -> None:
+    sp = {"temperature": 1.0, "max_new_tokens": 64, "json_schema": json.dumps(SCHEMA)}
+    outs = live.gen(text=[PROMPT, "hello"], sampling_params=[{**sp, "seed": 1}, {**sp, "seed": 2}])
+    for out in outs:
+        assert out["meta_info"]["finish_reason"]["type"] == "stop", out
+        check_schema(json.loads(out["text"]))
+    rx = live.gen(
+        text=PROMPT,
+        sampling_params={"temperature": 1.0, "max_new_tokens": 32, "regex": "(yes|no)-[0-9]{3}"},
+    )
+    assert re.fullmatch("(yes|no)-[0-9]{3}", rx["text"]), rx["text"]
+    for bad, word in (
+        ({"json_schema": "{not json"}, "json_schema"),
+        ({"json_schema": '{"type": 12}'}, "json_schema"),
+        ({"regex": "a["}, "regex"),
+        ({"regex": "a", "json_schema": "{}"}, "at most one"),
+    ):
+        r = live.post("/generate", text="x", sampling_params=bad)
+        assert r.status_code == 400 and word in r.json()["message"], r.text
+
+
+def test_openai_response_format(client: openai.OpenAI, live: Live) -> None:
+    msgs = [{"role": "user", "content": "a color please"}]
+    r = client.chat.completions.create(
+        model=live.model,
+        messages=msgs,
+        max_tokens=64,
+        seed=4,
+        response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": SCHEMA}},
+    )
+    check_schema(json.loads(r.choices[0].message.content))
+    assert r.choices[0].finish_reason == "stop"
+    r = client.chat.completions.create(
+        model=live.model,
+        messages=msgs,
+        max_tokens=200,
+        seed=4,
+        response_format={"type": "json_object"},
+    )
+    if r.choices[0].finish_reason == "stop":  # a random model may keep writing the object
+        assert isinstance(json.loads(r.choices[0].message.content), dict)
+    r = client.completions.create(
+        model=live.model, prompt=PROMPT, max_tokens=16, extra_body={"regex": "[ab]{3}"}
+    )
+    assert re.fullmatch("[ab]{3}", r.choices[0].text)
+    with pytest.raises(openai.BadRequestError, match="json_schema"):
+        client.chat.completions.create(
+            model=live.model,
+            messages=msgs,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "c", "schema": {"type": "nonsense"}},
+            },
+        )

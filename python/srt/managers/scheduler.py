@@ -18,6 +18,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
+from typing import Any
 
 import torch
 import zmq
@@ -78,6 +79,8 @@ class Req:
     lp: LogprobDelta | None = None  # not yet sent
     # max_new_tokens == 0 with prompt logprobs: prefill to score the prompt, emit no token.
     score_only: bool = False
+    # json_schema / regex requests: their xgrammar GrammarMatcher (srt.constrained.grammar).
+    matcher: Any = None
 
     @property
     def all_ids(self) -> list[int]:
@@ -120,6 +123,7 @@ class Scheduler:
         self.next_nid = 1
         self.outbox: dict[int, Req] = {}  # requests with something to send this step
         self.stuck_steps = 0
+        self._grammar_backend: Any = None  # built on the first constrained request
 
         ctx = zmq.Context(2)
         self.recv_sock = ctx.socket(zmq.PULL)
@@ -220,6 +224,8 @@ class Scheduler:
                 # request (correct, at the cost of no prefix reuse for it).
                 namespace = f"{msg.cache_salt}\x00logprob:{msg.rid}"
         error = self.admission_error(req)
+        if error is None and (p.json_schema is not None or p.regex is not None):
+            error = self.attach_grammar(req)
         if error is not None:
             self.finish(req, FinishReason(type="abort", message=error))
             return
@@ -239,6 +245,26 @@ class Scheduler:
             )
             req.checks_stop_strings = True
         self.plan.add_request(nid, req.input_ids, max(req.max_new_tokens, 1), namespace)
+
+    def attach_grammar(self, req: Req) -> str | None:
+        """Gives `req` its grammar matcher; returns an error message if it cannot."""
+        from srt.constrained.grammar import GrammarBackend, grammar_key
+
+        key = grammar_key(req.params)
+        assert key is not None
+        try:
+            if self._grammar_backend is None:
+                from transformers import AutoTokenizer
+
+                args = self.server_args
+                tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path or args.model_path)
+                self._grammar_backend = GrammarBackend(
+                    tokenizer, self.vocab_size, self.model_config.eos_token_ids
+                )
+            req.matcher = self._grammar_backend.new_matcher(key)
+        except (ValueError, RuntimeError) as e:
+            return f"cannot use the grammar: {e}"
+        return None
 
     def admission_error(self, req: Req) -> str | None:
         n = len(req.input_ids)
@@ -400,7 +426,16 @@ class Scheduler:
             vocab_size=self.vocab_size,
             device=logits.device,
         )
-        ids = self.sampler(logits, info)
+        grammar_rows = [i for i, r in enumerate(reqs) if r.matcher is not None]
+        if grammar_rows:
+            # NOTE: a masked copy; logprobs stay those of the raw distribution.
+            masked = logits.clone()
+            self._grammar_backend.apply_masks(
+                masked, grammar_rows, [reqs[i].matcher for i in grammar_rows]
+            )
+            ids = self.sampler(masked, info)
+        else:
+            ids = self.sampler(logits, info)
         lp_rows = [i for i, r in enumerate(reqs) if r.return_logprob and not r.score_only]
         if lp_rows:
             idx = torch.tensor(lp_rows, dtype=torch.int64, device=logits.device)
@@ -429,6 +464,9 @@ class Scheduler:
             reqs = [r for r, _ in kept]
             next_ids = [t for _, t in kept]
         for req, tok in zip(reqs, next_ids, strict=True):
+            if req.matcher is not None and not req.matcher.accept_token(tok):
+                # Only reachable if the mask and the sampler disagree (e.g. every token masked).
+                logger.error("grammar rejected token %d of %s", tok, req.rid)
             req.output_ids.append(tok)
             self.outbox[req.nid] = req
             if req.checks_stop_strings:
@@ -457,6 +495,8 @@ class Scheduler:
             return FinishReason(type="length", length=req.max_new_tokens)
         if len(req.input_ids) + n_out >= self.context_len:
             return FinishReason(type="length", length=n_out)
+        if req.matcher is not None and req.matcher.is_terminated():
+            return FinishReason(type="stop", matched=tok)
         return None
 
     # ---- output --------------------------------------------------------------------------

@@ -110,6 +110,10 @@ class _SamplingFields(BaseModel):
     spaces_between_special_tokens: bool = True
     no_stop_trim: bool = False
     cache_salt: str = ""
+    # Structured output: OpenAI's response_format (text, json_object, json_schema), or srt's
+    # `regex` extension; see srt.constrained.grammar.
+    response_format: dict[str, Any] | None = None
+    regex: str | None = None
 
     def check_supported(self) -> None:
         if self.best_of is not None and self.best_of != self.n:
@@ -142,7 +146,37 @@ class _SamplingFields(BaseModel):
             "repetition_penalty": self.repetition_penalty,
         }
         d.update({k: v for k, v in optional.items() if v is not None})
+        schema = self.json_schema_string()
+        if schema is not None and self.regex is not None:
+            raise ValueError("give at most one of response_format (JSON) and regex")
+        if schema is not None:
+            d["json_schema"] = schema
+        if self.regex is not None:
+            d["regex"] = self.regex
         return SamplingParams.from_dict(d)
+
+    def json_schema_string(self) -> str | None:
+        """The JSON schema response_format asks for, as a string; None for plain text."""
+        rf = self.response_format
+        if rf is None:
+            return None
+        kind = rf.get("type")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return '{"type": "object"}'
+        if kind == "json_schema":
+            js = rf.get("json_schema")
+            if not isinstance(js, dict) or not isinstance(js.get("schema"), dict | bool):
+                raise RequestError(
+                    "response_format json_schema needs json_schema.schema (an object)",
+                    param="response_format",
+                )
+            return json.dumps(js["schema"])
+        raise RequestError(
+            f"response_format type {kind!r} is not supported (text, json_object, json_schema)",
+            param="response_format",
+        )
 
 
 class CompletionRequest(_SamplingFields):
@@ -232,7 +266,6 @@ class ChatCompletionRequest(_SamplingFields):
     parallel_tool_calls: bool | None = None
     functions: list[dict[str, Any]] | None = None
     function_call: Any = None
-    response_format: dict[str, Any] | None = None
     modalities: list[str] | None = None
     audio: dict[str, Any] | None = None
     # metadata-only fields: accepted and ignored, as they change nothing about the output
@@ -260,10 +293,6 @@ class ChatCompletionRequest(_SamplingFields):
                 raise RequestError(f"{name} is not supported", param=name)
         if self.tool_choice not in (None, "none"):
             raise RequestError("tool_choice is not supported", param="tool_choice")
-        if self.response_format and self.response_format.get("type") != "text":
-            raise RequestError(
-                "response_format other than text is not supported", param="response_format"
-            )
         if self.modalities and self.modalities != ["text"]:
             raise RequestError("only the text modality is supported", param="modalities")
         if not self.messages:
