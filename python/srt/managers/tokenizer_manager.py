@@ -6,7 +6,9 @@ model's limits, sends `TokenizedGenerateReqInput` to the scheduler (PUSH `schedu
 keeps a `ReqState` per rid. A background asyncio task receives `BatchStrOut` from the detokenizer
 (PULL `tokenizer_ipc`) and wakes the waiters. Out: SGLang-shaped dicts
 `{text, output_ids, meta_info{id, prompt_tokens, completion_tokens, cached_tokens, finish_reason,
-e2e_latency}}` (text and output_ids cumulative) plus `delta` (the new text and ids since the last
+e2e_latency}}` (text and output_ids cumulative; with return_logprob also SGLang's
+input/output_token_logprobs and input/output_top_logprobs, raw-model logprobs as
+[logprob, token_id, text]) plus `delta` (the new text, ids and output logprobs since the last
 yield) for the OpenAI layer.
 
 Every request ends: with its finishing output, with an abort when the client goes away (an
@@ -93,6 +95,8 @@ class ReqState:
     # many output entries the last yield handed out.
     logprobs: LogprobDelta | None = None
     lp_sent: int = 0
+    # The meta_info logprob lists built so far (token texts are decoded once per entry).
+    lp_meta: dict[str, list] = dataclasses.field(default_factory=dict)
     next_disconnect_check: float = 0.0
     event: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
@@ -416,11 +420,16 @@ class TokenizerManager:
         def top_triples(vals: list[list[float]], ids: list[list[int]]) -> list[list[list]]:
             return [triples(v, i) for v, i in zip(vals, ids, strict=True)]
 
-        meta["input_token_logprobs"] = triples(lp.input_logprobs, lp.input_ids)
-        meta["output_token_logprobs"] = triples(lp.output_logprobs, lp.output_ids)
+        def grow(name: str, vals: list, ids: list, make: Any) -> None:
+            have = state.lp_meta.setdefault(name, [])
+            have.extend(make(vals[len(have) :], ids[len(have) :]))
+            meta[name] = list(have)
+
+        grow("input_token_logprobs", lp.input_logprobs, lp.input_ids, triples)
+        grow("output_token_logprobs", lp.output_logprobs, lp.output_ids, triples)
         if top:
-            meta["input_top_logprobs"] = top_triples(lp.input_top_logprobs, lp.input_top_ids)
-            meta["output_top_logprobs"] = top_triples(lp.output_top_logprobs, lp.output_top_ids)
+            grow("input_top_logprobs", lp.input_top_logprobs, lp.input_top_ids, top_triples)
+            grow("output_top_logprobs", lp.output_top_logprobs, lp.output_top_ids, top_triples)
         out["delta"]["output_token_logprobs"] = meta["output_token_logprobs"][state.lp_sent :]
         if top:
             out["delta"]["output_top_logprobs"] = meta["output_top_logprobs"][state.lp_sent :]
