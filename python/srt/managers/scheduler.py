@@ -81,6 +81,7 @@ class Req:
     score_only: bool = False
     # json_schema / regex requests: their xgrammar GrammarMatcher (srt.constrained.grammar).
     matcher: Any = None
+    grammar_rejected: bool = False
 
     @property
     def all_ids(self) -> list[int]:
@@ -465,8 +466,9 @@ class Scheduler:
             next_ids = [t for _, t in kept]
         for req, tok in zip(reqs, next_ids, strict=True):
             if req.matcher is not None and not req.matcher.accept_token(tok):
-                # Only reachable if the mask and the sampler disagree (e.g. every token masked).
-                logger.error("grammar rejected token %d of %s", tok, req.rid)
+                # Only reachable when the grammar left no token the sampler could take (e.g.
+                # min_new_tokens masks the stop token the finished grammar requires).
+                req.grammar_rejected = True
             req.output_ids.append(tok)
             self.outbox[req.nid] = req
             if req.checks_stop_strings:
@@ -486,6 +488,12 @@ class Scheduler:
 
     def finish_reason(self, req: Req, matched_stop: str | None) -> FinishReason | None:
         tok = req.output_ids[-1]
+        if req.grammar_rejected:
+            return FinishReason(
+                type="abort",
+                message="no token satisfies the grammar here (does min_new_tokens conflict "
+                "with the json_schema / regex?)",
+            )
         n_out = len(req.output_ids)
         if tok in req.stop_ids and n_out >= req.params.min_new_tokens:
             return FinishReason(type="stop", matched=tok)
