@@ -58,6 +58,17 @@ def test_generate_from_input_ids(engine: Engine) -> None:
     assert [o["text"] for o in two] == [by_text["text"]] * 2
 
 
+def test_n_choices(engine: Engine) -> None:
+    sp = {"temperature": 1.0, "max_new_tokens": 8, "ignore_eos": True, "seed": 9, "n": 2}
+    outs = engine.generate("Hello", sp)
+    assert isinstance(outs, list) and len(outs) == 2
+    assert outs[0]["output_ids"] != outs[1]["output_ids"]
+    assert [o["output_ids"] for o in engine.generate("Hello", sp)] == [
+        o["output_ids"] for o in outs
+    ]
+    assert len(engine.generate(["a", "b"], sp)) == 4
+
+
 def test_invalid_requests_raise(engine: Engine) -> None:
     with pytest.raises(ValueError):
         engine.generate("x", {"temperature": -1})

@@ -110,8 +110,10 @@ def test_unknown_fields_are_rejected() -> None:
 @pytest.mark.parametrize(
     "kwargs, param",
     [
-        ({"logprobs": 1}, "logprobs"),
-        ({"echo": True}, "echo"),
+        ({"logprobs": 21}, "logprobs"),
+        ({"logprobs": True}, "logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"echo": True, "stream": True}, "echo"),
         ({"suffix": "s"}, "suffix"),
         ({"best_of": 3}, "best_of"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
@@ -128,14 +130,18 @@ def test_unsupported_completion_features_are_400(kwargs: dict, param: str) -> No
     [
         ({"tools": [{"type": "function"}]}, "tools"),
         ({"tool_choice": "auto"}, "tool_choice"),
-        ({"logprobs": True}, "logprobs"),
+        ({"logprobs": 1}, "logprobs"),
         ({"top_logprobs": 2}, "top_logprobs"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"response_format": {"type": "xml"}}, "response_format"),
+        ({"response_format": {"type": "json_schema"}}, "response_format"),
     ],
 )
 def test_unsupported_chat_features_are_400(kwargs: dict, param: str) -> None:
     with pytest.raises(RequestError) as e:
-        ChatCompletionRequest(messages=MSGS, **kwargs).check_supported()
+        req = ChatCompletionRequest(messages=MSGS, **kwargs)
+        req.check_supported()
+        req.sampling_params(None)
     assert e.value.param == param
 
 

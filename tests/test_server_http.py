@@ -316,7 +316,10 @@ def test_openai_errors(client: openai.OpenAI, server: Server) -> None:
         client.completions.create(model=server.model, prompt="x", max_tokens=10**6)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(
-            model=server.model, messages=[{"role": "user", "content": "x"}], logprobs=True
+            model=server.model,
+            messages=[{"role": "user", "content": "x"}],
+            logprobs=True,
+            top_logprobs=21,
         )
 
 

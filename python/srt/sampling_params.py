@@ -34,6 +34,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_un
     seed: int | None = None
     logit_bias: dict[int, float] | None = None
     n: int = 1
+    # Structured output (srt.constrained): the output must match this JSON schema (a JSON
+    # string) or this regex; at most one of them.
+    json_schema: str | None = None
+    regex: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict | None) -> SamplingParams:
@@ -107,6 +111,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_un
                 raise ValueError("a stop string may be at most 512 characters")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+        if self.json_schema is not None and self.regex is not None:
+            raise ValueError("give at most one of json_schema and regex")
         if vocab_size is not None:
             for t in self.stop_token_ids:
                 if not 0 <= t < vocab_size:

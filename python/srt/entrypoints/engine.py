@@ -25,9 +25,11 @@ from srt.managers.tokenizer_manager import (
     GenerateReqInput,
     RuntimeDeadError,
     TokenizerManager,
+    fan_out,
     final_output,
     merge_streams,
     public_output,
+    requested_n,
     run_all,
 )
 from srt.server_args import PortArgs, ServerArgs
@@ -140,12 +142,18 @@ class Engine:
             obj = GenerateReqInput(sampling_params=dict(sp or {}), stream=stream)
             setattr(obj, key, item)
             objs.append(obj)
+        # n > 1: n choices per prompt, returned as a list (index = prompt * n + j).
+        batch = batch or any(requested_n(o.sampling_params) > 1 for o in objs)
         return objs, batch
 
     async def _generate_all(self, objs: list[GenerateReqInput]) -> list[dict[str, Any]]:
         tm = self._tm()
         # Validate everything first, so a bad prompt in a batch sends nothing.
-        reqs = [await tm.tokenize_request(o) for o in objs]
+        reqs = [
+            r
+            for o in objs
+            for r in fan_out(await tm.tokenize_request(o), requested_n(o.sampling_params))
+        ]
         outs = await run_all([final_output(tm.generate_tokenized(r)) for r in reqs])
         return [public_output(o) for o in outs]
 
@@ -170,7 +178,11 @@ class Engine:
         self, objs: list[GenerateReqInput], batch: bool
     ) -> AsyncIterator[dict[str, Any]]:
         tm = self._tm()
-        reqs = [await tm.tokenize_request(o) for o in objs]
+        reqs = [
+            r
+            for o in objs
+            for r in fan_out(await tm.tokenize_request(o), requested_n(o.sampling_params))
+        ]
         async for i, out in merge_streams([tm.generate_tokenized(r) for r in reqs]):
             d = public_output(out)
             if batch:

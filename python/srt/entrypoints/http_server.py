@@ -44,9 +44,11 @@ from srt.managers.tokenizer_manager import (
     GenerateReqInput,
     RuntimeDeadError,
     TokenizerManager,
+    fan_out,
     final_output,
     merge_streams,
     public_output,
+    requested_n,
     run_all,
 )
 from srt.server_args import PortArgs, ServerArgs
@@ -68,11 +70,11 @@ class GenerateRequest(BaseModel):
     rid: str | list[str] | None = None
     cache_salt: str = ""
     return_logprob: bool = False
+    top_logprobs_num: int = 0
+    logprob_start_len: int = -1
 
     def to_inputs(self) -> tuple[list[GenerateReqInput], bool]:
         """The single requests, and whether the body was a batch. ValueError if malformed."""
-        if self.return_logprob:
-            raise ValueError("return_logprob is not supported")
         if (self.text is None) == (self.input_ids is None):
             raise ValueError("give exactly one of `text` and `input_ids`")
         if self.text is not None:
@@ -101,7 +103,13 @@ class GenerateRequest(BaseModel):
                 raise ValueError("give one rid per prompt")
         objs = [
             GenerateReqInput(
-                sampling_params=sp, stream=self.stream, rid=rid, cache_salt=self.cache_salt
+                sampling_params=sp,
+                stream=self.stream,
+                rid=rid,
+                cache_salt=self.cache_salt,
+                return_logprob=self.return_logprob,
+                top_logprobs_num=self.top_logprobs_num,
+                logprob_start_len=self.logprob_start_len,
             )
             for sp, rid in zip(sps, rids, strict=True)
         ]
@@ -198,7 +206,12 @@ def create_app(tokenizer_manager: TokenizerManager) -> FastAPI:
         body = await parse_body(request, GenerateRequest)
         try:
             objs, batch = body.to_inputs()
-            reqs = [await tm.tokenize_request(o) for o in objs]
+            reqs = []
+            for o in objs:
+                # n > 1: n choices per prompt, returned as a list (index = prompt * n + j).
+                n = requested_n(o.sampling_params)
+                batch = batch or n > 1
+                reqs.extend(fan_out(await tm.tokenize_request(o), n))
         except ValueError as e:
             raise RequestError(str(e)) from e
         if body.stream:

@@ -81,6 +81,8 @@ class DetokenizerManager:
             completion_tokens=[],
             cached_tokens=[],
         )
+        if batch.logprobs is not None:
+            out.logprobs = []
         live: list[int] = []  # indices into `batch` that go through step_batch
         for i, rid in enumerate(batch.rids):
             if rid in self._ended:
@@ -191,6 +193,8 @@ class DetokenizerManager:
         out.prompt_tokens.append(batch.prompt_tokens[i])
         out.completion_tokens.append(batch.completion_tokens[i])
         out.cached_tokens.append(batch.cached_tokens[i])
+        if out.logprobs is not None:
+            out.logprobs.append(batch.logprobs[i] if batch.logprobs is not None else None)
 
 
 def run_detokenizer_process(

@@ -37,6 +37,12 @@ class TokenizedGenerateReqInput(msgspec.Struct, tag=True, kw_only=True):
     cache_salt: str = ""
     # Wall-clock time (time.time()) when the main process received the request.
     created_time: float = 0.0
+    # Logprobs (see srt.layers.logprobs): of the output tokens when return_logprob, plus the
+    # prompt tokens from position logprob_start_len on when that is >= 0; top_logprobs_num
+    # alternatives per position.
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    logprob_start_len: int = -1
 
 
 class AbortReq(msgspec.Struct, tag=True, kw_only=True):
@@ -57,6 +63,23 @@ class DetokInit(msgspec.Struct, kw_only=True):
     no_stop_trim: bool = False
 
 
+class LogprobDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Logprobs that are new since a request's last output (parallel lists per position).
+
+    input_*: prompt positions (the logprob of prompt token j given tokens < j; None for j = 0).
+    output_*: one entry per new output token. top_*: the top-k (logprob, token id) pairs.
+    """
+
+    input_logprobs: list[float | None] = msgspec.field(default_factory=list)
+    input_ids: list[int] = msgspec.field(default_factory=list)
+    input_top_logprobs: list[list[float]] = msgspec.field(default_factory=list)
+    input_top_ids: list[list[int]] = msgspec.field(default_factory=list)
+    output_logprobs: list[float] = msgspec.field(default_factory=list)
+    output_ids: list[int] = msgspec.field(default_factory=list)
+    output_top_logprobs: list[list[float]] = msgspec.field(default_factory=list)
+    output_top_ids: list[list[int]] = msgspec.field(default_factory=list)
+
+
 class BatchTokenIDOut(msgspec.Struct, tag=True, kw_only=True):
     """Scheduler -> detokenizer: new token ids of many requests (parallel lists)."""
 
@@ -67,6 +90,8 @@ class BatchTokenIDOut(msgspec.Struct, tag=True, kw_only=True):
     prompt_tokens: list[int]
     completion_tokens: list[int]
     cached_tokens: list[int]
+    # Parallel to rids when some request in the batch asked for logprobs, else None.
+    logprobs: list[LogprobDelta | None] | None = None
 
 
 class BatchStrOut(msgspec.Struct, tag=True, kw_only=True):
@@ -79,6 +104,8 @@ class BatchStrOut(msgspec.Struct, tag=True, kw_only=True):
     prompt_tokens: list[int]
     completion_tokens: list[int]
     cached_tokens: list[int]
+    # Passed through from BatchTokenIDOut; token texts are decoded in the main process.
+    logprobs: list[LogprobDelta | None] | None = None
 
 
 class ProcessReady(msgspec.Struct, tag=True, kw_only=True):

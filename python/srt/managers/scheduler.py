@@ -20,18 +20,21 @@ import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 import torch
 import zmq
 
 from srt._native import BatchScheduler, Detokenizer
 from srt.configs.model_config import ModelConfig
+from srt.layers.logprobs import token_logprobs
 from srt.layers.sampler import Sampler, SamplingBatchInfo
 from srt.managers.io_struct import (
     AbortReq,
     BatchTokenIDOut,
     DetokInit,
     FinishReason,
+    LogprobDelta,
     ProcessReady,
     TokenizedGenerateReqInput,
     decode,
@@ -70,6 +73,17 @@ class Req:
     init_sent: bool = False
     finished: FinishReason | None = None
     checks_stop_strings: bool = False
+    # Logprobs (srt.layers.logprobs). `input_lp_next` is the next prompt position whose logprob
+    # is still to be computed; it equals len(input_ids) when none are (left) to compute.
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    input_lp_next: int = 0
+    lp: LogprobDelta | None = None  # not yet sent
+    # max_new_tokens == 0 with prompt logprobs: prefill to score the prompt, emit no token.
+    score_only: bool = False
+    # json_schema / regex requests: their xgrammar GrammarMatcher (srt.constrained.grammar).
+    matcher: Any = None
+    grammar_rejected: bool = False
 
     @property
     def all_ids(self) -> list[int]:
@@ -116,6 +130,7 @@ class Scheduler:
         self.next_nid = 1
         self.outbox: dict[int, Req] = {}  # requests with something to send this step
         self.stuck_steps = 0
+        self._grammar_backend: Any = None  # built on the first constrained request
 
         ctx = zmq.Context(2)
         self.recv_sock = ctx.socket(zmq.PULL)
@@ -195,13 +210,37 @@ class Scheduler:
         )
         self.reqs[nid] = req
         self.rid_to_nid[msg.rid] = nid
+        n_prompt = len(req.input_ids)
+        req.input_lp_next = n_prompt
+        namespace = msg.cache_salt
+        if msg.return_logprob:
+            req.return_logprob = True
+            req.top_logprobs_num = max(0, msg.top_logprobs_num)
+            req.lp = LogprobDelta()
+            if 0 <= msg.logprob_start_len < n_prompt:
+                start = msg.logprob_start_len
+                if start == 0:
+                    req.lp.input_logprobs.append(None)
+                    req.lp.input_ids.append(req.input_ids[0])
+                    if req.top_logprobs_num:
+                        req.lp.input_top_logprobs.append([])
+                        req.lp.input_top_ids.append([])
+                req.input_lp_next = max(start, 1)
+                # NOTE: a cached prefix skips computing its positions, whose logits the prompt
+                # logprobs need; a namespace of its own means nothing is matched for this
+                # request (correct, at the cost of no prefix reuse for it).
+                namespace = f"{msg.cache_salt}\x00logprob:{msg.rid}"
         error = self.admission_error(req)
+        if error is None and (p.json_schema is not None or p.regex is not None):
+            error = self.attach_grammar(req)
         if error is not None:
             self.finish(req, FinishReason(type="abort", message=error))
             return
         if req.max_new_tokens == 0:
-            self.finish(req, FinishReason(type="length", length=0))
-            return
+            if req.input_lp_next >= n_prompt:
+                self.finish(req, FinishReason(type="length", length=0))
+                return
+            req.score_only = True
         if p.stop:
             self.stop_checker.add(
                 nid,
@@ -212,7 +251,27 @@ class Scheduler:
                 no_stop_trim=p.no_stop_trim,
             )
             req.checks_stop_strings = True
-        self.plan.add_request(nid, req.input_ids, req.max_new_tokens, msg.cache_salt)
+        self.plan.add_request(nid, req.input_ids, max(req.max_new_tokens, 1), namespace)
+
+    def attach_grammar(self, req: Req) -> str | None:
+        """Gives `req` its grammar matcher; returns an error message if it cannot."""
+        from srt.constrained.grammar import GrammarBackend, grammar_key
+
+        key = grammar_key(req.params)
+        assert key is not None
+        try:
+            if self._grammar_backend is None:
+                from transformers import AutoTokenizer
+
+                args = self.server_args
+                tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path or args.model_path)
+                self._grammar_backend = GrammarBackend(
+                    tokenizer, self.vocab_size, self.model_config.eos_token_ids
+                )
+            req.matcher = self._grammar_backend.new_matcher(key)
+        except (ValueError, RuntimeError) as e:
+            return f"cannot use the grammar: {e}"
+        return None
 
     def admission_error(self, req: Req) -> str | None:
         n = len(req.input_ids)
@@ -223,7 +282,7 @@ class Scheduler:
         bad = next((t for t in req.input_ids if not 0 <= t < self.vocab_size), None)
         if bad is not None:
             return f"token id {bad} is outside the vocabulary (size {self.vocab_size})"
-        need = n + min(req.max_new_tokens, CLIP_MAX_NEW_TOKENS)
+        need = n + min(max(req.max_new_tokens, 1), CLIP_MAX_NEW_TOKENS)
         if need > self.pool_size:
             return (
                 f"the request needs up to {need} KV cache slots (prompt {n} + "
@@ -276,6 +335,9 @@ class Scheduler:
         prefix_lens: list[int] = []
         extend_lens: list[int] = []
         sampling: list[tuple[int, Req]] = []
+        # Prompt logprobs: (req, first position, end) of logits rows wanted beyond the last.
+        extra: list[int] = []
+        scored: list[tuple[Req, int, int]] = []
         for i, e in enumerate(entries):
             req = self.reqs[e.rid]
             if e.slots_from == 0:
@@ -288,6 +350,16 @@ class Scheduler:
                 e.slots, dtype=torch.int32
             )
             end = e.prefix_len + e.extend_len
+            if req.input_lp_next < len(req.input_ids):
+                # Logits at position q give the logprob of token q + 1.
+                q0 = max(e.prefix_len, req.input_lp_next - 1)
+                q1 = min(end, len(req.input_ids) - 1)
+                if q0 > req.input_lp_next - 1:
+                    logger.error("prompt logprobs of %s lost to a cached prefix", req.rid)
+                if q1 > q0:
+                    base = len(input_ids) - e.prefix_len
+                    extra.extend(range(base + q0, base + q1))
+                    scored.append((req, q0, q1))
             input_ids.extend(req.all_ids[e.prefix_len : end])
             out_loc.extend(e.slots[len(e.slots) - e.extend_len :])
             rows.append(req.row)
@@ -298,10 +370,36 @@ class Scheduler:
         batch = ForwardBatch.extend(
             input_ids, out_loc, rows, prefix_lens, extend_lens, device=self.device
         )
+        if extra:
+            batch.extra_logit_indices = torch.tensor(extra, dtype=torch.int64, device=self.device)
         logits = self.runner.forward(batch)
+        if extra:
+            self.add_prompt_logprobs(scored, logits[len(entries) :])
+            logits = logits[: len(entries)]
         if sampling:
             idx = torch.tensor([i for i, _ in sampling], device=logits.device)
             self.sample_and_commit([r for _, r in sampling], logits.index_select(0, idx))
+
+    def add_prompt_logprobs(self, scored: list[tuple[Req, int, int]], rows: torch.Tensor) -> None:
+        targets: list[int] = []
+        tops: list[int] = []
+        for req, q0, q1 in scored:
+            targets.extend(req.input_ids[q0 + 1 : q1 + 1])
+            tops.extend([req.top_logprobs_num] * (q1 - q0))
+        t = torch.tensor(targets, dtype=torch.int64, device=rows.device)
+        chosen, top_v, top_i = token_logprobs(rows, t, tops)
+        at = 0
+        for req, q0, q1 in scored:
+            n = q1 - q0
+            assert req.lp is not None
+            req.lp.input_logprobs.extend(chosen[at : at + n])
+            req.lp.input_ids.extend(req.input_ids[q0 + 1 : q1 + 1])
+            if req.top_logprobs_num:
+                req.lp.input_top_logprobs.extend(top_v[at : at + n])
+                req.lp.input_top_ids.extend(top_i[at : at + n])
+            req.input_lp_next = q1 + 1
+            at += n
+            self.outbox.setdefault(req.nid, req)
 
     def run_decode(self, nids: list[int], slots: list[int], retracted: list[int]) -> None:
         pool = self.runner.req_to_token_pool
@@ -335,11 +433,48 @@ class Scheduler:
             vocab_size=self.vocab_size,
             device=logits.device,
         )
-        # NOTE: the one device-to-host copy of the step.
-        next_ids = self.sampler(logits, info).tolist()
+        grammar_rows = [i for i, r in enumerate(reqs) if r.matcher is not None]
+        if grammar_rows:
+            # NOTE: a masked copy; logprobs stay those of the raw distribution.
+            masked = logits.clone()
+            self._grammar_backend.apply_masks(
+                masked, grammar_rows, [reqs[i].matcher for i in grammar_rows]
+            )
+            ids = self.sampler(masked, info)
+        else:
+            ids = self.sampler(logits, info)
+        lp_rows = [i for i, r in enumerate(reqs) if r.return_logprob and not r.score_only]
+        if lp_rows:
+            idx = torch.tensor(lp_rows, dtype=torch.int64, device=logits.device)
+            chosen, top_v, top_i = token_logprobs(
+                logits.index_select(0, idx),
+                ids.index_select(0, idx),
+                [reqs[i].top_logprobs_num for i in lp_rows],
+            )
+        # NOTE: the one device-to-host copy of the step (plus logprobs when asked).
+        next_ids = ids.tolist()
         self.plan.commit([r.nid for r in reqs], next_ids)
+        for j, i in enumerate(lp_rows):
+            lp = reqs[i].lp
+            assert lp is not None
+            lp.output_logprobs.append(chosen[j])
+            lp.output_ids.append(next_ids[i])
+            if reqs[i].top_logprobs_num:
+                lp.output_top_logprobs.append(top_v[j])
+                lp.output_top_ids.append(top_i[j])
         stop_string_reqs: list[Req] = []
+        scoring = [r for r in reqs if r.score_only]
+        for req in scoring:
+            self.finish(req, FinishReason(type="length", length=0))
+        if scoring:
+            kept = [(r, t) for r, t in zip(reqs, next_ids, strict=True) if not r.score_only]
+            reqs = [r for r, _ in kept]
+            next_ids = [t for _, t in kept]
         for req, tok in zip(reqs, next_ids, strict=True):
+            if req.matcher is not None and not req.matcher.accept_token(tok):
+                # Only reachable when the grammar left no token the sampler could take (e.g.
+                # min_new_tokens masks the stop token the finished grammar requires).
+                req.grammar_rejected = True
             req.output_ids.append(tok)
             self.outbox[req.nid] = req
             if req.checks_stop_strings:
@@ -359,6 +494,12 @@ class Scheduler:
 
     def finish_reason(self, req: Req, matched_stop: str | None) -> FinishReason | None:
         tok = req.output_ids[-1]
+        if req.grammar_rejected:
+            return FinishReason(
+                type="abort",
+                message="no token satisfies the grammar here (does min_new_tokens conflict "
+                "with the json_schema / regex?)",
+            )
         n_out = len(req.output_ids)
         if tok in req.stop_ids and n_out >= req.params.min_new_tokens:
             return FinishReason(type="stop", matched=tok)
@@ -368,6 +509,8 @@ class Scheduler:
             return FinishReason(type="length", length=req.max_new_tokens)
         if len(req.input_ids) + n_out >= self.context_len:
             return FinishReason(type="length", length=n_out)
+        if req.matcher is not None and req.matcher.is_terminated():
+            return FinishReason(type="stop", matched=tok)
         return None
 
     # ---- output --------------------------------------------------------------------------
@@ -384,7 +527,13 @@ class Scheduler:
             completion_tokens=[],
             cached_tokens=[],
         )
+        if any(r.lp is not None for r in self.outbox.values()):
+            out.logprobs = []
         for req in self.outbox.values():
+            if out.logprobs is not None:
+                out.logprobs.append(req.lp)
+                if req.lp is not None:
+                    req.lp = LogprobDelta()
             out.rids.append(req.rid)
             out.new_ids.append(req.output_ids[req.sent_len :])
             req.sent_len = len(req.output_ids)

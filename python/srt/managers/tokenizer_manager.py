@@ -6,7 +6,9 @@ model's limits, sends `TokenizedGenerateReqInput` to the scheduler (PUSH `schedu
 keeps a `ReqState` per rid. A background asyncio task receives `BatchStrOut` from the detokenizer
 (PULL `tokenizer_ipc`) and wakes the waiters. Out: SGLang-shaped dicts
 `{text, output_ids, meta_info{id, prompt_tokens, completion_tokens, cached_tokens, finish_reason,
-e2e_latency}}` (text and output_ids cumulative) plus `delta` (the new text and ids since the last
+e2e_latency}}` (text and output_ids cumulative; with return_logprob also SGLang's
+input/output_token_logprobs and input/output_top_logprobs, raw-model logprobs as
+[logprob, token_id, text]) plus `delta` (the new text, ids and output logprobs since the last
 yield) for the OpenAI layer.
 
 Every request ends: with its finishing output, with an abort when the client goes away (an
@@ -33,6 +35,7 @@ from srt.managers.io_struct import (
     AbortReq,
     BatchStrOut,
     FinishReason,
+    LogprobDelta,
     TokenizedGenerateReqInput,
     decode,
     encode,
@@ -46,6 +49,8 @@ logger = logging.getLogger(__name__)
 _INLINE_TOKENIZE_CHARS = 2048
 # How often a waiter checks whether its HTTP client is still there.
 _DISCONNECT_POLL_S = 2.0
+# Most alternatives per position for top_logprobs_num (OpenAI allows 20 for chat).
+MAX_TOP_LOGPROBS = 20
 
 
 class RuntimeDeadError(RuntimeError):
@@ -62,6 +67,12 @@ class GenerateReqInput:
     stream: bool = False
     rid: str | None = None
     cache_salt: str = ""
+    # Logprobs (SGLang's names; see srt.layers.logprobs for the distribution). With
+    # return_logprob, meta_info gets output_token_logprobs (and output_top_logprobs when
+    # top_logprobs_num > 0); logprob_start_len >= 0 adds the prompt's from that position.
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    logprob_start_len: int = -1
 
 
 @dataclasses.dataclass
@@ -80,6 +91,12 @@ class ReqState:
     finish_reason: FinishReason | None = None
     finished: bool = False
     error: str | None = None
+    # With return_logprob: every logprob so far (LogprobDelta fields, accumulated) and how
+    # many output entries the last yield handed out.
+    logprobs: LogprobDelta | None = None
+    lp_sent: int = 0
+    # The meta_info logprob lists built so far (token texts are decoded once per entry).
+    lp_meta: dict[str, list] = dataclasses.field(default_factory=dict)
     next_disconnect_check: float = 0.0
     event: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
@@ -186,6 +203,8 @@ class TokenizerManager:
             state.pending_ids.extend(batch.new_ids[i])
             state.completion_tokens = batch.completion_tokens[i]
             state.cached_tokens = batch.cached_tokens[i]
+            if batch.logprobs is not None and batch.logprobs[i] is not None:
+                _extend_logprobs(state, batch.logprobs[i])
             fr = batch.finished[i]
             if fr is not None:
                 state.finish_reason = fr
@@ -254,6 +273,10 @@ class TokenizerManager:
             sp = SamplingParams.from_dict(sp)
             sp.verify(self.vocab_size)
         sp.n = 1  # NOTE: n > 1 is fanned out into separate requests by the callers
+        if sp.json_schema is not None or sp.regex is not None:
+            from srt.constrained.grammar import check_grammar
+
+            check_grammar(sp)  # an invalid schema or regex is the client's 400, not the scheduler's
 
         n_prompt = len(input_ids)
         if n_prompt >= self.context_len:
@@ -279,6 +302,15 @@ class TokenizerManager:
         sp.max_new_tokens = min(sp.max_new_tokens, self.max_total_num_tokens - n_prompt)
         sp.min_new_tokens = min(sp.min_new_tokens, sp.max_new_tokens)
 
+        if obj.top_logprobs_num < 0 or obj.top_logprobs_num > MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs_num must be in [0, {MAX_TOP_LOGPROBS}]")
+        if obj.logprob_start_len < -1:
+            raise ValueError("logprob_start_len must be >= 0, or -1 for output logprobs only")
+        if obj.logprob_start_len >= n_prompt:
+            raise ValueError(
+                f"logprob_start_len ({obj.logprob_start_len}) must be less than the prompt's "
+                f"{n_prompt} tokens"
+            )
         rid = obj.rid or uuid.uuid4().hex
         if rid in self.rid_to_state:
             raise ValueError(f"request id {rid!r} is already in use")
@@ -289,6 +321,9 @@ class TokenizerManager:
             stream=obj.stream,
             cache_salt=obj.cache_salt,
             created_time=time.time(),
+            return_logprob=obj.return_logprob,
+            top_logprobs_num=obj.top_logprobs_num if obj.return_logprob else 0,
+            logprob_start_len=obj.logprob_start_len if obj.return_logprob else -1,
         )
 
     # ---- generation ------------------------------------------------------------------------
@@ -322,6 +357,8 @@ class TokenizerManager:
         state = ReqState(
             prompt_tokens=len(req.input_ids), created=req.created_time, stream=req.stream
         )
+        if req.return_logprob:
+            state.logprobs = LogprobDelta()
         self.rid_to_state[rid] = state
         self._send_sock.send(encode(req))
         try:
@@ -330,7 +367,10 @@ class TokenizerManager:
                 if state.error is not None:
                     raise RuntimeDeadError(state.error)
                 if state.finished or req.stream:
-                    yield self._make_output(rid, state)
+                    out = self._make_output(rid, state)
+                    if state.logprobs is not None:
+                        self._add_logprobs(out, state, req.top_logprobs_num > 0)
+                    yield out
                 if state.finished:
                     return
         finally:
@@ -363,6 +403,38 @@ class TokenizerManager:
         if self.dead_reason is None:
             self._send_sock.send(encode(AbortReq(rid=rid, message=message)))
 
+    def token_texts(self, ids: list[int]) -> list[str]:
+        """Each token's own text (SGLang's per-token decode)."""
+        return self.tokenizer.batch_decode([[t] for t in ids])
+
+    def _add_logprobs(self, out: dict[str, Any], state: ReqState, top: bool) -> None:
+        """Adds SGLang's logprob lists ([logprob, token_id, text] entries) to meta_info
+        (cumulative, like text) and the new output entries to `delta`."""
+        lp = state.logprobs
+        assert lp is not None
+        meta = out["meta_info"]
+
+        def triples(vals: list, ids: list[int]) -> list[list]:
+            return [[v, t, s] for v, t, s in zip(vals, ids, self.token_texts(ids), strict=True)]
+
+        def top_triples(vals: list[list[float]], ids: list[list[int]]) -> list[list[list]]:
+            return [triples(v, i) for v, i in zip(vals, ids, strict=True)]
+
+        def grow(name: str, vals: list, ids: list, make: Any) -> None:
+            have = state.lp_meta.setdefault(name, [])
+            have.extend(make(vals[len(have) :], ids[len(have) :]))
+            meta[name] = list(have)
+
+        grow("input_token_logprobs", lp.input_logprobs, lp.input_ids, triples)
+        grow("output_token_logprobs", lp.output_logprobs, lp.output_ids, triples)
+        if top:
+            grow("input_top_logprobs", lp.input_top_logprobs, lp.input_top_ids, top_triples)
+            grow("output_top_logprobs", lp.output_top_logprobs, lp.output_top_ids, top_triples)
+        out["delta"]["output_token_logprobs"] = meta["output_token_logprobs"][state.lp_sent :]
+        if top:
+            out["delta"]["output_top_logprobs"] = meta["output_top_logprobs"][state.lp_sent :]
+        state.lp_sent = len(lp.output_ids)
+
     @staticmethod
     def _make_output(rid: str, state: ReqState) -> dict[str, Any]:
         delta_text = "".join(state.pending_text)
@@ -383,6 +455,42 @@ class TokenizerManager:
             },
             "delta": {"text": delta_text, "output_ids": delta_ids},
         }
+
+
+def requested_n(sampling_params: SamplingParams | dict | None) -> int:
+    """The `n` a request asks for (validated later by tokenize_request)."""
+    if isinstance(sampling_params, SamplingParams):
+        return sampling_params.n
+    n = (sampling_params or {}).get("n", 1)
+    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else 1
+
+
+def fan_out(first: TokenizedGenerateReqInput, n: int) -> list[TokenizedGenerateReqInput]:
+    """`first` and n - 1 copies with fresh rids: n independently sampled choices of one prompt.
+
+    With a seed, choice j uses seed + j (mod 2**63): reproducible, yet the choices differ, and
+    choice 0 is what the same request with n = 1 gives. The copies share the prompt, so the
+    scheduler's prefix cache serves all but the first."""
+    reqs = [first]
+    sp = first.sampling_params
+    for j in range(1, n):
+        seed = None if sp.seed is None else (sp.seed + j) % 2**63
+        reqs.append(
+            msgspec.structs.replace(
+                first,
+                rid=uuid.uuid4().hex,
+                sampling_params=msgspec.structs.replace(sp, seed=seed),
+            )
+        )
+    return reqs
+
+
+def _extend_logprobs(state: ReqState, d: LogprobDelta) -> None:
+    lp = state.logprobs
+    if lp is None:
+        return
+    for f in LogprobDelta.__struct_fields__:
+        getattr(lp, f).extend(getattr(d, f))
 
 
 def public_output(out: dict[str, Any]) -> dict[str, Any]:

@@ -38,6 +38,9 @@ class ForwardBatch:
     seq_lens_cpu: list[int] | None = None
     extend_prefix_lens_cpu: list[int] | None = None
     extend_seq_lens_cpu: list[int] | None = None
+    # EXTEND only, optional: indices into the T tokens whose logits are wanted too (prompt
+    # logprobs); their rows follow the B last-token rows in the forward's output.
+    extra_logit_indices: torch.Tensor | None = None
 
     @property
     def is_decode(self) -> bool:

@@ -127,7 +127,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """One step: fp32 logits [B, vocab] of the last token of each sequence."""
+        """One step: fp32 logits [B, vocab] of the last token of each sequence, followed by the
+        rows of `batch.extra_logit_indices` when an extend batch sets them."""
         self.attn_backend.init_forward_metadata(batch)
         hidden_states = self.model(batch.input_ids, batch.positions, batch)
         return self.model.compute_logits(hidden_states, batch)

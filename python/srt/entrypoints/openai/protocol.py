@@ -1,7 +1,7 @@
 """OpenAI API shapes (pydantic): requests, responses, stream chunks, errors, and SSE framing.
 
 Requests are strict: an unknown field is a 400, and a known field srt does not implement
-(logprobs, tools, echo, ...) is a 400 naming it, rather than being silently ignored. srt's own
+(tools, suffix, ...) is a 400 naming it, rather than being silently ignored. srt's own
 sampling knobs (top_k, min_p, repetition_penalty, min_tokens, stop_token_ids, ignore_eos, ...)
 are accepted as extra top-level fields, which is where the openai client puts `extra_body`.
 """
@@ -94,10 +94,11 @@ class _SamplingFields(BaseModel):
     presence_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None
-    # Known OpenAI fields srt does not implement: a 400 when set.
-    best_of: int | None = None
+    # chat: bool with top_logprobs; completions: an int (top alternatives), see logprobs.py
     logprobs: Any = None
     top_logprobs: int | None = None
+    # Known OpenAI fields srt does not implement: a 400 when set.
+    best_of: int | None = None
     # srt extensions (the openai client's `extra_body`).
     top_k: int | None = None
     min_p: float | None = None
@@ -109,12 +110,12 @@ class _SamplingFields(BaseModel):
     spaces_between_special_tokens: bool = True
     no_stop_trim: bool = False
     cache_salt: str = ""
+    # Structured output: OpenAI's response_format (text, json_object, json_schema), or srt's
+    # `regex` extension; see srt.constrained.grammar.
+    response_format: dict[str, Any] | None = None
+    regex: str | None = None
 
     def check_supported(self) -> None:
-        if self.logprobs not in (None, False, 0):
-            raise RequestError("logprobs are not supported", param="logprobs")
-        if self.top_logprobs:
-            raise RequestError("top_logprobs are not supported", param="top_logprobs")
         if self.best_of is not None and self.best_of != self.n:
             raise RequestError("best_of is not supported", param="best_of")
         if self.stream_options is not None and not self.stream:
@@ -145,7 +146,37 @@ class _SamplingFields(BaseModel):
             "repetition_penalty": self.repetition_penalty,
         }
         d.update({k: v for k, v in optional.items() if v is not None})
+        schema = self.json_schema_string()
+        if schema is not None and self.regex is not None:
+            raise ValueError("give at most one of response_format (JSON) and regex")
+        if schema is not None:
+            d["json_schema"] = schema
+        if self.regex is not None:
+            d["regex"] = self.regex
         return SamplingParams.from_dict(d)
+
+    def json_schema_string(self) -> str | None:
+        """The JSON schema response_format asks for, as a string; None for plain text."""
+        rf = self.response_format
+        if rf is None:
+            return None
+        kind = rf.get("type")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return '{"type": "object"}'
+        if kind == "json_schema":
+            js = rf.get("json_schema")
+            if not isinstance(js, dict) or not isinstance(js.get("schema"), dict | bool):
+                raise RequestError(
+                    "response_format json_schema needs json_schema.schema (an object)",
+                    param="response_format",
+                )
+            return json.dumps(js["schema"])
+        raise RequestError(
+            f"response_format type {kind!r} is not supported (text, json_object, json_schema)",
+            param="response_format",
+        )
 
 
 class CompletionRequest(_SamplingFields):
@@ -155,10 +186,26 @@ class CompletionRequest(_SamplingFields):
     echo: bool = False
     suffix: str | None = None
 
+    def logprob_request(self) -> tuple[bool, int]:
+        """(return logprobs, top alternatives per token)."""
+        if self.logprobs is None:
+            return False, 0
+        return True, int(self.logprobs)
+
     def check_supported(self) -> None:
         super().check_supported()
-        if self.echo:
-            raise RequestError("echo is not supported", param="echo")
+        lp = self.logprobs
+        if lp is not None and (
+            isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= 20
+        ):
+            raise RequestError("logprobs must be an integer in [0, 20]", param="logprobs")
+        if self.top_logprobs is not None:
+            raise RequestError(
+                "top_logprobs is a chat field; use logprobs=<int> on completions",
+                param="top_logprobs",
+            )
+        if self.echo and self.stream:
+            raise RequestError("echo is not supported with stream=true", param="echo")
         if self.suffix:
             raise RequestError("suffix is not supported", param="suffix")
 
@@ -219,7 +266,6 @@ class ChatCompletionRequest(_SamplingFields):
     parallel_tool_calls: bool | None = None
     functions: list[dict[str, Any]] | None = None
     function_call: Any = None
-    response_format: dict[str, Any] | None = None
     modalities: list[str] | None = None
     audio: dict[str, Any] | None = None
     # metadata-only fields: accepted and ignored, as they change nothing about the output
@@ -227,17 +273,26 @@ class ChatCompletionRequest(_SamplingFields):
     metadata: dict[str, str] | None = None
     service_tier: str | None = None
 
+    def logprob_request(self) -> tuple[bool, int]:
+        """(return logprobs, top alternatives per token)."""
+        if not self.logprobs:
+            return False, 0
+        return True, self.top_logprobs or 0
+
     def check_supported(self) -> None:
         super().check_supported()
+        if self.logprobs is not None and not isinstance(self.logprobs, bool):
+            raise RequestError("logprobs must be a boolean", param="logprobs")
+        if self.top_logprobs is not None:
+            if not 0 <= self.top_logprobs <= 20:
+                raise RequestError("top_logprobs must be in [0, 20]", param="top_logprobs")
+            if not self.logprobs:
+                raise RequestError("top_logprobs needs logprobs=true", param="top_logprobs")
         for name in ("tools", "functions", "function_call", "audio"):
             if getattr(self, name):
                 raise RequestError(f"{name} is not supported", param=name)
         if self.tool_choice not in (None, "none"):
             raise RequestError("tool_choice is not supported", param="tool_choice")
-        if self.response_format and self.response_format.get("type") != "text":
-            raise RequestError(
-                "response_format other than text is not supported", param="response_format"
-            )
         if self.modalities and self.modalities != ["text"]:
             raise RequestError("only the text modality is supported", param="modalities")
         if not self.messages:
@@ -275,7 +330,7 @@ class UsageInfo(BaseModel):
 class CompletionResponseChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
     finish_reason: str | None = None
     matched_stop: int | str | None = None
 
@@ -292,7 +347,7 @@ class CompletionResponse(BaseModel):
 class CompletionStreamChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
     finish_reason: str | None = None
     matched_stop: int | str | None = None
 
@@ -321,7 +376,7 @@ class ChatMessageOut(BaseModel):
 class ChatCompletionResponseChoice(BaseModel):
     index: int
     message: ChatMessageOut
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
     finish_reason: str | None = None
     matched_stop: int | str | None = None
 
@@ -347,7 +402,7 @@ class DeltaMessage(BaseModel):
 class ChatCompletionStreamChoice(BaseModel):
     index: int
     delta: DeltaMessage
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
     finish_reason: str | None = None
     matched_stop: int | str | None = None
 

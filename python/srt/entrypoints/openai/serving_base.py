@@ -6,11 +6,8 @@ them together, and the SSE wrapper that ends every stream with `data: [DONE]`.
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
-
-import msgspec
 
 from srt.entrypoints.openai.protocol import (
     SSE_DONE,
@@ -27,6 +24,7 @@ from srt.managers.tokenizer_manager import (
     GenerateReqInput,
     RuntimeDeadError,
     TokenizerManager,
+    fan_out,
     final_output,
     merge_streams,
     run_all,
@@ -81,18 +79,7 @@ class OpenAIServingBase:
                 first = await self.tm.tokenize_request(obj, add_special_tokens)
             except ValueError as e:
                 raise RequestError(str(e)) from e
-            reqs.append(first)
-            for j in range(1, n):
-                sp = first.sampling_params
-                # NOTE: with a seed, choice j uses seed + j, so n choices are not all the same.
-                seed = None if sp.seed is None else (sp.seed + j) % 2**63
-                reqs.append(
-                    msgspec.structs.replace(
-                        first,
-                        rid=uuid.uuid4().hex,
-                        sampling_params=msgspec.structs.replace(sp, seed=seed),
-                    )
-                )
+            reqs.extend(fan_out(first, n))
         return reqs
 
     async def run_choices(

@@ -4,6 +4,10 @@ by the TokenizerManager, ChatCompletionResponse or a stream of chat.completion.c
 Stream shape per choice: a first chunk whose delta is {"role": "assistant", "content": ""},
 content deltas, then one chunk with an empty delta and the finish_reason; with
 stream_options.include_usage, one last chunk with `choices: []` and the usage.
+
+`logprobs: true` (+ `top_logprobs: k`) adds choice.logprobs = {"content": [...]} (the content
+deltas' tokens when streaming). They are RAW model logprobs, log_softmax of the logits before
+temperature, penalties and filters (srt.entrypoints.openai.logprobs).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+from srt.entrypoints.openai.logprobs import chat_logprobs
 from srt.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -45,7 +50,10 @@ class OpenAIServingChat(OpenAIServingBase):
             prompt = self.tm.apply_chat_template(messages)
         except ValueError as e:
             raise RequestError(str(e), param="messages") from e
-        obj = GenerateReqInput(text=prompt, cache_salt=req.cache_salt)
+        want_lp, top = req.logprob_request()
+        obj = GenerateReqInput(
+            text=prompt, cache_salt=req.cache_salt, return_logprob=want_lp, top_logprobs_num=top
+        )
         # NOTE: the template already holds the special tokens (BOS, role markers).
         reqs = await self.tokenize_choices([obj], sp, add_special_tokens=False)
         if req.stream:
@@ -58,6 +66,7 @@ class OpenAIServingChat(OpenAIServingBase):
                 ChatCompletionResponseChoice(
                     index=i,
                     message=ChatMessageOut(content=out["text"]),
+                    logprobs=self._logprobs(out["meta_info"]) if want_lp else None,
                     finish_reason=reason,
                     matched_stop=matched,
                 )
@@ -69,6 +78,10 @@ class OpenAIServingChat(OpenAIServingBase):
             usage=self.usage(outs, sp.n),
         )
 
+    @staticmethod
+    def _logprobs(d: dict[str, Any]) -> dict[str, Any]:
+        return chat_logprobs(d["output_token_logprobs"], d.get("output_top_logprobs"))
+
     def _chunk(
         self,
         rid: str,
@@ -76,13 +89,18 @@ class OpenAIServingChat(OpenAIServingBase):
         delta: DeltaMessage,
         reason: str | None = None,
         matched: int | str | None = None,
+        logprobs: dict[str, Any] | None = None,
     ) -> ChatCompletionStreamResponse:
         return ChatCompletionStreamResponse(
             id=rid,
             model=self.model_name,
             choices=[
                 ChatCompletionStreamChoice(
-                    index=index, delta=delta, finish_reason=reason, matched_stop=matched
+                    index=index,
+                    delta=delta,
+                    logprobs=logprobs,
+                    finish_reason=reason,
+                    matched_stop=matched,
                 )
             ],
         )
@@ -105,8 +123,10 @@ class OpenAIServingChat(OpenAIServingBase):
                     type="server_error",
                 )
             text = out["delta"]["text"]
-            if text:
-                yield self._chunk(rid, i, DeltaMessage(content=text))
+            lps = out["delta"].get("output_token_logprobs")
+            if text or lps:
+                logprobs = self._logprobs(out["delta"]) if lps is not None else None
+                yield self._chunk(rid, i, DeltaMessage(content=text), logprobs=logprobs)
             if reason is not None:
                 finals[i] = out
                 yield self._chunk(rid, i, DeltaMessage(), reason, matched)

@@ -1,11 +1,18 @@
 """POST /v1/completions (main process): CompletionRequest in, CompletionResponse or a stream of
-CompletionStreamResponse chunks out. Prompts may be text, token ids, or lists of either."""
+CompletionStreamResponse chunks out. Prompts may be text, token ids, or lists of either.
+
+`logprobs: k` adds the legacy logprobs object (tokens, token_logprobs, top_logprobs,
+text_offset); `echo` puts the prompt before the completion, and with logprobs its tokens'
+logprobs too (the first prompt token's is null). They are RAW model logprobs, log_softmax of
+the logits before temperature, penalties and filters (srt.entrypoints.openai.logprobs).
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from typing import Any
 
+from srt.entrypoints.openai.logprobs import completion_logprobs
 from srt.entrypoints.openai.protocol import (
     CompletionRequest,
     CompletionResponse,
@@ -34,11 +41,18 @@ class OpenAIServingCompletion(OpenAIServingBase):
             sp = req.sampling_params(req.max_tokens)
         except ValueError as e:
             raise RequestError(str(e)) from e
+        want_lp, top = req.logprob_request()
+        prompts = req.prompts()
         objs = [
-            GenerateReqInput(text=p, cache_salt=req.cache_salt)
-            if isinstance(p, str)
-            else GenerateReqInput(input_ids=p, cache_salt=req.cache_salt)
-            for p in req.prompts()
+            GenerateReqInput(
+                text=p if isinstance(p, str) else None,
+                input_ids=None if isinstance(p, str) else p,
+                cache_salt=req.cache_salt,
+                return_logprob=want_lp,
+                top_logprobs_num=top,
+                logprob_start_len=0 if want_lp and req.echo else -1,
+            )
+            for p in prompts
         ]
         reqs = await self.tokenize_choices(objs, sp, add_special_tokens=True)
         if req.stream:
@@ -46,10 +60,28 @@ class OpenAIServingCompletion(OpenAIServingBase):
         outs = await self.run_choices(reqs, raw_request)
         choices = []
         for i, out in enumerate(outs):
-            reason, matched = openai_finish_reason(out["meta_info"]["finish_reason"])
+            meta = out["meta_info"]
+            reason, matched = openai_finish_reason(meta["finish_reason"])
+            text = out["text"]
+            logprobs = None
+            if req.echo:
+                p = prompts[i // sp.n]
+                text = (p if isinstance(p, str) else self.tm.decode(p)) + text
+            if want_lp:
+                tokens = meta["output_token_logprobs"]
+                tops = meta.get("output_top_logprobs")
+                if req.echo:
+                    tokens = meta["input_token_logprobs"] + tokens
+                    if tops is not None:
+                        tops = meta["input_top_logprobs"] + tops
+                logprobs = completion_logprobs(tokens, tops)
             choices.append(
                 CompletionResponseChoice(
-                    index=i, text=out["text"], finish_reason=reason, matched_stop=matched
+                    index=i,
+                    text=text,
+                    logprobs=logprobs,
+                    finish_reason=reason,
+                    matched_stop=matched,
                 )
             )
         return CompletionResponse(
@@ -65,6 +97,7 @@ class OpenAIServingCompletion(OpenAIServingBase):
         rid = new_id("cmpl")
         n = req.n
         finals: dict[int, dict[str, Any]] = {}
+        offsets = [0] * len(reqs)
         async for i, out in self.stream_choices(reqs):
             fr = out["meta_info"]["finish_reason"]
             reason, matched = openai_finish_reason(fr)
@@ -75,8 +108,15 @@ class OpenAIServingCompletion(OpenAIServingBase):
                     type="server_error",
                 )
             text = out["delta"]["text"]
-            if not text and reason is None:
+            lps = out["delta"].get("output_token_logprobs")
+            if not text and not lps and reason is None:
                 continue
+            logprobs = None
+            if lps is not None:
+                logprobs = completion_logprobs(
+                    lps, out["delta"].get("output_top_logprobs"), offsets[i]
+                )
+                offsets[i] += sum(len(t) for _, _, t in lps)
             if reason is not None:
                 finals[i] = out
             yield CompletionStreamResponse(
@@ -84,7 +124,11 @@ class OpenAIServingCompletion(OpenAIServingBase):
                 model=self.model_name,
                 choices=[
                     CompletionStreamChoice(
-                        index=i, text=text, finish_reason=reason, matched_stop=matched
+                        index=i,
+                        text=text,
+                        logprobs=logprobs,
+                        finish_reason=reason,
+                        matched_stop=matched,
                     )
                 ],
             )

@@ -1,0 +1,1 @@
+"""Structured output: grammars (JSON schema, regex) that constrain sampling, via xgrammar."""

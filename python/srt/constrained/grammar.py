@@ -1,0 +1,106 @@
+"""Grammar-constrained sampling with xgrammar (JSON schema and regex).
+
+Main process: `check_grammar(params)` parses a request's `json_schema` / `regex` without a
+tokenizer and raises ValueError (a 400) when it is invalid, before anything is sent.
+Scheduler process: `GrammarBackend` compiles a grammar once per distinct spec against the
+tokenizer (cached), `new_matcher` gives each request its own `GrammarMatcher`; every step
+`apply_masks` fills one token bitmask for the constrained rows of the batch and masks their
+logits, and the scheduler feeds the sampled token back with `matcher.accept_token`. A request
+ends when its matcher terminates (the grammar is complete and a stop token was accepted).
+
+JSON is generated compact (no free whitespace between tokens, `any_whitespace=False`): still
+valid JSON, and a weak model cannot spend its whole budget on whitespace.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from srt.sampling_params import SamplingParams
+
+# Compiled grammars kept per backend (distinct specs); the oldest goes first.
+_CACHE_SIZE = 256
+# xgrammar errors start with "[HH:MM:SS] /path/file.cc:123: "; clients need only the message.
+_CPP_PREFIX = re.compile(r"^\[[0-9:]+\] \S+:\d+: ")
+
+
+def _clean(e: Exception) -> str:
+    return _CPP_PREFIX.sub("", str(e)).strip()
+
+
+def grammar_key(params: SamplingParams) -> tuple[str, str] | None:
+    """("json_schema" | "regex", spec) of a constrained request, else None."""
+    if params.json_schema is not None:
+        return ("json_schema", params.json_schema)
+    if params.regex is not None:
+        return ("regex", params.regex)
+    return None
+
+
+def _grammar(kind: str, spec: str) -> Any:
+    import xgrammar as xgr
+
+    if kind == "json_schema":
+        try:
+            json.loads(spec)
+        except ValueError as e:
+            raise ValueError(f"json_schema is not valid JSON: {e}") from e
+        try:
+            return xgr.Grammar.from_json_schema(spec, any_whitespace=False)
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise ValueError(f"invalid json_schema: {_clean(e)}") from e
+    try:
+        return xgr.Grammar.from_regex(spec)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise ValueError(f"invalid regex: {_clean(e)}") from e
+
+
+def check_grammar(params: SamplingParams) -> None:
+    """Raises ValueError naming the problem if the request's grammar cannot be built."""
+    key = grammar_key(params)
+    if key is not None:
+        _grammar(*key)
+
+
+class GrammarBackend:
+    """Compiles grammars for one tokenizer / vocabulary (scheduler process)."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: Iterable[int]) -> None:
+        import xgrammar as xgr
+
+        self._xgr = xgr
+        self.vocab_size = vocab_size
+        self.info = xgr.TokenizerInfo.from_huggingface(
+            tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(stop_token_ids) or None
+        )
+        self.compiler = xgr.GrammarCompiler(self.info, max_threads=1)
+        self._cache: dict[tuple[str, str], Any] = {}
+
+    def compile(self, key: tuple[str, str]) -> Any:
+        compiled = self._cache.get(key)
+        if compiled is None:
+            compiled = self.compiler.compile_grammar(_grammar(*key))
+            if len(self._cache) >= _CACHE_SIZE:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = compiled
+        return compiled
+
+    def new_matcher(self, key: tuple[str, str]) -> Any:
+        """A fresh matcher for one request. ValueError if the grammar is invalid."""
+        return self._xgr.GrammarMatcher(self.compile(key))
+
+    def apply_masks(
+        self, logits: torch.Tensor, rows: Sequence[int], matchers: Sequence[Any]
+    ) -> None:
+        """Masks (in place, -inf) the tokens each row's grammar forbids at this step."""
+        bitmask = self._xgr.allocate_token_bitmask(len(rows), self.vocab_size)
+        for i, m in enumerate(matchers):
+            m.fill_next_token_bitmask(bitmask, i)
+        sub = logits[list(rows)]
+        self._xgr.apply_token_bitmask_inplace(sub, bitmask.to(logits.device))
+        logits[list(rows)] = sub
