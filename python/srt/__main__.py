@@ -55,7 +55,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 # name -> function adding the command's subparser (which sets `func` to its handler).
-COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {"serve": _add_serve, "bench": _add_bench}
+COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
+    "serve": _add_serve,
+    "bench": _add_bench,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,6 +9,11 @@ keeps a `ReqState` per rid. A background asyncio task receives `BatchStrOut` fro
 e2e_latency}}` (text and output_ids cumulative) plus `delta` (the new text and ids since the last
 yield) for the OpenAI layer.
 
+Control requests (`control`: stats, cache flush) go to the scheduler on the same socket and
+their answers come back on `tokenizer_ipc` straight from the scheduler, paired by `req_id`.
+With `metrics` set (srt.metrics.Metrics), every output updates the latency histograms and
+token counters.
+
 Every request ends: with its finishing output, with an abort when the client goes away (an
 `AbortReq` is sent and the state dropped at once), or with an error when the runtime fails.
 """
@@ -21,7 +26,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -33,6 +38,9 @@ from srt.managers.io_struct import (
     AbortReq,
     BatchStrOut,
     FinishReason,
+    FlushCacheResp,
+    Message,
+    StatsResp,
     TokenizedGenerateReqInput,
     decode,
     encode,
@@ -81,6 +89,9 @@ class ReqState:
     finished: bool = False
     error: str | None = None
     next_disconnect_check: float = 0.0
+    # time.time() of the first and the latest output token (metrics: TTFT, inter-token latency)
+    first_token_at: float | None = None
+    last_token_at: float | None = None
     event: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
 
@@ -133,6 +144,9 @@ class TokenizerManager:
         self._recv_sock.bind(port_args.tokenizer_ipc)
 
         self.rid_to_state: dict[str, ReqState] = {}
+        self._control_waiters: dict[int, asyncio.Future] = {}
+        self._next_control_id = 0
+        self.metrics: Any = None  # srt.metrics.Metrics when metrics are enabled
         self._recv_task: asyncio.Task | None = None
         self.dead_reason: str | None = None
 
@@ -152,6 +166,9 @@ class TokenizerManager:
             state.error = reason
             state.event.set()
         self.rid_to_state.clear()
+        for fut in self._control_waiters.values():
+            if not fut.done():
+                fut.set_exception(RuntimeDeadError(reason))
 
     def close(self) -> None:
         if self._recv_task is not None:
@@ -169,6 +186,10 @@ class TokenizerManager:
                 msg = decode(buf)
                 if isinstance(msg, BatchStrOut):
                     self._handle_batch(msg)
+                elif isinstance(msg, (StatsResp, FlushCacheResp)):
+                    fut = self._control_waiters.pop(msg.req_id, None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(msg)
                 else:
                     logger.error("unexpected message %s; ignored", type(msg).__name__)
             except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
@@ -187,6 +208,8 @@ class TokenizerManager:
             state.completion_tokens = batch.completion_tokens[i]
             state.cached_tokens = batch.cached_tokens[i]
             fr = batch.finished[i]
+            if self.metrics is not None:
+                self.metrics.on_output(state, len(batch.new_ids[i]), fr)
             if fr is not None:
                 state.finish_reason = fr
                 state.finished = True
@@ -360,8 +383,38 @@ class TokenizerManager:
         """Forgets `rid` here and tells the scheduler to stop it (no-op if it is done)."""
         if self.rid_to_state.pop(rid, None) is None:
             return
+        if self.metrics is not None:
+            self.metrics.on_client_abort()
         if self.dead_reason is None:
             self._send_sock.send(encode(AbortReq(rid=rid, message=message)))
+
+    def abort_running(self, rid: str | None, message: str) -> bool:
+        """Ends `rid` (or every request when rid is None) in the scheduler; its waiter still
+        gets the final output, with finish_reason abort. False if `rid` is not running."""
+        if self.dead_reason is not None:
+            raise RuntimeDeadError(self.dead_reason)
+        if rid is not None and rid not in self.rid_to_state:
+            return False
+        msg = AbortReq(rid=rid or "", abort_all=rid is None, message=message)
+        self._send_sock.send(encode(msg))
+        return True
+
+    async def control(self, make: Callable[[int], Message], timeout: float = 10.0) -> Any:
+        """Sends the control request `make(req_id)` to the scheduler and returns its answer.
+
+        Raises RuntimeDeadError if the runtime is dead, TimeoutError if no answer comes."""
+        if self.dead_reason is not None:
+            raise RuntimeDeadError(self.dead_reason)
+        self.start()
+        self._next_control_id += 1
+        req_id = self._next_control_id
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._control_waiters[req_id] = fut
+        try:
+            self._send_sock.send(encode(make(req_id)))
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._control_waiters.pop(req_id, None)
 
     @staticmethod
     def _make_output(rid: str, state: ReqState) -> dict[str, Any]:
