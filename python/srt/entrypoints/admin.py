@@ -13,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from srt.entrypoints.openai.protocol import ChatMessage, RequestError, error_body
 from srt.entrypoints.openai.serving_base import OpenAIServingBase
@@ -69,22 +70,20 @@ def _err(status: int, message: str, type: str = "invalid_request_error") -> Resp
     return JSONResponse(error_body(message, type), status_code=status)
 
 
-def install_api_key(app: FastAPI, api_key: str | None) -> None:
-    """Requires `Authorization: Bearer api_key` on every route but PUBLIC_PATHS (no-op when
-    api_key is None)."""
-    if not api_key:
-        return
-    expected = f"Bearer {api_key}".encode()
+class ApiKeyMiddleware:
+    """Pure ASGI middleware (not BaseHTTPMiddleware, which wraps streaming responses and hides
+    client disconnects from the routes): a 401 unless `Authorization: Bearer api_key`."""
 
-    @app.middleware("http")
-    async def check_api_key(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        if request.url.path not in PUBLIC_PATHS:
-            given = request.headers.get("authorization", "").encode()
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS:
+            given = dict(scope["headers"]).get(b"authorization", b"")
             # NOTE: a constant-time comparison, so the key cannot be guessed from timings.
-            if not hmac.compare_digest(given, expected):
-                return JSONResponse(
+            if not hmac.compare_digest(given, self.expected):
+                response = JSONResponse(
                     error_body(
                         "invalid or missing API key (send `Authorization: Bearer <key>`)",
                         "authentication_error",
@@ -92,7 +91,16 @@ def install_api_key(app: FastAPI, api_key: str | None) -> None:
                     ),
                     status_code=401,
                 )
-        return await call_next(request)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def install_api_key(app: FastAPI, api_key: str | None) -> None:
+    """Requires `Authorization: Bearer api_key` on every route but PUBLIC_PATHS (no-op when
+    api_key is None or empty)."""
+    if api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
 
 
 def register_admin_routes(app: FastAPI, tm: TokenizerManager, parse_body: Callable) -> None:
