@@ -50,9 +50,14 @@ class Metrics:
             "srt_num_queued_reqs", "Requests waiting to be scheduled.", labels, registry=r
         )
         self.token_usage = Gauge(
-            "srt_token_usage", "KV cache slots in use / KV pool size.", labels, registry=r
+            "srt_token_usage",
+            "KV slots held by requests / KV pool size (the evictable prefix cache is free).",
+            labels,
+            registry=r,
         )
-        self.used_tokens = Gauge("srt_used_tokens", "KV cache slots in use.", labels, registry=r)
+        self.used_tokens = Gauge(
+            "srt_used_tokens", "KV slots held by requests.", labels, registry=r
+        )
         self.pool_tokens = Gauge(
             "srt_max_total_num_tokens", "KV pool size in tokens.", labels, registry=r
         )

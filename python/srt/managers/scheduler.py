@@ -188,7 +188,9 @@ class Scheduler:
     def stats(self) -> dict:
         """Live numbers for /server_info and /metrics."""
         s = dict(self.plan.stats())
-        used = self.pool_size - int(s.get("available", self.pool_size))
+        # NOTE: like SGLang, the reclaimable (evictable) prefix cache does not count as used.
+        free = int(s.get("available", self.pool_size)) + int(s.get("evictable", 0))
+        used = self.pool_size - free
         s["num_requests"] = len(self.reqs)
         s["token_usage"] = used / self.pool_size if self.pool_size else 0.0
         s["used_tokens"] = used
