@@ -2,9 +2,9 @@
 
 Routes: POST /generate (SGLang's native shape), POST /v1/completions, POST /v1/chat/completions,
 GET /v1/models, GET /health, and the operational ones of `srt.entrypoints.admin` (tokenize,
-server_info, flush_cache, abort_request, metrics, ...). Every error, including malformed JSON and pydantic validation
-failures (FastAPI's 422), is an OpenAI-style body `{"object": "error", "message", "type",
-"param", "code"}` with a 4xx status for client mistakes.
+server_info, flush_cache, abort_request, metrics, ...). Every error, including malformed JSON
+and pydantic validation failures (FastAPI's 422), is an OpenAI-style body `{"object": "error",
+"message", "type", "param", "code"}` with a 4xx status for client mistakes.
 
 `launch_server` resolves the model, starts the scheduler and detokenizer, prints
 `srt serving <model> at http://HOST:PORT` once the port is open, and serves until SIGINT/SIGTERM,
