@@ -25,6 +25,7 @@ from srt.entrypoints.openai.protocol import (
     openai_finish_reason,
     sse_event,
 )
+from srt.server_args import ServerArgs
 
 MSGS = [{"role": "user", "content": "hi"}]
 
@@ -245,6 +246,7 @@ class _FakeTM:
     model_path = "/models/tiny"
     context_len = 128
     dead_reason: str | None = None
+    server_args = ServerArgs()  # defaults: no API key, no metrics
 
     def start(self) -> None:
         pass

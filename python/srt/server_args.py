@@ -72,6 +72,12 @@ class ServerArgs:
     random_seed: int = _f(0, "Seed for the random schedule policy and unseeded sampling.")
     log_level: str = _f("info", "Logging level.", ("debug", "info", "warning", "error", "critical"))
     tokenizer_worker_threads: int = _f(1, "Threads used to tokenize requests in main.")
+    enable_metrics: bool = _f(False, "Serve Prometheus metrics at GET /metrics.")
+    api_key: str | None = _f(
+        None,
+        "Require `Authorization: Bearer KEY` on every HTTP route but /health and /metrics "
+        "(the Engine ignores it).",
+    )
 
     def __post_init__(self) -> None:
         if self.port < 0 or self.port > 65535:

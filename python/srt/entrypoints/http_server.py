@@ -1,9 +1,10 @@
 """The HTTP server (main process): FastAPI routes over the TokenizerManager, and `launch_server`.
 
 Routes: POST /generate (SGLang's native shape), POST /v1/completions, POST /v1/chat/completions,
-GET /v1/models, GET /health. Every error, including malformed JSON and pydantic validation
-failures (FastAPI's 422), is an OpenAI-style body `{"object": "error", "message", "type",
-"param", "code"}` with a 4xx status for client mistakes.
+GET /v1/models, GET /health, and the operational ones of `srt.entrypoints.admin` (tokenize,
+server_info, flush_cache, abort_request, metrics, ...). Every error, including malformed JSON
+and pydantic validation failures (FastAPI's 422), is an OpenAI-style body `{"object": "error",
+"message", "type", "param", "code"}` with a 4xx status for client mistakes.
 
 `launch_server` resolves the model, starts the scheduler and detokenizer, prints
 `srt serving <model> at http://HOST:PORT` once the port is open, and serves until SIGINT/SIGTERM,
@@ -29,6 +30,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from srt.entrypoints.admin import install_api_key, register_admin_routes
 from srt.entrypoints.openai.protocol import (
     SSE_DONE,
     ChatCompletionRequest,
@@ -164,6 +166,8 @@ def create_app(tokenizer_manager: TokenizerManager) -> FastAPI:
         yield
 
     app = FastAPI(title="srt", lifespan=lifespan)
+    install_api_key(app, tm.server_args.api_key)
+    register_admin_routes(app, tm, parse_body)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> Response:

@@ -2,6 +2,11 @@
 
 Flow: main --TokenizedGenerateReqInput/AbortReq--> scheduler --BatchTokenIDOut--> detokenizer
 --BatchStrOut--> main. Children report startup through `ProcessReady` on a pipe.
+
+Control: main --GetStatsReq/FlushCacheReq--> scheduler (the request socket) and the scheduler
+answers StatsResp/FlushCacheResp straight to main on a second PUSH socket connected to
+`tokenizer_ipc` (a PULL socket takes many pushers), so answers do not pass the detokenizer.
+`req_id` pairs an answer with its request.
 Encode with `encode(msg)` and decode with `decode(buf)`; the union tag names the type.
 """
 
@@ -23,6 +28,9 @@ class FinishReason(msgspec.Struct, kw_only=True, omit_defaults=True):
     matched: int | str | None = None
     length: int | None = None
     message: str | None = None
+    # For an "abort": the HTTP status it maps to when the client is at fault (e.g. 400 for a
+    # request that can never fit in the KV cache); None means a server-side abort.
+    status_code: int | None = None
 
     def to_json(self) -> dict:
         return msgspec.to_builtins(self)
@@ -118,7 +126,42 @@ class ProcessReady(msgspec.Struct, tag=True, kw_only=True):
     info: dict = msgspec.field(default_factory=dict)
 
 
-Message = TokenizedGenerateReqInput | AbortReq | BatchTokenIDOut | BatchStrOut | ProcessReady
+class GetStatsReq(msgspec.Struct, tag=True, kw_only=True):
+    """Main -> scheduler: ask for the live scheduler numbers (answered with StatsResp)."""
+
+    req_id: int
+
+
+class StatsResp(msgspec.Struct, tag=True, kw_only=True):
+    """Scheduler -> main: requests running/queued, KV usage, cache sizes and hit counters."""
+
+    req_id: int
+    stats: dict = msgspec.field(default_factory=dict)
+
+
+class FlushCacheReq(msgspec.Struct, tag=True, kw_only=True):
+    """Main -> scheduler: empty the prefix cache (refused while requests run)."""
+
+    req_id: int
+
+
+class FlushCacheResp(msgspec.Struct, tag=True, kw_only=True):
+    req_id: int
+    success: bool
+    message: str = ""
+
+
+Message = (
+    TokenizedGenerateReqInput
+    | AbortReq
+    | BatchTokenIDOut
+    | BatchStrOut
+    | ProcessReady
+    | GetStatsReq
+    | StatsResp
+    | FlushCacheReq
+    | FlushCacheResp
+)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

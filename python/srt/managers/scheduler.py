@@ -2,6 +2,7 @@
 
 In: `TokenizedGenerateReqInput` / `AbortReq` from the main process (ZMQ PULL).
 Out: `BatchTokenIDOut` to the detokenizer (ZMQ PUSH), once per step.
+Control: `GetStatsReq` / `FlushCacheReq` are answered straight to main (PUSH `tokenizer_ipc`).
 
 Each step: receive requests -> the Rust `BatchScheduler` plans the step (prefill chunks of
 waiting requests with prefix-cache reuse, or one decode token for every running request,
@@ -34,8 +35,12 @@ from srt.managers.io_struct import (
     BatchTokenIDOut,
     DetokInit,
     FinishReason,
+    FlushCacheReq,
+    FlushCacheResp,
+    GetStatsReq,
     LogprobDelta,
     ProcessReady,
+    StatsResp,
     TokenizedGenerateReqInput,
     decode,
     encode,
@@ -132,11 +137,19 @@ class Scheduler:
         self.stuck_steps = 0
         self._grammar_backend: Any = None  # built on the first constrained request
 
+        # Prefix-cache hit counters over finished requests that were prefilled.
+        self.hit_prompt_tokens = 0
+        self.hit_cached_tokens = 0
+
         ctx = zmq.Context(2)
         self.recv_sock = ctx.socket(zmq.PULL)
         self.recv_sock.bind(port_args.scheduler_ipc)
         self.send_sock = ctx.socket(zmq.PUSH)
         self.send_sock.connect(port_args.detokenizer_ipc)
+        # Control answers go to main directly; they need no detokenizing.
+        self.control_sock = ctx.socket(zmq.PUSH)
+        self.control_sock.setsockopt(zmq.LINGER, 0)
+        self.control_sock.connect(port_args.tokenizer_ipc)
 
     @property
     def info(self) -> dict:
@@ -146,6 +159,7 @@ class Scheduler:
             "context_len": self.context_len,
             "vocab_size": self.vocab_size,
             "model_path": self.server_args.model_path,
+            "architecture": self.model_config.architecture,
             "device": str(self.device),
             "dtype": str(self.runner.dtype).removeprefix("torch."),
         }
@@ -184,8 +198,48 @@ class Scheduler:
                 self.add_request(msg)
             elif isinstance(msg, AbortReq):
                 self.abort(msg)
+            elif isinstance(msg, GetStatsReq):
+                self.control_sock.send(encode(StatsResp(req_id=msg.req_id, stats=self.stats())))
+            elif isinstance(msg, FlushCacheReq):
+                self.control_sock.send(encode(self.flush_cache(msg.req_id)))
             else:
                 logger.error("scheduler got an unexpected message: %s", type(msg).__name__)
+
+    # ---- control -------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        """Live numbers for /server_info and /metrics."""
+        s = dict(self.plan.stats())
+        # NOTE: like SGLang, the reclaimable (evictable) prefix cache does not count as used.
+        free = int(s.get("available", self.pool_size)) + int(s.get("evictable", 0))
+        used = self.pool_size - free
+        s["num_requests"] = len(self.reqs)
+        s["token_usage"] = used / self.pool_size if self.pool_size else 0.0
+        s["used_tokens"] = used
+        s["hit_prompt_tokens"] = self.hit_prompt_tokens
+        s["hit_cached_tokens"] = self.hit_cached_tokens
+        s["cache_hit_rate"] = (
+            self.hit_cached_tokens / self.hit_prompt_tokens if self.hit_prompt_tokens else 0.0
+        )
+        return s
+
+    def flush_cache(self, req_id: int) -> FlushCacheResp:
+        """Empties the prefix cache when no request is in flight; refuses otherwise."""
+        if self.reqs:
+            return FlushCacheResp(
+                req_id=req_id,
+                success=False,
+                message=f"cannot flush the cache while {len(self.reqs)} requests are in flight",
+            )
+        try:
+            self.plan.flush_cache()
+        except (RuntimeError, ValueError) as e:
+            return FlushCacheResp(req_id=req_id, success=False, message=str(e))
+        # Scheduler-side state tied to the old cache: hit counters start over, nothing is stuck.
+        self.hit_prompt_tokens = 0
+        self.hit_cached_tokens = 0
+        self.stuck_steps = 0
+        return FlushCacheResp(req_id=req_id, success=True, message="the prefix cache is empty")
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -234,7 +288,7 @@ class Scheduler:
         if error is None and (p.json_schema is not None or p.regex is not None):
             error = self.attach_grammar(req)
         if error is not None:
-            self.finish(req, FinishReason(type="abort", message=error))
+            self.finish(req, FinishReason(type="abort", message=error, status_code=400))
             return
         if req.max_new_tokens == 0:
             if req.input_lp_next >= n_prompt:
@@ -302,6 +356,9 @@ class Scheduler:
     def finish(self, req: Req, reason: FinishReason) -> None:
         """Ends a request in any state: its KV goes to the prefix cache, its row is freed."""
         req.finished = reason
+        if req.output_ids:
+            self.hit_prompt_tokens += len(req.input_ids)
+            self.hit_cached_tokens += req.cached_tokens
         if self.plan.contains(req.nid):
             self.plan.finish(req.nid)
         if req.row is not None:

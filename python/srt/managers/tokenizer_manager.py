@@ -11,6 +11,11 @@ input/output_token_logprobs and input/output_top_logprobs, raw-model logprobs as
 [logprob, token_id, text]) plus `delta` (the new text, ids and output logprobs since the last
 yield) for the OpenAI layer.
 
+Control requests (`control`: stats, cache flush) go to the scheduler on the same socket and
+their answers come back on `tokenizer_ipc` straight from the scheduler, paired by `req_id`.
+With `metrics` set (srt.metrics.Metrics), every output updates the latency histograms and
+token counters.
+
 Every request ends: with its finishing output, with an abort when the client goes away (an
 `AbortReq` is sent and the state dropped at once), or with an error when the runtime fails.
 """
@@ -23,7 +28,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -35,7 +40,10 @@ from srt.managers.io_struct import (
     AbortReq,
     BatchStrOut,
     FinishReason,
+    FlushCacheResp,
     LogprobDelta,
+    Message,
+    StatsResp,
     TokenizedGenerateReqInput,
     decode,
     encode,
@@ -98,6 +106,9 @@ class ReqState:
     # The meta_info logprob lists built so far (token texts are decoded once per entry).
     lp_meta: dict[str, list] = dataclasses.field(default_factory=dict)
     next_disconnect_check: float = 0.0
+    # time.time() of the first and the latest output token (metrics: TTFT, inter-token latency)
+    first_token_at: float | None = None
+    last_token_at: float | None = None
     event: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
 
@@ -150,6 +161,9 @@ class TokenizerManager:
         self._recv_sock.bind(port_args.tokenizer_ipc)
 
         self.rid_to_state: dict[str, ReqState] = {}
+        self._control_waiters: dict[int, asyncio.Future] = {}
+        self._next_control_id = 0
+        self.metrics: Any = None  # srt.metrics.Metrics when metrics are enabled
         self._recv_task: asyncio.Task | None = None
         self.dead_reason: str | None = None
 
@@ -169,6 +183,9 @@ class TokenizerManager:
             state.error = reason
             state.event.set()
         self.rid_to_state.clear()
+        for fut in self._control_waiters.values():
+            if not fut.done():
+                fut.set_exception(RuntimeDeadError(reason))
 
     def close(self) -> None:
         if self._recv_task is not None:
@@ -186,6 +203,10 @@ class TokenizerManager:
                 msg = decode(buf)
                 if isinstance(msg, BatchStrOut):
                     self._handle_batch(msg)
+                elif isinstance(msg, (StatsResp, FlushCacheResp)):
+                    fut = self._control_waiters.pop(msg.req_id, None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(msg)
                 else:
                     logger.error("unexpected message %s; ignored", type(msg).__name__)
             except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
@@ -206,6 +227,8 @@ class TokenizerManager:
             if batch.logprobs is not None and batch.logprobs[i] is not None:
                 _extend_logprobs(state, batch.logprobs[i])
             fr = batch.finished[i]
+            if self.metrics is not None:
+                self.metrics.on_output(state, len(batch.new_ids[i]), fr)
             if fr is not None:
                 state.finish_reason = fr
                 state.finished = True
@@ -400,6 +423,8 @@ class TokenizerManager:
         """Forgets `rid` here and tells the scheduler to stop it (no-op if it is done)."""
         if self.rid_to_state.pop(rid, None) is None:
             return
+        if self.metrics is not None:
+            self.metrics.on_client_abort()
         if self.dead_reason is None:
             self._send_sock.send(encode(AbortReq(rid=rid, message=message)))
 
@@ -434,6 +459,34 @@ class TokenizerManager:
         if top:
             out["delta"]["output_top_logprobs"] = meta["output_top_logprobs"][state.lp_sent :]
         state.lp_sent = len(lp.output_ids)
+
+    def abort_running(self, rid: str | None, message: str) -> bool:
+        """Ends `rid` (or every request when rid is None) in the scheduler; its waiter still
+        gets the final output, with finish_reason abort. False if `rid` is not running."""
+        if self.dead_reason is not None:
+            raise RuntimeDeadError(self.dead_reason)
+        if rid is not None and rid not in self.rid_to_state:
+            return False
+        msg = AbortReq(rid=rid or "", abort_all=rid is None, message=message)
+        self._send_sock.send(encode(msg))
+        return True
+
+    async def control(self, make: Callable[[int], Message], timeout: float = 10.0) -> Any:
+        """Sends the control request `make(req_id)` to the scheduler and returns its answer.
+
+        Raises RuntimeDeadError if the runtime is dead, TimeoutError if no answer comes."""
+        if self.dead_reason is not None:
+            raise RuntimeDeadError(self.dead_reason)
+        self.start()
+        self._next_control_id += 1
+        req_id = self._next_control_id
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._control_waiters[req_id] = fut
+        try:
+            self._send_sock.send(encode(make(req_id)))
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._control_waiters.pop(req_id, None)
 
     @staticmethod
     def _make_output(rid: str, state: ReqState) -> dict[str, Any]:

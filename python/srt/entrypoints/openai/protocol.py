@@ -13,7 +13,14 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+)
 
 from srt.sampling_params import SamplingParams
 
@@ -120,6 +127,15 @@ class _SamplingFields(BaseModel):
             raise RequestError("best_of is not supported", param="best_of")
         if self.stream_options is not None and not self.stream:
             raise RequestError("stream_options needs stream=true", param="stream_options")
+
+    @field_validator("temperature")
+    @classmethod
+    def _openai_temperature(cls, v: float | None) -> float | None:
+        # NOTE: OpenAI's upper bound (the native /generate has none); the lower bound and
+        # finiteness are SamplingParams.verify's.
+        if v is not None and v > 2.0:
+            raise ValueError(f"temperature must be in [0, 2], got {v}")
+        return v
 
     def sampling_params(self, max_new_tokens: int | None) -> SamplingParams:
         """The SamplingParams for one choice; ValueError names a bad field."""
@@ -249,7 +265,13 @@ class ChatMessage(BaseModel):
                         f"content parts of type {part.get('type')!r} are not supported (text only)",
                         param=f"{param}.content",
                     )
-                texts.append(TextPart.model_validate(part).text)
+                try:
+                    texts.append(TextPart.model_validate(part).text)
+                except ValidationError as e:  # a client mistake (e.g. no "text"), not a 500
+                    raise RequestError(
+                        f"invalid text content part: {e.errors()[0].get('msg')}",
+                        param=f"{param}.content",
+                    ) from e
             content = "".join(texts)
         # NOTE: "developer" is OpenAI's newer name for "system"; templates know only the latter.
         role = "system" if self.role == "developer" else self.role

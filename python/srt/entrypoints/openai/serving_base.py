@@ -95,11 +95,7 @@ class OpenAIServingBase:
         for out in outs:
             fr = out["meta_info"]["finish_reason"]
             if fr is not None and fr.get("type") == "abort":
-                raise RequestError(
-                    f"the request was aborted: {fr.get('message') or 'no reason given'}",
-                    status_code=500,
-                    type="server_error",
-                )
+                raise abort_error(fr)
         return outs
 
     def stream_choices(
@@ -117,6 +113,16 @@ class OpenAIServingBase:
         cached = sum(m["cached_tokens"] for m in metas[::n])
         completion = sum(m["completion_tokens"] for m in metas)
         return UsageInfo.of(prompt, completion, cached)
+
+
+def abort_error(fr: dict[str, Any]) -> RequestError:
+    """The error for a request that ended in an abort: the status the scheduler gave when the
+    client is at fault (400, e.g. it can never fit in the KV cache), else a server error."""
+    message = f"the request was aborted: {fr.get('message') or 'no reason given'}"
+    status = fr.get("status_code")
+    if isinstance(status, int) and 400 <= status < 500:
+        return RequestError(message, status_code=status)
+    return RequestError(message, status_code=500, type="server_error")
 
 
 async def sse_stream(events: AsyncIterator[Any]) -> AsyncIterator[str]:

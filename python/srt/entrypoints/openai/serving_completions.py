@@ -24,7 +24,7 @@ from srt.entrypoints.openai.protocol import (
     new_id,
     openai_finish_reason,
 )
-from srt.entrypoints.openai.serving_base import OpenAIServingBase, sse_stream
+from srt.entrypoints.openai.serving_base import OpenAIServingBase, abort_error, sse_stream
 from srt.managers.io_struct import TokenizedGenerateReqInput
 from srt.managers.tokenizer_manager import Disconnectable, GenerateReqInput
 
@@ -102,11 +102,7 @@ class OpenAIServingCompletion(OpenAIServingBase):
             fr = out["meta_info"]["finish_reason"]
             reason, matched = openai_finish_reason(fr)
             if reason == "abort":
-                raise RequestError(
-                    f"the request was aborted: {fr.get('message') or 'no reason given'}",
-                    status_code=500,
-                    type="server_error",
-                )
+                raise abort_error(fr)
             text = out["delta"]["text"]
             lps = out["delta"].get("output_token_logprobs")
             if not text and not lps and reason is None:
