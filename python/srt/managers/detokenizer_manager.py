@@ -48,6 +48,8 @@ class DetokenizerManager:
             detokenizer = Detokenizer(tokenizer_path)
         self.detok = detokenizer
         self.ctx = zmq.Context(1)
+        # NOTE: unsent messages to a dead peer must never block exit or garbage collection.
+        self.ctx.setsockopt(zmq.LINGER, 0)
         self.recv_sock = self.ctx.socket(zmq.PULL)
         self.recv_sock.setsockopt(zmq.LINGER, 0)
         self.recv_sock.bind(port_args.detokenizer_ipc)

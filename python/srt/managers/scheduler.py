@@ -142,6 +142,8 @@ class Scheduler:
         self.hit_cached_tokens = 0
 
         ctx = zmq.Context(2)
+        # NOTE: unsent messages to a dead peer must never block exit or garbage collection.
+        ctx.setsockopt(zmq.LINGER, 0)
         self.recv_sock = ctx.socket(zmq.PULL)
         self.recv_sock.bind(port_args.scheduler_ipc)
         self.send_sock = ctx.socket(zmq.PUSH)

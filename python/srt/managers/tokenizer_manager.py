@@ -152,10 +152,13 @@ class TokenizerManager:
         # NOTE: sends use a plain (blocking) socket: a PUSH send only blocks when the scheduler
         # stops reading, and then the watchdog ends the process anyway.
         self._sync_ctx = zmq.Context(1)
+        # NOTE: unsent messages to a dead peer must never block exit or garbage collection.
+        self._sync_ctx.setsockopt(zmq.LINGER, 0)
         self._send_sock = self._sync_ctx.socket(zmq.PUSH)
         self._send_sock.setsockopt(zmq.LINGER, 0)
         self._send_sock.connect(port_args.scheduler_ipc)
         self._async_ctx = zmq.asyncio.Context(1)
+        self._async_ctx.setsockopt(zmq.LINGER, 0)
         self._recv_sock = self._async_ctx.socket(zmq.PULL)
         self._recv_sock.setsockopt(zmq.LINGER, 0)
         self._recv_sock.bind(port_args.tokenizer_ipc)
