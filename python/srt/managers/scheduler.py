@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import faulthandler
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -49,6 +50,12 @@ CLIP_MAX_NEW_TOKENS = 4096
 # Consecutive idle plans with requests waiting and nothing running before the head of the
 # queue is refused; only reachable if a request can never fit, which add-time checks prevent.
 STUCK_STEPS = 1000
+# Consecutive failed steps after which the runner is taken to be broken: the process exits
+# (and the server with it) instead of failing every request that comes.
+MAX_FAILED_STEPS = 10
+# Test-only fault injection: a forward whose batch holds a request with this token id in its
+# prompt raises, so tests can check that one failing step ends only its own requests.
+FAULT_TOKEN_ENV = "SRT_DEBUG_FAIL_ON_TOKEN"
 
 
 @dataclass
@@ -110,6 +117,11 @@ class Scheduler:
         self.next_nid = 1
         self.outbox: dict[int, Req] = {}  # requests with something to send this step
         self.stuck_steps = 0
+        self.request_timeout = server_args.request_timeout
+        self.failed_steps = 0
+        fault = os.environ.get(FAULT_TOKEN_ENV)
+        self.fault_token = int(fault) if fault else None
+        self.busy = False  # had requests since the last idle report
 
         ctx = zmq.Context(2)
         self.recv_sock = ctx.socket(zmq.PULL)
@@ -137,18 +149,80 @@ class Scheduler:
             self.run_step()
 
     def run_step(self) -> str:
-        """Plans and runs one step, sends its outputs; returns the plan's kind."""
+        """Plans and runs one step, sends its outputs; returns the plan's kind.
+
+        An exception in a step ends that step's requests (finish_reason abort with the error)
+        and the loop goes on; MAX_FAILED_STEPS failures in a row re-raise it."""
+        if self.request_timeout is not None:
+            self.expire_requests(self.request_timeout)
         plan = self.plan.schedule()
-        if plan.kind == "prefill":
-            self.run_prefill(plan.entries)
-            self.stuck_steps = 0
-        elif plan.kind == "decode":
-            self.run_decode(plan.ids, plan.slots, plan.retracted)
-            self.stuck_steps = 0
-        elif self.reqs:
-            self.handle_idle_with_requests()
+        try:
+            if plan.kind == "prefill":
+                self.run_prefill(plan.entries)
+                self.stuck_steps = 0
+            elif plan.kind == "decode":
+                self.run_decode(plan.ids, plan.slots, plan.retracted)
+                self.stuck_steps = 0
+            elif self.reqs:
+                self.handle_idle_with_requests()
+            self.failed_steps = 0
+        except Exception as e:
+            self.fail_step(plan, e)
         self.flush_outputs()
+        if self.reqs:
+            self.busy = True
+        elif self.busy:
+            self.busy = False
+            self.report_idle()
         return plan.kind
+
+    def fail_step(self, plan: object, error: Exception) -> None:
+        """Aborts the requests of a step that raised, which returns their KV; re-raises when
+        steps keep failing (a broken runner, not a bad request)."""
+        self.failed_steps += 1
+        logger.exception("step failed (%d in a row); aborting its requests", self.failed_steps)
+        if self.failed_steps >= MAX_FAILED_STEPS:
+            raise RuntimeError(f"{self.failed_steps} steps failed in a row") from error
+        kind = getattr(plan, "kind", "")
+        if kind == "prefill":
+            nids = [e.rid for e in plan.entries]  # type: ignore[attr-defined]
+        elif kind == "decode":
+            nids = list(plan.ids)  # type: ignore[attr-defined]
+        else:
+            nids = list(self.reqs)  # an idle-step failure: nothing better to blame
+        reason = f"internal error while running the request: {type(error).__name__}: {error}"
+        for nid in nids:
+            req = self.reqs.get(nid)
+            if req is not None:  # some may have finished before the failure
+                self.finish(req, FinishReason(type="abort", message=reason))
+
+    def expire_requests(self, limit: float) -> None:
+        """Ends requests (queued or running) older than `limit` seconds, freeing their KV."""
+        now = time.time()
+        expired = [r for r in self.reqs.values() if now - r.created_time > limit]
+        for req in expired:
+            message = f"request timed out after {limit:g} s"
+            self.finish(req, FinishReason(type="abort", message=message))
+
+    def kv_usage(self) -> dict[str, int]:
+        """KV slot accounting: slots free, cached (evictable or locked), owned by requests."""
+        stats = self.plan.stats()
+        pool = self.runner.req_to_token_pool
+        return {
+            "pool": self.pool_size,
+            "available": int(stats["available"]),
+            "evictable": int(stats["evictable"]),
+            "protected": int(stats["protected"]),
+            "request_owned": int(stats["request_owned"]),
+            "rows_free": pool.available(),
+            "rows": pool.size,
+        }
+
+    def report_idle(self) -> None:
+        """Logs the KV accounting when the last request ends (tests and soak runs read it)."""
+        if logger.isEnabledFor(logging.DEBUG):
+            usage = " ".join(f"{k}={v}" for k, v in self.kv_usage().items())
+            logger.debug("kv idle: %s", usage)
 
     def recv_requests(self, block: bool) -> None:
         if block:
@@ -292,6 +366,7 @@ class Scheduler:
         batch = ForwardBatch.extend(
             input_ids, out_loc, rows, prefix_lens, extend_lens, device=self.device
         )
+        self.maybe_inject_fault([self.reqs[e.rid] for e in entries])
         logits = self.runner.forward(batch)
         if sampling:
             idx = torch.tensor([i for i, _ in sampling], device=logits.device)
@@ -315,8 +390,13 @@ class Scheduler:
         batch = ForwardBatch.decode(
             [r.output_ids[-1] for r in reqs], slots, rows, seq_lens, device=self.device
         )
+        self.maybe_inject_fault(reqs)
         logits = self.runner.forward(batch)
         self.sample_and_commit(reqs, logits)
+
+    def maybe_inject_fault(self, reqs: list[Req]) -> None:
+        if self.fault_token is not None and any(self.fault_token in r.input_ids for r in reqs):
+            raise RuntimeError(f"injected fault ({FAULT_TOKEN_ENV}={self.fault_token})")
 
     def sample_and_commit(self, reqs: list[Req], logits: torch.Tensor) -> None:
         info = SamplingBatchInfo.build(

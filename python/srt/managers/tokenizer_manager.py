@@ -363,6 +363,12 @@ class TokenizerManager:
         if self.dead_reason is None:
             self._send_sock.send(encode(AbortReq(rid=rid, message=message)))
 
+    def abort_all(self, message: str = "aborted") -> None:
+        """Tells the scheduler to end every request it holds with finish_reason abort
+        `message`; their waiters get that finishing output as usual."""
+        if self.dead_reason is None:
+            self._send_sock.send(encode(AbortReq(abort_all=True, message=message)))
+
     @staticmethod
     def _make_output(rid: str, state: ReqState) -> dict[str, Any]:
         delta_text = "".join(state.pending_text)
