@@ -72,7 +72,10 @@ def start_server(
     cmd = [sys.executable, "-m", "srt", "serve", "--port", str(port), *args]
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env=subprocess_env(TMPDIR=str(tmpdir), **(env or {}))
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=subprocess_env(TMPDIR=str(tmpdir), **(env or {})),
         )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout

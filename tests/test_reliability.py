@@ -195,7 +195,7 @@ class Live:
 def live(tiny_model_paths: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     tmp = tmp_path_factory.mktemp("reliability")
     args = ["--model-path", tiny_model_paths["llama"], "--max-total-tokens", "512"]
-    args += ["--log-level", "debug"]
+    args += ["--max-running-requests", "64", "--log-level", "debug"]
     proc, base = start_server(args, tmp / "log", tmp, env={FAULT_TOKEN_ENV: str(FAULT_TOKEN)})
     yield Live(proc, base, tmp / "log")
     if proc.poll() is None:
@@ -246,13 +246,17 @@ BAD_INPUTS: dict[str, tuple[str, bytes | dict, str]] = {
         "surrogate",
     ),
     "huge_max_tokens": (C, {"prompt": "hi", "max_tokens": 10**12}, "context length"),
-    "max_tokens_beyond_int64": (C, {"prompt": "hi", "max_tokens": 10**30}, "max_tokens"),
+    "max_tokens_beyond_int64": (C, {"prompt": "hi", "max_tokens": 10**30}, "context length"),
     "negative_max_tokens": (C, {"prompt": "hi", "max_tokens": -1}, "max"),
     "negative_temperature": (C, {"prompt": "hi", "temperature": -0.5}, "temperature"),
-    "nan_temperature": (C, b'{"prompt": "hi", "temperature": NaN}', "NaN"),
-    "infinite_top_p": (C, b'{"prompt": "hi", "top_p": Infinity}', "Infinity"),
-    "overflowing_float": (C, b'{"prompt": "hi", "temperature": 1e999}', "finite"),
-    "nan_generate": (G, b'{"text": "hi", "sampling_params": {"top_p": NaN}}', "NaN"),
+    "nan_temperature": (C, b'{"prompt": "hi", "temperature": NaN}', "NaN is not valid JSON"),
+    "infinite_top_p": (C, b'{"prompt": "hi", "top_p": Infinity}', "Infinity is not valid JSON"),
+    "overflowing_float": (C, b'{"prompt": "hi", "temperature": 1e999}', "not a finite float"),
+    "nan_generate": (
+        G,
+        b'{"text": "hi", "sampling_params": {"top_p": NaN}}',
+        "NaN is not valid JSON",
+    ),
     "token_id_beyond_vocab": (C, {"prompt": [1, 2, 10**6]}, "token id"),
     "negative_token_id": (G, {"input_ids": [1, -5]}, "token id"),
     "huge_token_id": (G, {"input_ids": [2**70]}, "token id"),
@@ -352,22 +356,22 @@ def test_disconnects_abort_and_kv_returns(live: Live) -> None:
     # 16 x 400 tokens would take far longer than this (and not fit the 512-token pool at once).
     assert time.monotonic() - t0 < 20
     assert after["pool"] == base["pool"]
-    log = live.log.read_text()
-    assert "aborted by the client" not in log or True  # aborts are not errors
     check_healthy(live.base)
 
 
-def test_many_streams_on_a_small_pool_match_single_runs(live: Live) -> None:
-    """100 concurrent streams over a 512-token pool (eviction and retraction): each gives the
-    greedy text it gives alone; nothing hangs or leaks."""
+@pytest.mark.parametrize("n", [pytest.param(500, marks=pytest.mark.slow), 100])
+def test_many_streams_on_a_small_pool_match_single_runs(live: Live, n: int) -> None:
+    """`n` concurrent streams over a 512-token pool, up to 64 running (eviction and
+    retraction): each gives the greedy text it gives alone; nothing hangs or leaks."""
     prompts = [f"prompt number {k} says" for k in range(4)]
-    params = {"max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    params = {"max_tokens": 16, "temperature": 0, "ignore_eos": True}
     alone = {}
     for p in prompts:
         r = httpx.post(live.base + C, json={"prompt": p, **params}, timeout=30)
         assert r.status_code == 200
         alone[p] = r.json()["choices"][0]["text"]
     n_before = len(kv_reports(live.log))
+    retractions_before = live.log.read_text().count("retracted")
 
     async def one(c: httpx.AsyncClient, p: str) -> str:
         text = []
@@ -381,13 +385,14 @@ def test_many_streams_on_a_small_pool_match_single_runs(live: Live) -> None:
         return "".join(text)
 
     async def main() -> list[str]:
-        limits = httpx.Limits(max_connections=200)
-        async with httpx.AsyncClient(base_url=live.base, timeout=60, limits=limits) as c:
-            return await asyncio.gather(*[one(c, prompts[i % 4]) for i in range(100)])
+        limits = httpx.Limits(max_connections=n + 10)
+        async with httpx.AsyncClient(base_url=live.base, timeout=80, limits=limits) as c:
+            return await asyncio.gather(*[one(c, prompts[i % 4]) for i in range(n)])
 
-    outs = asyncio.run(asyncio.wait_for(main(), 80))
+    outs = asyncio.run(asyncio.wait_for(main(), 85))
     for i, out in enumerate(outs):
         assert out == alone[prompts[i % 4]], i
+    assert live.log.read_text().count("retracted") > retractions_before, "no retraction"
     wait_kv_baseline(live.log, n_before)
 
 
@@ -420,9 +425,7 @@ def test_overload_timeout_and_graceful_shutdown(tiny_model_paths: dict, tmp_path
         # The admitted ones hit the 3 s request timeout (a 1000-token run takes longer).
         for r in rs:
             if r.status_code != 503:
-                assert r.status_code == 500 and "timed out after 3 s" in r.json()["message"], (
-                    r.text
-                )
+                assert r.status_code == 500 and "timed out after 3 s" in r.json()["message"], r.text
         assert time.monotonic() - t0 < 15
 
         # A timed-out stream ends with an error event and [DONE].
@@ -471,23 +474,26 @@ def test_overload_timeout_and_graceful_shutdown(tiny_model_paths: dict, tmp_path
 
 
 def test_sigint_mid_request_lets_it_finish(tiny_model_paths: dict, tmp_path: Path) -> None:
-    """Ctrl-C with a short request in flight: it completes normally, then exit 0."""
+    """Ctrl-C with a short stream in flight: it completes normally, then exit 0."""
     args = ["--model-path", tiny_model_paths["llama"], "--max-total-tokens", "1024"]
     proc, base = start_server(args, tmp_path / "log", tmp_path)
     try:
 
-        async def main() -> httpx.Response:
+        async def main() -> list[dict]:
+            body = {"prompt": "hi", "max_tokens": 60, "ignore_eos": True, "stream": True}
+            events = []
             async with httpx.AsyncClient(base_url=base, timeout=30) as c:
-                task = asyncio.ensure_future(
-                    c.post(C, json={"prompt": "hi", "max_tokens": 40, "ignore_eos": True})
-                )
-                await asyncio.sleep(0.05)
-                os.kill(proc.pid, signal.SIGINT)
-                return await task
+                async with c.stream("POST", C, json=body) as s:
+                    async for line in s.aiter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        if not events:
+                            os.kill(proc.pid, signal.SIGINT)
+                        events.append(json.loads(line[6:]))
+            return events
 
-        r = asyncio.run(main())
-        assert r.status_code == 200, r.text
-        assert r.json()["choices"][0]["finish_reason"] == "length"
+        events = asyncio.run(asyncio.wait_for(main(), 30))
+        assert events[-1]["choices"][0]["finish_reason"] == "length", events[-1]
         assert proc.wait(timeout=20) == 0
         assert not list(tmp_path.glob("srt-ipc-*"))
     finally:

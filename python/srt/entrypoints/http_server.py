@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -135,13 +136,49 @@ async def parse_body(request: Request, model: type[M]) -> M:
     RequestError (400) for malformed JSON or invalid fields."""
     raw = await request.body()
     try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        data = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, and the two below
         raise RequestError(f"malformed JSON body: {e}") from e
+    if b"\\ud" in raw or b"\\uD" in raw:  # only escapes can smuggle in lone surrogates
+        _check_unicode(data)
     try:
         return model.model_validate(data)
     except ValidationError as e:
         raise RequestError(describe_validation_errors(e.errors())) from e
+
+
+def _reject_constant(name: str) -> Any:
+    """NaN and (-)Infinity: Python's json emits them, but they are not JSON."""
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is not a finite float")
+    return value
+
+
+def _check_unicode(data: Any) -> None:
+    """RequestError for a string holding a lone surrogate (a \\ud800-style escape), which no
+    tokenizer can encode."""
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as e:
+                bad = item[e.start : e.end].encode("unicode_escape").decode()
+                raise RequestError(
+                    f"invalid string in the JSON body: the lone surrogate {bad} is not valid "
+                    "Unicode"
+                ) from None
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 def _json(model: BaseModel) -> Response:

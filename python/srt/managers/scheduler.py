@@ -374,6 +374,8 @@ class Scheduler:
 
     def run_decode(self, nids: list[int], slots: list[int], retracted: list[int]) -> None:
         pool = self.runner.req_to_token_pool
+        if retracted:
+            logger.debug("retracted %d requests (KV cache full)", len(retracted))
         for nid in retracted:
             req = self.reqs[nid]
             if req.row is not None:
