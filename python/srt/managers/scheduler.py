@@ -234,7 +234,14 @@ class Scheduler:
                 return
             msg = decode(buf)
             if isinstance(msg, TokenizedGenerateReqInput):
-                self.add_request(msg)
+                try:
+                    self.add_request(msg)
+                except Exception as e:  # a bad request must not take the scheduler down
+                    logger.exception("adding request %s failed", msg.rid)
+                    nid = self.rid_to_nid.get(msg.rid)
+                    if nid is not None and nid in self.reqs:
+                        message = f"invalid request: {type(e).__name__}: {e}"
+                        self.finish(self.reqs[nid], FinishReason(type="abort", message=message))
             elif isinstance(msg, AbortReq):
                 self.abort(msg)
             else:
