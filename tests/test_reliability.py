@@ -516,3 +516,37 @@ def test_sigint_mid_request_lets_it_finish(tiny_model_paths: dict, tmp_path: Pat
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_failed_step_leaves_no_unwritten_kv_in_the_prefix_cache(tiny_model_paths: dict) -> None:
+    """The failed prefill's slots were never written: a later request with the same prompt,
+    waiting while another runs, must not reuse them (the cache is flushed once idle)."""
+    ref = Harness(tiny_model_paths["llama"], max_total_tokens=1024)
+    h = Harness(tiny_model_paths["llama"], max_total_tokens=1024)
+    try:
+        p = prompt_ids(h, 7, n=40)
+        ref.submit("p", p, max_new_tokens=8, temperature=0.0, ignore_eos=True)
+        ref.run()
+        h.submit("a", prompt_ids(h, 8), max_new_tokens=30, temperature=0.0, ignore_eos=True)
+        h.sched.run_step()  # "a" is running
+        forward = h.sched.runner.forward
+        failures = {"left": 1}
+
+        def fail_once(batch: object) -> object:
+            if failures["left"]:
+                failures["left"] -= 1
+                raise RuntimeError("transient")
+            return forward(batch)
+
+        h.sched.runner.forward = fail_once  # type: ignore[method-assign]
+        h.submit("p1", p, max_new_tokens=8, temperature=0.0, ignore_eos=True)
+        h.sched.run_step()  # prefill of p1 fails
+        h.submit("p2", p, max_new_tokens=8, temperature=0.0, ignore_eos=True)
+        h.run()
+        assert h.finished["p1"]["type"] == "abort"
+        assert h.finished["a"]["type"] == "length"
+        assert h.outputs["p2"] == ref.outputs["p"]
+        h.assert_pool_returned()
+    finally:
+        ref.close()
+        h.close()

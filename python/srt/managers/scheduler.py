@@ -75,6 +75,7 @@ class Req:
     init_sent: bool = False
     finished: FinishReason | None = None
     checks_stop_strings: bool = False
+    cache_salt: str = ""
 
     @property
     def all_ids(self) -> list[int]:
@@ -122,6 +123,11 @@ class Scheduler:
         fault = os.environ.get(FAULT_TOKEN_ENV)
         self.fault_token = int(fault) if fault else None
         self.busy = False  # had requests since the last idle report
+        # After a failed step the prefix cache holds slots the failed forward never wrote;
+        # waiting requests are parked outside the plan (so none matches them) until the
+        # running ones end and the cache can be flushed.
+        self.flush_pending = False
+        self.parked: list[Req] = []
 
         ctx = zmq.Context(2)
         self.recv_sock = ctx.socket(zmq.PULL)
@@ -155,6 +161,8 @@ class Scheduler:
         and the loop goes on; MAX_FAILED_STEPS failures in a row re-raise it."""
         if self.request_timeout is not None:
             self.expire_requests(self.request_timeout)
+        if self.flush_pending:
+            self.try_flush_cache()
         plan = self.plan.schedule()
         try:
             if plan.kind == "prefill":
@@ -195,6 +203,25 @@ class Scheduler:
             req = self.reqs.get(nid)
             if req is not None:  # some may have finished before the failure
                 self.finish(req, FinishReason(type="abort", message=reason))
+        if not self.server_args.disable_radix_cache:
+            # NOTE: finishing inserted the failed step's unwritten slots into the prefix cache.
+            self.flush_pending = True
+            for req in list(self.reqs.values()):
+                if req.row is None and self.plan.contains(req.nid):  # waiting: holds no KV
+                    self.plan.finish(req.nid)
+                    self.parked.append(req)
+            self.try_flush_cache()
+
+    def try_flush_cache(self) -> None:
+        """Flushes the prefix cache once no request is in the plan, then re-queues the parked."""
+        stats = self.plan.stats()
+        if stats["num_running"] or stats["num_waiting"]:
+            return
+        self.plan.flush_cache()
+        self.flush_pending = False
+        parked, self.parked = self.parked, []
+        for req in sorted(parked, key=lambda r: r.nid):
+            self.enqueue(req)
 
     def expire_requests(self, limit: float) -> None:
         """Ends requests (queued or running) older than `limit` seconds, freeing their KV."""
@@ -267,6 +294,7 @@ class Scheduler:
             max_new_tokens=max(max_new, 0),
             stop_ids=stop_ids,
             created_time=msg.created_time or time.time(),
+            cache_salt=msg.cache_salt,
         )
         self.reqs[nid] = req
         self.rid_to_nid[msg.rid] = nid
@@ -287,7 +315,15 @@ class Scheduler:
                 no_stop_trim=p.no_stop_trim,
             )
             req.checks_stop_strings = True
-        self.plan.add_request(nid, req.input_ids, req.max_new_tokens, msg.cache_salt)
+        self.enqueue(req)
+
+    def enqueue(self, req: Req) -> None:
+        """Hands a request (new, or parked with the outputs it already has) to the plan."""
+        if self.flush_pending:
+            self.parked.append(req)
+            return
+        left = req.max_new_tokens - len(req.output_ids)
+        self.plan.add_request(req.nid, req.all_ids, left, req.cache_salt)
 
     def admission_error(self, req: Req) -> str | None:
         n = len(req.input_ids)
@@ -325,6 +361,8 @@ class Scheduler:
             req.row = None
         if req.checks_stop_strings:
             self.stop_checker.remove(req.nid)
+        if self.parked and req in self.parked:
+            self.parked.remove(req)
         del self.reqs[req.nid]
         self.rid_to_nid.pop(req.rid, None)
         self.outbox[req.nid] = req
