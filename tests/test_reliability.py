@@ -23,7 +23,7 @@ from _live import alive, child_pids, start_server
 from test_scheduler import Harness
 
 from srt.managers.io_struct import AbortReq, TokenizedGenerateReqInput
-from srt.managers.scheduler import FAULT_TOKEN_ENV, MAX_FAILED_STEPS
+from srt.managers.scheduler import FAULT_TOKEN_ENV, MAX_FAILED_STEPS, STEP_DELAY_ENV
 from srt.sampling_params import SamplingParams
 
 # A special token (<|endoftext|>, the pad token) that plain-text prompts never produce: the
@@ -420,7 +420,8 @@ def test_overload_timeout_and_graceful_shutdown(tiny_model_paths: dict, tmp_path
     args = ["--model-path", tiny_model_paths["llama"], "--max-total-tokens", "2048"]
     args += ["--max-running-requests", "2", "--max-queued-requests", "2"]
     args += ["--request-timeout", "3", "--shutdown-timeout", "2"]
-    proc, base = start_server(args, tmp_path / "log", tmp_path)
+    # 10 ms a step: a 1000-token request takes over 10 s however fast the machine.
+    proc, base = start_server(args, tmp_path / "log", tmp_path, env={STEP_DELAY_ENV: "0.01"})
     long_body = {"prompt": "go on", "max_tokens": 1000, "ignore_eos": True}
     try:
         kids = child_pids(proc.pid)

@@ -56,6 +56,9 @@ MAX_FAILED_STEPS = 10
 # Test-only fault injection: a forward whose batch holds a request with this token id in its
 # prompt raises, so tests can check that one failing step ends only its own requests.
 FAULT_TOKEN_ENV = "SRT_DEBUG_FAIL_ON_TOKEN"
+# Test-only: seconds to sleep after each prefill/decode step, so timing tests (timeouts,
+# shutdown with requests in flight) do not depend on how fast the machine is.
+STEP_DELAY_ENV = "SRT_DEBUG_STEP_DELAY_S"
 
 
 @dataclass
@@ -122,6 +125,7 @@ class Scheduler:
         self.failed_steps = 0
         fault = os.environ.get(FAULT_TOKEN_ENV)
         self.fault_token = int(fault) if fault else None
+        self.step_delay = float(os.environ.get(STEP_DELAY_ENV) or 0.0)
         self.busy = False  # had requests since the last idle report
         # After a failed step the prefix cache holds slots the failed forward never wrote;
         # waiting requests are parked outside the plan (so none matches them) until the
@@ -177,6 +181,8 @@ class Scheduler:
         except Exception as e:
             self.fail_step(plan, e)
         self.flush_outputs()
+        if self.step_delay and plan.kind != "idle":
+            time.sleep(self.step_delay)
         if self.reqs:
             self.busy = True
         elif self.busy:
