@@ -177,7 +177,8 @@ class Scheduler:
                 self.stuck_steps = 0
             elif self.reqs:
                 self.handle_idle_with_requests()
-            self.failed_steps = 0
+            if plan.kind != "idle":  # only a step that ran the model shows the runner works
+                self.failed_steps = 0
         except Exception as e:
             self.fail_step(plan, e)
         self.flush_outputs()
