@@ -57,17 +57,25 @@ def alive(pid: int) -> bool:
 
 
 def start_server(
-    args: list[str], log: Path, tmpdir: Path, timeout: float = 120.0
+    args: list[str],
+    log: Path,
+    tmpdir: Path,
+    timeout: float = 120.0,
+    env: dict[str, str] | None = None,
 ) -> tuple[subprocess.Popen, str]:
     """Starts `python -m srt serve ARGS --port <free>` and waits until /health answers 200.
-    Returns the process and its base URL; fails the test with the log if it never does."""
+    Returns the process and its base URL; fails the test with the log if it never does.
+    `env` adds environment variables for the server."""
     import httpx
 
     port = free_port()
     cmd = [sys.executable, "-m", "srt", "serve", "--port", str(port), *args]
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env=subprocess_env(TMPDIR=str(tmpdir))
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=subprocess_env(TMPDIR=str(tmpdir), **(env or {})),
         )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout

@@ -79,6 +79,22 @@ class ServerArgs:
         "(the Engine ignores it).",
     )
 
+    max_queued_requests: int | None = _f(
+        None,
+        "Most generation requests waiting beyond --max-running-requests; more are answered "
+        "503 at once. Default: no limit.",
+    )
+    request_timeout: float | None = _f(
+        None,
+        "Seconds a request may spend queued and running; then it ends with finish_reason "
+        'abort ("request timed out after N s"). Default: no limit.',
+    )
+    shutdown_timeout: float = _f(
+        10.0,
+        "On SIGTERM/SIGINT: seconds in-flight requests get to finish (new ones get 503) "
+        "before they are aborted.",
+    )
+
     def __post_init__(self) -> None:
         if self.port < 0 or self.port > 65535:
             raise ValueError(f"--port must be in [0, 65535], got {self.port}")
@@ -94,6 +110,12 @@ class ServerArgs:
             raise ValueError("--context-length must be >= 2")
         if self.mem_fraction_static is not None and not 0.0 < self.mem_fraction_static <= 1.0:
             raise ValueError("--mem-fraction-static must be in (0, 1]")
+        if self.max_queued_requests is not None and self.max_queued_requests < 0:
+            raise ValueError("--max-queued-requests must be >= 0")
+        if self.request_timeout is not None and not self.request_timeout > 0:
+            raise ValueError("--request-timeout must be > 0")
+        if not self.shutdown_timeout >= 0:
+            raise ValueError("--shutdown-timeout must be >= 0")
         if self.schedule_policy not in SCHEDULE_POLICIES:
             raise ValueError(f"--schedule-policy must be one of {SCHEDULE_POLICIES}")
 

@@ -9,7 +9,9 @@ and pydantic validation failures (FastAPI's 422), is an OpenAI-style body `{"obj
 `launch_server` resolves the model, starts the scheduler and detokenizer, prints
 `srt serving <model> at http://HOST:PORT` once the port is open, and serves until SIGINT/SIGTERM,
 then stops the children and removes the socket files (exit 0). A child that dies while serving
-ends the server with exit code 1.
+ends the server with exit code 1. The app runs behind `guards.RequestGate`: 503 beyond
+--max-queued-requests, and on the first SIGINT/SIGTERM a drain (new requests get 503, those in
+flight get --shutdown-timeout seconds, then are aborted) before uvicorn stops.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -31,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from srt.entrypoints.admin import install_api_key, register_admin_routes
+from srt.entrypoints.guards import RequestGate
 from srt.entrypoints.openai.protocol import (
     SSE_DONE,
     ChatCompletionRequest,
@@ -142,13 +146,49 @@ async def parse_body(request: Request, model: type[M]) -> M:
     RequestError (400) for malformed JSON or invalid fields."""
     raw = await request.body()
     try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        data = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, and the two below
         raise RequestError(f"malformed JSON body: {e}") from e
+    if b"\\ud" in raw or b"\\uD" in raw:  # only escapes can smuggle in lone surrogates
+        _check_unicode(data)
     try:
         return model.model_validate(data)
     except ValidationError as e:
         raise RequestError(describe_validation_errors(e.errors())) from e
+
+
+def _reject_constant(name: str) -> Any:
+    """NaN and (-)Infinity: Python's json emits them, but they are not JSON."""
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is not a finite float")
+    return value
+
+
+def _check_unicode(data: Any) -> None:
+    """RequestError for a string holding a lone surrogate (a \\ud800-style escape), which no
+    tokenizer can encode."""
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as e:
+                bad = item[e.start : e.end].encode("unicode_escape").decode()
+                raise RequestError(
+                    f"invalid string in the JSON body: the lone surrogate {bad} is not valid "
+                    "Unicode"
+                ) from None
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 def _json(model: BaseModel) -> Response:
@@ -305,16 +345,25 @@ def launch_server(server_args: ServerArgs) -> int:
             os._exit(1)
 
         procs.start_watchdog(on_death)
-        app = create_app(tm)
+        gate = RequestGate(
+            create_app(tm),
+            max_running=int(procs.scheduler_info.get("max_running_requests") or 1),
+            max_queued=server_args.max_queued_requests,
+        )
         config = uvicorn.Config(
-            app,
+            gate,
             host=server_args.host,
             port=server_args.port,
             log_level=server_args.log_level,
             access_log=server_args.log_level == "debug",
             timeout_graceful_shutdown=5,
         )
-        server = _server_class()(config, on_stop=procs.begin_shutdown)
+        tm_ = tm
+
+        async def drain() -> None:
+            await gate.drain(server_args.shutdown_timeout, tm_.abort_all)
+
+        server = _server_class()(config, on_stop=procs.begin_shutdown, drain=drain)
         serving = True
         if stop_signals:  # a signal came during startup after KeyboardInterrupt was handled
             return 0
@@ -343,21 +392,50 @@ def _server_class() -> type:
     import uvicorn
 
     class Server(uvicorn.Server):
-        """uvicorn's server, telling the watchdog on SIGINT/SIGTERM that children will stop."""
+        """uvicorn's server: on the first SIGINT/SIGTERM it drains (`drain()`) before uvicorn's
+        own graceful shutdown; a second signal stops at once. Tells the watchdog that the
+        children will stop."""
 
-        def __init__(self, config: uvicorn.Config, on_stop: Callable[[], None]) -> None:
+        def __init__(
+            self,
+            config: uvicorn.Config,
+            on_stop: Callable[[], None],
+            drain: Callable[[], Awaitable[None]] | None = None,
+        ) -> None:
             super().__init__(config)
             self._on_stop = on_stop
+            self._drain = drain
+            self._drain_task: asyncio.Task | None = None
+            self.loop: asyncio.AbstractEventLoop | None = None
 
         def handle_exit(self, sig: int, frame: Any) -> None:
             self._on_stop()
-            super().handle_exit(sig, frame)
+            if self._drain is None or self.loop is None or self._drain_task is not None:
+                super().handle_exit(sig, frame)
+                return
+            # NOTE: runs in a signal handler; start the drain on the loop, exit after it.
+            self._captured_signals.append(sig)
+            self.loop.call_soon_threadsafe(self._start_drain)
+
+        def _start_drain(self) -> None:
+            if self._drain_task is not None or self._drain is None:
+                return
+
+            async def run(drain: Callable[[], Awaitable[None]]) -> None:
+                try:
+                    await drain()
+                except Exception:
+                    logger.exception("drain failed")
+                self.should_exit = True
+
+            self._drain_task = asyncio.ensure_future(run(self._drain))
 
     return Server
 
 
 async def _serve(server: Any, server_args: ServerArgs, stop_signals: list[int]) -> bool:
     """Serves until uvicorn stops; False if it never started (e.g. the port is taken)."""
+    server.loop = asyncio.get_running_loop()
     task = asyncio.create_task(server.serve())
     while not server.started and not task.done():
         if stop_signals:  # caught just before uvicorn took over the handlers

@@ -16,6 +16,7 @@ from __future__ import annotations
 import faulthandler
 import json
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -59,6 +60,15 @@ CLIP_MAX_NEW_TOKENS = 4096
 # Consecutive idle plans with requests waiting and nothing running before the head of the
 # queue is refused; only reachable if a request can never fit, which add-time checks prevent.
 STUCK_STEPS = 1000
+# Consecutive failed steps after which the runner is taken to be broken: the process exits
+# (and the server with it) instead of failing every request that comes.
+MAX_FAILED_STEPS = 10
+# Test-only fault injection: a forward whose batch holds a request with this token id in its
+# prompt raises, so tests can check that one failing step ends only its own requests.
+FAULT_TOKEN_ENV = "SRT_DEBUG_FAIL_ON_TOKEN"
+# Test-only: seconds to sleep after each prefill/decode step, so timing tests (timeouts,
+# shutdown with requests in flight) do not depend on how fast the machine is.
+STEP_DELAY_ENV = "SRT_DEBUG_STEP_DELAY_S"
 
 
 @dataclass
@@ -89,6 +99,8 @@ class Req:
     # json_schema / regex requests: their xgrammar GrammarMatcher (srt.constrained.grammar).
     matcher: Any = None
     grammar_rejected: bool = False
+
+    cache_salt: str = ""
 
     @property
     def all_ids(self) -> list[int]:
@@ -141,6 +153,18 @@ class Scheduler:
         self.hit_prompt_tokens = 0
         self.hit_cached_tokens = 0
 
+        self.request_timeout = server_args.request_timeout
+        self.failed_steps = 0
+        fault = os.environ.get(FAULT_TOKEN_ENV)
+        self.fault_token = int(fault) if fault else None
+        self.step_delay = float(os.environ.get(STEP_DELAY_ENV) or 0.0)
+        self.busy = False  # had requests since the last idle report
+        # After a failed step the prefix cache holds slots the failed forward never wrote;
+        # waiting requests are parked outside the plan (so none matches them) until the
+        # running ones end and the cache can be flushed.
+        self.flush_pending = False
+        self.parked: list[Req] = []
+
         ctx = zmq.Context(2)
         # NOTE: unsent messages to a dead peer must never block exit or garbage collection.
         ctx.setsockopt(zmq.LINGER, 0)
@@ -174,18 +198,104 @@ class Scheduler:
             self.run_step()
 
     def run_step(self) -> str:
-        """Plans and runs one step, sends its outputs; returns the plan's kind."""
+        """Plans and runs one step, sends its outputs; returns the plan's kind.
+
+        An exception in a step ends that step's requests (finish_reason abort with the error)
+        and the loop goes on; MAX_FAILED_STEPS failures in a row re-raise it."""
+        if self.request_timeout is not None:
+            self.expire_requests(self.request_timeout)
+        if self.flush_pending:
+            self.try_flush_cache()
         plan = self.plan.schedule()
-        if plan.kind == "prefill":
-            self.run_prefill(plan.entries)
-            self.stuck_steps = 0
-        elif plan.kind == "decode":
-            self.run_decode(plan.ids, plan.slots, plan.retracted)
-            self.stuck_steps = 0
-        elif self.reqs:
-            self.handle_idle_with_requests()
+        try:
+            if plan.kind == "prefill":
+                self.run_prefill(plan.entries)
+                self.stuck_steps = 0
+            elif plan.kind == "decode":
+                self.run_decode(plan.ids, plan.slots, plan.retracted)
+                self.stuck_steps = 0
+            elif self.reqs:
+                self.handle_idle_with_requests()
+            if plan.kind != "idle":  # only a step that ran the model shows the runner works
+                self.failed_steps = 0
+        except Exception as e:
+            self.fail_step(plan, e)
         self.flush_outputs()
+        if self.step_delay and plan.kind != "idle":
+            time.sleep(self.step_delay)
+        if self.reqs:
+            self.busy = True
+        elif self.busy:
+            self.busy = False
+            self.report_idle()
         return plan.kind
+
+    def fail_step(self, plan: object, error: Exception) -> None:
+        """Aborts the requests of a step that raised, which returns their KV; re-raises when
+        steps keep failing (a broken runner, not a bad request)."""
+        self.failed_steps += 1
+        logger.exception("step failed (%d in a row); aborting its requests", self.failed_steps)
+        if self.failed_steps >= MAX_FAILED_STEPS:
+            raise RuntimeError(f"{self.failed_steps} steps failed in a row") from error
+        kind = getattr(plan, "kind", "")
+        if kind == "prefill":
+            nids = [e.rid for e in plan.entries]  # type: ignore[attr-defined]
+        elif kind == "decode":
+            nids = list(plan.ids)  # type: ignore[attr-defined]
+        else:
+            nids = list(self.reqs)  # an idle-step failure: nothing better to blame
+        reason = f"internal error while running the request: {type(error).__name__}: {error}"
+        for nid in nids:
+            req = self.reqs.get(nid)
+            if req is not None:  # some may have finished before the failure
+                self.finish(req, FinishReason(type="abort", message=reason))
+        if not self.server_args.disable_radix_cache:
+            # NOTE: finishing inserted the failed step's unwritten slots into the prefix cache.
+            self.flush_pending = True
+            for req in list(self.reqs.values()):
+                if req.row is None and self.plan.contains(req.nid):  # waiting: holds no KV
+                    self.plan.finish(req.nid)
+                    self.parked.append(req)
+            self.try_flush_cache()
+
+    def try_flush_cache(self) -> None:
+        """Flushes the prefix cache once no request is in the plan, then re-queues the parked."""
+        stats = self.plan.stats()
+        if stats["num_running"] or stats["num_waiting"]:
+            return
+        self.plan.flush_cache()
+        self.flush_pending = False
+        parked, self.parked = self.parked, []
+        for req in sorted(parked, key=lambda r: r.nid):
+            self.enqueue(req)
+
+    def expire_requests(self, limit: float) -> None:
+        """Ends requests (queued or running) older than `limit` seconds, freeing their KV."""
+        now = time.time()
+        expired = [r for r in self.reqs.values() if now - r.created_time > limit]
+        for req in expired:
+            message = f"request timed out after {limit:g} s"
+            self.finish(req, FinishReason(type="abort", message=message))
+
+    def kv_usage(self) -> dict[str, int]:
+        """KV slot accounting: slots free, cached (evictable or locked), owned by requests."""
+        stats = self.plan.stats()
+        pool = self.runner.req_to_token_pool
+        return {
+            "pool": self.pool_size,
+            "available": int(stats["available"]),
+            "evictable": int(stats["evictable"]),
+            "protected": int(stats["protected"]),
+            "request_owned": int(stats["request_owned"]),
+            "rows_free": pool.available(),
+            "rows": pool.size,
+        }
+
+    def report_idle(self) -> None:
+        """Logs the KV accounting when the last request ends (tests and soak runs read it)."""
+        if logger.isEnabledFor(logging.DEBUG):
+            usage = " ".join(f"{k}={v}" for k, v in self.kv_usage().items())
+            logger.debug("kv idle: %s", usage)
 
     def recv_requests(self, block: bool) -> None:
         if block:
@@ -197,7 +307,14 @@ class Scheduler:
                 return
             msg = decode(buf)
             if isinstance(msg, TokenizedGenerateReqInput):
-                self.add_request(msg)
+                try:
+                    self.add_request(msg)
+                except Exception as e:  # a bad request must not take the scheduler down
+                    logger.exception("adding request %s failed", msg.rid)
+                    nid = self.rid_to_nid.get(msg.rid)
+                    if nid is not None and nid in self.reqs:
+                        message = f"invalid request: {type(e).__name__}: {e}"
+                        self.finish(self.reqs[nid], FinishReason(type="abort", message=message))
             elif isinstance(msg, AbortReq):
                 self.abort(msg)
             elif isinstance(msg, GetStatsReq):
@@ -263,6 +380,7 @@ class Scheduler:
             max_new_tokens=max(max_new, 0),
             stop_ids=stop_ids,
             created_time=msg.created_time or time.time(),
+            cache_salt=msg.cache_salt,
         )
         self.reqs[nid] = req
         self.rid_to_nid[msg.rid] = nid
@@ -307,7 +425,17 @@ class Scheduler:
                 no_stop_trim=p.no_stop_trim,
             )
             req.checks_stop_strings = True
-        self.plan.add_request(nid, req.input_ids, max(req.max_new_tokens, 1), namespace)
+        req.cache_salt = namespace
+        self.enqueue(req)
+
+    def enqueue(self, req: Req) -> None:
+        """Hands a request (new, or parked with the outputs it already has) to the plan."""
+        if self.flush_pending:
+            self.parked.append(req)
+            return
+        left = req.max_new_tokens - len(req.output_ids)
+        # NOTE: a score-only request (max_new_tokens 0, prompt logprobs) still reserves one.
+        self.plan.add_request(req.nid, req.all_ids, max(left, 1), req.cache_salt)
 
     def attach_grammar(self, req: Req) -> str | None:
         """Gives `req` its grammar matcher; returns an error message if it cannot."""
@@ -368,6 +496,8 @@ class Scheduler:
             req.row = None
         if req.checks_stop_strings:
             self.stop_checker.remove(req.nid)
+        if self.parked and req in self.parked:
+            self.parked.remove(req)
         del self.reqs[req.nid]
         self.rid_to_nid.pop(req.rid, None)
         self.outbox[req.nid] = req
@@ -431,6 +561,8 @@ class Scheduler:
         )
         if extra:
             batch.extra_logit_indices = torch.tensor(extra, dtype=torch.int64, device=self.device)
+
+        self.maybe_inject_fault([self.reqs[e.rid] for e in entries])
         logits = self.runner.forward(batch)
         if extra:
             self.add_prompt_logprobs(scored, logits[len(entries) :])
@@ -462,6 +594,8 @@ class Scheduler:
 
     def run_decode(self, nids: list[int], slots: list[int], retracted: list[int]) -> None:
         pool = self.runner.req_to_token_pool
+        if retracted:
+            logger.debug("retracted %d requests (KV cache full)", len(retracted))
         for nid in retracted:
             req = self.reqs[nid]
             if req.row is not None:
@@ -478,8 +612,13 @@ class Scheduler:
         batch = ForwardBatch.decode(
             [r.output_ids[-1] for r in reqs], slots, rows, seq_lens, device=self.device
         )
+        self.maybe_inject_fault(reqs)
         logits = self.runner.forward(batch)
         self.sample_and_commit(reqs, logits)
+
+    def maybe_inject_fault(self, reqs: list[Req]) -> None:
+        if self.fault_token is not None and any(self.fault_token in r.input_ids for r in reqs):
+            raise RuntimeError(f"injected fault ({FAULT_TOKEN_ENV}={self.fault_token})")
 
     def sample_and_commit(self, reqs: list[Req], logits: torch.Tensor) -> None:
         info = SamplingBatchInfo.build(

@@ -491,6 +491,12 @@ class TokenizerManager:
         finally:
             self._control_waiters.pop(req_id, None)
 
+    def abort_all(self, message: str = "aborted") -> None:
+        """Tells the scheduler to end every request it holds with finish_reason abort
+        `message`; their waiters get that finishing output as usual."""
+        if self.dead_reason is None:
+            self.abort_running(None, message)
+
     @staticmethod
     def _make_output(rid: str, state: ReqState) -> dict[str, Any]:
         delta_text = "".join(state.pending_text)
