@@ -453,8 +453,7 @@ def test_scheduler_control_path_and_client_abort(tiny_model_paths: dict[str, str
         assert stats["evictable"] == 0 and stats["hit_prompt_tokens"] == 0
         assert stats["available"] == 64
     finally:
-        for s in (sched.recv_sock, sched.send_sock, sched.control_sock):
-            s.close(linger=0)
+        sched.close()
         for s in (to_main, to_detok, to_sched):
             s.close(linger=0)
         ctx.term()

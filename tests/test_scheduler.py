@@ -78,8 +78,7 @@ class Harness:
 
     def close(self) -> None:
         self.pull.close(linger=0)
-        self.sched.recv_sock.close(linger=0)
-        self.sched.send_sock.close(linger=0)
+        self.sched.close()
         self.ctx.term()
         self.port_args.cleanup()
 

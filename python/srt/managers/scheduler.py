@@ -165,7 +165,7 @@ class Scheduler:
         self.flush_pending = False
         self.parked: list[Req] = []
 
-        ctx = zmq.Context(2)
+        self.zmq_ctx = ctx = zmq.Context(2)
         # NOTE: unsent messages to a dead peer must never block exit or garbage collection.
         ctx.setsockopt(zmq.LINGER, 0)
         self.recv_sock = ctx.socket(zmq.PULL)
@@ -176,6 +176,12 @@ class Scheduler:
         self.control_sock = ctx.socket(zmq.PUSH)
         self.control_sock.setsockopt(zmq.LINGER, 0)
         self.control_sock.connect(port_args.tokenizer_ipc)
+
+    def close(self) -> None:
+        """Closes the sockets (in-process use: tests, tools); the process itself just exits."""
+        for sock in (self.recv_sock, self.send_sock, self.control_sock):
+            sock.close(linger=0)
+        self.zmq_ctx.term()
 
     @property
     def info(self) -> dict:
