@@ -77,7 +77,7 @@ def run_hf(model_dir: str, prompts: list[list[int]], n: int, args: argparse.Name
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     gen_cfg = copy.deepcopy(model.generation_config)
     # ignore_eos: with no EOS in the config, HF neither stops at it nor masks it.
-    gen_cfg.eos_token_id = None
+    gen_cfg.eos_token_id = []
     gen_cfg.update(do_sample=False, max_new_tokens=n, pad_token_id=pad, temperature=None,
                    top_p=None, top_k=None)  # fmt: skip
 
