@@ -374,12 +374,12 @@ class CompletionStreamChoice(BaseModel):
     matched_stop: int | str | None = None
 
 
-class CompletionStreamResponse(BaseModel):
+class _StreamChunk(BaseModel):
+    """Common to stream chunks: `usage` appears only on the final include_usage chunk."""
+
     id: str
-    object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
-    choices: list[CompletionStreamChoice]
     usage: UsageInfo | None = None
 
     @model_serializer(mode="wrap")
@@ -388,6 +388,11 @@ class CompletionStreamResponse(BaseModel):
         if d.get("usage") is None:
             d.pop("usage", None)
         return d
+
+
+class CompletionStreamResponse(_StreamChunk):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionStreamChoice]
 
 
 class ChatMessageOut(BaseModel):
@@ -429,20 +434,9 @@ class ChatCompletionStreamChoice(BaseModel):
     matched_stop: int | str | None = None
 
 
-class ChatCompletionStreamResponse(BaseModel):
-    id: str
+class ChatCompletionStreamResponse(_StreamChunk):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
     choices: list[ChatCompletionStreamChoice]
-    usage: UsageInfo | None = None
-
-    @model_serializer(mode="wrap")
-    def _drop_null_usage(self, handler: Any) -> dict[str, Any]:
-        d = handler(self)
-        if d.get("usage") is None:
-            d.pop("usage", None)
-        return d
 
 
 class ModelCard(BaseModel):
