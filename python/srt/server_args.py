@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import os
 import shutil
+import socket
 import tempfile
 import types
 import typing
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SCHEDULE_POLICIES = ("fcfs", "lpm", "dfs-weight", "lof", "random")
+LOAD_BALANCE_METHODS = ("cache_aware", "round_robin", "shortest_queue")
 
 
 def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
@@ -89,6 +91,38 @@ class ServerArgs:
         "Seconds a request may spend queued and running; then it ends with finish_reason "
         'abort ("request timed out after N s"). Default: no limit.',
     )
+    tp_size: int = _f(
+        1,
+        "Tensor parallel: scheduler ranks that each hold a shard of every layer (all-reduce "
+        "over torch.distributed; NCCL on GPU, gloo on CPU).",
+    )
+    pp_size: int = _f(
+        1, "Pipeline parallel: stages that each hold a contiguous slice of the layers."
+    )
+    dp_size: int = _f(
+        1,
+        "Data parallel: independent replicas (each its own scheduler ranks and KV pool) behind "
+        "the router in the main process.",
+    )
+    load_balance_method: str = _f(
+        "cache_aware",
+        "How the data-parallel router picks a replica: cache_aware (the replica most likely "
+        "to hold the prompt's prefix, the least loaded when load is uneven), round_robin, or "
+        "shortest_queue.",
+        LOAD_BALANCE_METHODS,
+    )
+    nnodes: int = _f(1, "Machines the tp x pp ranks are spread over.")
+    node_rank: int = _f(
+        0,
+        "This machine's index among --nnodes; node 0 serves HTTP, the others run only their "
+        "scheduler ranks.",
+    )
+    dist_init_addr: str | None = _f(
+        None,
+        "HOST:PORT of the torch.distributed rendezvous (rank 0's machine); required when "
+        "--nnodes > 1, a free local port otherwise.",
+    )
+    base_gpu_id: int = _f(0, "First GPU of this node used by its ranks (rank i uses base + i).")
     shutdown_timeout: float = _f(
         10.0,
         "On SIGTERM/SIGINT: seconds in-flight requests get to finish (new ones get 503) "
@@ -116,11 +150,39 @@ class ServerArgs:
             raise ValueError("--request-timeout must be > 0")
         if not self.shutdown_timeout >= 0:
             raise ValueError("--shutdown-timeout must be >= 0")
+        for name in ("tp_size", "pp_size", "dp_size", "nnodes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"--node-rank must be in [0, {self.nnodes}), got {self.node_rank}")
+        if self.nnodes > 1:
+            if self.dist_init_addr is None:
+                raise ValueError("--nnodes > 1 needs --dist-init-addr HOST:PORT")
+            if self.dp_size > 1:
+                raise ValueError("--dp-size > 1 is supported on one node only")
+            if (self.tp_size * self.pp_size) % self.nnodes:
+                raise ValueError(
+                    f"tp_size * pp_size ({self.tp_size * self.pp_size}) must be a multiple of "
+                    f"--nnodes ({self.nnodes})"
+                )
+        if self.dist_init_addr is not None:
+            host, sep, port = self.dist_init_addr.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"--dist-init-addr must be HOST:PORT, got {self.dist_init_addr!r}")
+        if self.base_gpu_id < 0:
+            raise ValueError("--base-gpu-id must be >= 0")
+        if self.load_balance_method not in LOAD_BALANCE_METHODS:
+            raise ValueError(f"--load-balance-method must be one of {LOAD_BALANCE_METHODS}")
         if self.schedule_policy not in SCHEDULE_POLICIES:
             raise ValueError(f"--schedule-policy must be one of {SCHEDULE_POLICIES}")
 
     def replace(self, **changes: Any) -> ServerArgs:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def world_size(self) -> int:
+        """Scheduler ranks of one data-parallel replica (tp x pp, over all nodes)."""
+        return self.tp_size * self.pp_size
 
     # ---- CLI -------------------------------------------------------------------------------
 
@@ -150,33 +212,58 @@ class ServerArgs:
 
 @dataclass(frozen=True)
 class PortArgs:
-    """The three ZMQ `ipc://` endpoints, as socket files in a private temp dir.
+    """The ZMQ `ipc://` endpoints, as socket files in a private temp dir, and the
+    torch.distributed rendezvous of each data-parallel replica.
 
     - `tokenizer_ipc`: main PULL-binds, the detokenizer PUSH-connects (BatchStrOut).
-    - `scheduler_ipc`: the scheduler PULL-binds, main PUSH-connects (requests, aborts).
-    - `detokenizer_ipc`: the detokenizer PULL-binds, the scheduler PUSH-connects (BatchTokenIDOut).
+    - `scheduler_ipcs[d]`: replica d's rank-0 scheduler PULL-binds, main PUSH-connects
+      (requests, aborts); `scheduler_ipc` is replica 0's.
+    - `detokenizer_ipc`: the detokenizer PULL-binds, the schedulers PUSH-connect
+      (BatchTokenIDOut).
+    - `dist_init_addrs[d]`: HOST:PORT where replica d's ranks meet (torch.distributed TCP store).
     """
 
     ipc_dir: str
     tokenizer_ipc: str
-    scheduler_ipc: str
+    scheduler_ipcs: tuple[str, ...]
     detokenizer_ipc: str
+    dist_init_addrs: tuple[str, ...]
+
+    @property
+    def scheduler_ipc(self) -> str:
+        return self.scheduler_ipcs[0]
 
     @classmethod
-    def new(cls) -> PortArgs:
+    def new(cls, server_args: ServerArgs | None = None) -> PortArgs:
         # NOTE: a fresh dir per launch, so two servers on one machine never share sockets, and
         # a short path, since a unix socket path is limited to ~107 bytes.
         d = tempfile.mkdtemp(prefix="srt-ipc-")
+        dp = server_args.dp_size if server_args is not None else 1
+        if server_args is not None and server_args.dist_init_addr is not None:
+            host, _, port = server_args.dist_init_addr.rpartition(":")
+            addrs = tuple(f"{host}:{int(port) + i}" for i in range(dp))
+        else:
+            addrs = tuple(f"127.0.0.1:{_free_port()}" for _ in range(dp))
         return cls(
             ipc_dir=d,
             tokenizer_ipc=f"ipc://{os.path.join(d, 'tokenizer')}",
-            scheduler_ipc=f"ipc://{os.path.join(d, 'scheduler')}",
+            scheduler_ipcs=tuple(
+                f"ipc://{os.path.join(d, 'scheduler' if i == 0 else f'scheduler{i}')}"
+                for i in range(dp)
+            ),
             detokenizer_ipc=f"ipc://{os.path.join(d, 'detokenizer')}",
+            dist_init_addrs=addrs,
         )
 
     def cleanup(self) -> None:
         """Removes the socket files and their dir; safe to call more than once."""
         shutil.rmtree(self.ipc_dir, ignore_errors=True)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _strip_optional(tp: Any) -> Any:

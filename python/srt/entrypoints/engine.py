@@ -53,7 +53,7 @@ class Engine:
         server_args = ServerArgs(model_path=model_path, **kwargs)
         configure_logging(server_args, "engine", force=False)  # the host may own logging
         self.server_args = prepare_server_args(server_args)
-        self._port_args = PortArgs.new()
+        self._port_args = PortArgs.new(server_args)
         try:
             self._procs = launch_subprocesses(self.server_args, self._port_args)
             self._loop = asyncio.new_event_loop()

@@ -335,7 +335,7 @@ def launch_server(server_args: ServerArgs) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         server_args = prepare_server_args(server_args)
-        port_args = PortArgs.new()
+        port_args = PortArgs.new(server_args)
         procs = launch_subprocesses(server_args, port_args)
         tm = TokenizerManager(server_args, port_args, procs.scheduler_info)
 

@@ -14,6 +14,7 @@ socket files and calls the owner's `on_death` (the server exits nonzero).
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -110,12 +111,32 @@ def prepare_server_args(server_args: ServerArgs) -> ServerArgs:
     )
 
 
-def _default_targets() -> dict[str, ChildTarget]:
+def scheduler_name(dp_rank: int, rank: int) -> str:
+    """Child name of one scheduler rank: "scheduler" for replica 0's rank 0 (the only one
+    without parallelism), "scheduler1" for replica 1's, "scheduler-rank2" for rank 2, ..."""
+    return "scheduler" + (str(dp_rank) if dp_rank else "") + (f"-rank{rank}" if rank else "")
+
+
+def node_ranks(server_args: ServerArgs) -> range:
+    """The ranks (of tp x pp) that this node runs."""
+    per_node = server_args.world_size // server_args.nnodes
+    return range(server_args.node_rank * per_node, (server_args.node_rank + 1) * per_node)
+
+
+def _default_targets(server_args: ServerArgs) -> dict[str, ChildTarget]:
     from srt.managers.detokenizer_manager import run_detokenizer_process
     from srt.managers.scheduler import run_scheduler_process
 
-    # NOTE: the scheduler first: it loads the model, the slow part of startup.
-    return {"scheduler": run_scheduler_process, "detokenizer": run_detokenizer_process}
+    # NOTE: the schedulers first: they load the model, the slow part of startup.
+    targets: dict[str, ChildTarget] = {}
+    for dp_rank in range(server_args.dp_size):
+        for rank in node_ranks(server_args):
+            targets[scheduler_name(dp_rank, rank)] = functools.partial(
+                run_scheduler_process, dp_rank=dp_rank, rank=rank
+            )
+    if server_args.node_rank == 0:
+        targets["detokenizer"] = run_detokenizer_process
+    return targets
 
 
 class Subprocesses:
@@ -136,7 +157,12 @@ class Subprocesses:
 
     @property
     def scheduler_info(self) -> dict[str, Any]:
+        """Replica 0's rank-0 scheduler info (context length, vocab, pool size, ...)."""
         return self.infos.get("scheduler", {})
+
+    def replica_infos(self, dp_size: int) -> list[dict[str, Any]]:
+        """The rank-0 scheduler info of each data-parallel replica."""
+        return [self.infos.get(scheduler_name(d, 0), {}) for d in range(dp_size)]
 
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs.values() if p.pid is not None]
@@ -200,9 +226,10 @@ def launch_subprocesses(
 ) -> Subprocesses:
     """Starts the children and waits until each reports ready; raises LaunchError otherwise.
 
-    `targets` maps a child's name to its entry function (default: scheduler and detokenizer).
+    `targets` maps a child's name to its entry function (default: every scheduler rank this
+    node runs, and the detokenizer on node 0).
     """
-    targets = targets if targets is not None else _default_targets()
+    targets = targets if targets is not None else _default_targets(server_args)
     ctx = multiprocessing.get_context("spawn")
     procs: dict[str, BaseProcess] = {}
     conns: dict[str, multiprocessing.connection.Connection] = {}

@@ -108,8 +108,9 @@ class Req:
 
 
 class Scheduler:
-    def __init__(self, server_args: ServerArgs, port_args: PortArgs) -> None:
+    def __init__(self, server_args: ServerArgs, port_args: PortArgs, dp_rank: int = 0) -> None:
         self.server_args = server_args
+        self.dp_rank = dp_rank
         self.model_config = ModelConfig(
             server_args.model_path,
             context_length=server_args.context_length,
@@ -169,7 +170,7 @@ class Scheduler:
         # NOTE: unsent messages to a dead peer must never block exit or garbage collection.
         ctx.setsockopt(zmq.LINGER, 0)
         self.recv_sock = ctx.socket(zmq.PULL)
-        self.recv_sock.bind(port_args.scheduler_ipc)
+        self.recv_sock.bind(port_args.scheduler_ipcs[dp_rank])
         self.send_sock = ctx.socket(zmq.PUSH)
         self.send_sock.connect(port_args.detokenizer_ipc)
         # Control answers go to main directly; they need no detokenizing.
@@ -783,11 +784,18 @@ def tokenizer_eos_id(tokenizer_path: str) -> int | None:
 
 
 def run_scheduler_process(
-    server_args: ServerArgs, port_args: PortArgs, ready_conn: Connection
+    server_args: ServerArgs,
+    port_args: PortArgs,
+    ready_conn: Connection,
+    dp_rank: int = 0,
+    rank: int = 0,
 ) -> None:
-    """Entry point of the scheduler process (run by `launch._child_entry`, which ties it to the
-    parent, sets up logging and reports an exception from here as a failed start)."""
+    """Entry point of one scheduler rank of data-parallel replica `dp_rank` (run by
+    `launch._child_entry`, which ties it to the parent, sets up logging and reports an
+    exception from here as a failed start)."""
     faulthandler.enable()
-    scheduler = Scheduler(server_args, port_args)
+    if rank != 0:
+        raise NotImplementedError("tensor/pipeline parallel ranks")
+    scheduler = Scheduler(server_args, port_args, dp_rank)
     ready_conn.send_bytes(encode(ProcessReady(name="scheduler", ok=True, info=scheduler.info)))
     scheduler.event_loop()
