@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SCHEDULE_POLICIES = ("fcfs", "lpm", "dfs-weight", "lof", "random")
+ATTENTION_BACKEND_CHOICES = ("auto", "flashinfer", "torch_native")
 LOAD_BALANCE_METHODS = ("cache_aware", "round_robin", "shortest_queue")
 
 
@@ -71,6 +72,20 @@ class ServerArgs:
     schedule_policy: str = _f("fcfs", "Order of the waiting queue.", SCHEDULE_POLICIES)
     page_size: int = _f(1, "Tokens per KV cache page.")
     disable_radix_cache: bool = _f(False, "Do not reuse cached prefixes across requests.")
+    attention_backend: str = _f(
+        "auto",
+        "Attention kernels: auto (flashinfer on CUDA in bf16/fp16 when it imports, else "
+        "torch_native), flashinfer, or torch_native (SDPA; CPU and GPU).",
+        ATTENTION_BACKEND_CHOICES,
+    )
+    disable_cuda_graph: bool = _f(
+        False, "Run decode steps eagerly instead of replaying captured CUDA graphs."
+    )
+    cuda_graph_max_bs: int | None = _f(
+        None,
+        "Largest decode batch captured in a CUDA graph (default: min(256, "
+        "--max-running-requests)); larger batches run eagerly.",
+    )
     random_seed: int = _f(0, "Seed for the random schedule policy and unseeded sampling.")
     log_level: str = _f("info", "Logging level.", ("debug", "info", "warning", "error", "critical"))
     tokenizer_worker_threads: int = _f(1, "Threads used to tokenize requests in main.")
@@ -175,6 +190,10 @@ class ServerArgs:
             raise ValueError(f"--load-balance-method must be one of {LOAD_BALANCE_METHODS}")
         if self.schedule_policy not in SCHEDULE_POLICIES:
             raise ValueError(f"--schedule-policy must be one of {SCHEDULE_POLICIES}")
+        if self.attention_backend not in ATTENTION_BACKEND_CHOICES:
+            raise ValueError(f"--attention-backend must be one of {ATTENTION_BACKEND_CHOICES}")
+        if self.cuda_graph_max_bs is not None and self.cuda_graph_max_bs < 1:
+            raise ValueError("--cuda-graph-max-bs must be >= 1")
 
     def replace(self, **changes: Any) -> ServerArgs:
         return dataclasses.replace(self, **changes)

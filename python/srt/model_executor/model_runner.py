@@ -20,6 +20,7 @@ from torch import nn
 from srt.configs.model_config import ModelConfig, resolve_device
 from srt.layers.attention import create_attention_backend
 from srt.mem_cache.memory_pool import KVPool, ReqToTokenPool
+from srt.model_executor.cuda_graph_runner import CudaGraphRunner
 from srt.model_executor.forward_batch import ForwardBatch
 from srt.model_loader.weights import init_dummy_weights, iterate_safetensors
 from srt.models.registry import get_model_class
@@ -53,7 +54,7 @@ class ModelRunner:
         self.page_size = server_args.page_size
         free_before_load = _free_memory_bytes(self.device)
 
-        self.attn_backend = create_attention_backend("torch_native")
+        self.attn_backend = create_attention_backend(server_args.attention_backend, model_config)
         self.model = self._load_model()
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
 
@@ -77,12 +78,16 @@ class ModelRunner:
             self.device,
         )
         self.attn_backend.bind_pools(self.req_to_token_pool, self.kv_pool)
+        self.cuda_graph_runner = CudaGraphRunner.maybe_create(self)
         logger.info(
-            "model %s loaded: %.1f MiB weights, KV pool %d tokens, %d running requests max",
+            "model %s loaded: %.1f MiB weights, max_total_num_tokens=%d (KV pool), %d running "
+            "requests max, attention %s, %s",
             model_config.architecture,
             self.weight_bytes / 2**20,
             self.max_total_num_tokens,
             self.max_running_requests,
+            type(self.attn_backend).__name__,
+            "CUDA graphs" if self.cuda_graph_runner else "no CUDA graphs",
         )
 
     def _load_model(self) -> nn.Module:
@@ -129,6 +134,8 @@ class ModelRunner:
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """One step: fp32 logits [B, vocab] of the last token of each sequence, followed by the
         rows of `batch.extra_logit_indices` when an extend batch sets them."""
+        if self.cuda_graph_runner is not None and self.cuda_graph_runner.can_run(batch):
+            return self.cuda_graph_runner.replay(batch)
         self.attn_backend.init_forward_metadata(batch)
         hidden_states = self.model(batch.input_ids, batch.positions, batch)
         return self.model.compute_logits(hidden_states, batch)

@@ -4,6 +4,12 @@ One backend object serves every layer of the model. The ModelRunner builds it by
 (`srt.layers.attention.create_attention_backend`), gives it the pools once they are sized
 (`bind_pools`), calls `init_forward_metadata` once per step (index tensors shared by all layers),
 then each layer calls `forward`, which stores the new tokens' K/V at `out_cache_loc` and attends.
+
+A backend whose decode step can be captured in a CUDA graph sets `supports_cuda_graph` and
+implements the two `*_cuda_graph` methods: the CudaGraphRunner calls `init_cuda_graph_state`
+once, then `init_forward_metadata_cuda_graph` before capturing and before every replay of a
+padded decode batch. That method does the host-side work (planning) and leaves every tensor the
+captured kernels read at a fixed address.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ if TYPE_CHECKING:
 
 
 class AttentionBackend(abc.ABC):
+    supports_cuda_graph = False
+
     def __init__(self) -> None:
         self.req_to_token_pool: ReqToTokenPool | None = None
         self.kv_pool: KVPool | None = None
@@ -33,6 +41,16 @@ class AttentionBackend(abc.ABC):
     @abc.abstractmethod
     def init_forward_metadata(self, forward_batch: ForwardBatch) -> None:
         """Prepares per-step state (e.g. KV slot index tensors) before the layers run."""
+
+    def init_cuda_graph_state(self, max_bs: int, max_context_len: int) -> None:
+        """Allocates the fixed buffers that captured decode graphs of up to `max_bs`
+        sequences of up to `max_context_len` tokens read."""
+        raise NotImplementedError(f"{type(self).__name__} does not support CUDA graphs")
+
+    def init_forward_metadata_cuda_graph(self, forward_batch: ForwardBatch) -> None:
+        """Like `init_forward_metadata` for a decode batch whose size is a captured one,
+        writing only into the buffers of `init_cuda_graph_state`."""
+        raise NotImplementedError(f"{type(self).__name__} does not support CUDA graphs")
 
     def forward(
         self,

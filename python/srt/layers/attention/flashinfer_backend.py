@@ -1,0 +1,237 @@
+"""FlashInfer attention over the paged KV pool (CUDA, bf16/fp16), in the scheduler process.
+
+FlashInfer's paged-KV wrappers see the pool as pages: layer l's K (and V) buffer of shape
+[size + page_size, Hkv, D] is viewed as [num_pages, page_size, Hkv, D], page 0 being the padding
+page. Once per step `init_forward_metadata` turns the ForwardBatch into a page table in
+FlashInfer's CSR form and plans; every layer then runs the planned kernel:
+- extend: `BatchPrefillWithPagedKVCacheWrapper`, causal (bottom-right aligned), the new tokens'
+  queries against the cached prefix plus the new keys, all read from the pool (`forward` stores
+  the new K/V before attending).
+- decode: `BatchDecodeWithPagedKVCacheWrapper` with tensor-core kernels.
+
+The page table: indptr and last-page lengths are built on the host from the batch's Python
+lists (FlashInfer's planner reads them there, so no device-to-host copy); page indices are
+gathered on the GPU from `req_to_token` (`page_table`), so planning never waits for the GPU.
+Page size 1 makes every KV slot its own page (indices = slots); for larger pages the page of
+position j * page_size is its slot // page_size (sequences are laid out page-aligned).
+
+CUDA graphs: one decode wrapper per captured batch size, all over the same fixed index buffers
+(`init_cuda_graph_state`); replanning before a replay only rewrites those buffers.
+
+flashinfer is imported when the backend is built, never at module import: CPU installs
+(and CI) do not need it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from srt.layers.attention.base import AttentionBackend
+from srt.layers.attention.layer import AttentionLayer
+from srt.model_executor.forward_batch import ForwardBatch
+
+if TYPE_CHECKING:
+    from srt.mem_cache.memory_pool import KVPool, ReqToTokenPool
+
+# Float scratch of the split-KV kernels, shared by every wrapper (they never run concurrently).
+WORKSPACE_BYTES = 256 << 20
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def page_table(
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    seq_lens: torch.Tensor,
+    seq_lens_cpu: list[int],
+    page_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FlashInfer's paged-KV description of sequences `seq_lens` long:
+    (indptr [B + 1] int32 on the host, page indices [indptr[-1]] int32 on req_to_token's device,
+    last_page_len [B] int32 on the host).
+
+    Pure torch with no device-to-host copy: the host parts come from `seq_lens_cpu` (equal to
+    `seq_lens`, which is on the device).
+    """
+    P = page_size
+    pages = [-(-n // P) for n in seq_lens_cpu]
+    indptr = torch.tensor([0, *itertools.accumulate(pages)], dtype=torch.int32)
+    last = torch.tensor([n - (p - 1) * P for n, p in zip(seq_lens_cpu, pages, strict=True)])
+    total = int(indptr[-1])
+    dev = req_to_token.device
+    num_pages = (seq_lens.to(dev) + (P - 1)) // P
+    # Sequence of each page, then the page's rank inside its sequence.
+    seq = torch.repeat_interleave(
+        torch.arange(len(pages), device=dev), num_pages, output_size=total
+    )
+    first = (torch.cumsum(num_pages, 0) - num_pages)[seq]
+    col = torch.arange(total, device=dev) - first
+    if P > 1:
+        col = col * P
+    slots = req_to_token[req_pool_indices.to(dev)[seq], col]
+    indices = slots // P if P > 1 else slots
+    return indptr, indices.to(torch.int32), last.to(torch.int32)
+
+
+class FlashInferAttnBackend(AttentionBackend):
+    supports_cuda_graph = True
+
+    def __init__(
+        self,
+        num_qo_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        scaling: float | None = None,
+    ) -> None:
+        super().__init__()
+        import flashinfer
+
+        device = torch.device(device)
+        if device.type != "cuda":
+            raise ValueError(f"the flashinfer attention backend needs a CUDA device, got {device}")
+        if dtype not in SUPPORTED_DTYPES:
+            raise ValueError(
+                f"the flashinfer attention backend runs bf16 or fp16, not {dtype}; "
+                "pass --dtype bfloat16 or --attention-backend torch_native"
+            )
+        self._fi: Any = flashinfer
+        self.num_qo_heads = num_qo_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.device = device
+        self.sm_scale = scaling if scaling is not None else head_dim**-0.5
+        self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        self.prefill_wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
+        self.decode_wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self.workspace, "NHD", use_tensor_cores=True
+        )
+        self._decode: Any = self.decode_wrapper  # the wrapper planned for this step's decode
+        self._kv_pages: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # CUDA graph state (init_cuda_graph_state).
+        self._graph_wrappers: dict[int, Any] = {}
+        self._graph_indptr: torch.Tensor | None = None
+        self._graph_indices: torch.Tensor | None = None
+        self._graph_last: torch.Tensor | None = None
+
+    def bind_pools(self, req_to_token_pool: ReqToTokenPool, kv_pool: KVPool) -> None:
+        super().bind_pools(req_to_token_pool, kv_pool)
+        if kv_pool.dtype != self.dtype:
+            raise ValueError(f"KV pool dtype {kv_pool.dtype} differs from the model's {self.dtype}")
+        P, H, D = kv_pool.page_size, kv_pool.num_kv_heads, kv_pool.head_dim
+        self._kv_pages = [
+            (k.view(-1, P, H, D), v.view(-1, P, H, D))
+            for k, v in zip(kv_pool.k_buffers, kv_pool.v_buffers, strict=True)
+        ]
+
+    # ---- planning ------------------------------------------------------------------------
+
+    def _pages(self, fb: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        assert self.req_to_token_pool is not None and self.kv_pool is not None
+        # NOTE: the ForwardBatch constructors set seq_lens_cpu; .tolist() is a fallback that
+        # waits for the GPU.
+        seq_lens_cpu = fb.seq_lens_cpu or fb.seq_lens.tolist()
+        return page_table(
+            self.req_to_token_pool.req_to_token,
+            fb.req_pool_indices,
+            fb.seq_lens,
+            seq_lens_cpu,
+            self.kv_pool.page_size,
+        )
+
+    def _plan_args(self) -> dict[str, Any]:
+        assert self.kv_pool is not None
+        return dict(
+            num_qo_heads=self.num_qo_heads,
+            num_kv_heads=self.kv_pool.num_kv_heads,
+            page_size=self.kv_pool.page_size,
+            q_data_type=self.dtype,
+            kv_data_type=self.dtype,
+            sm_scale=self.sm_scale,
+        )
+
+    def init_forward_metadata(self, forward_batch: ForwardBatch) -> None:
+        indptr, indices, last = self._pages(forward_batch)
+        if forward_batch.is_decode:
+            self.decode_wrapper.plan(
+                indptr, indices, last, head_dim=self.head_dim, **self._plan_args()
+            )
+            self._decode = self.decode_wrapper
+            return
+        extend_lens = forward_batch.extend_seq_lens_cpu
+        if extend_lens is None:
+            assert forward_batch.extend_seq_lens is not None
+            extend_lens = forward_batch.extend_seq_lens.tolist()
+        qo_indptr = torch.tensor([0, *itertools.accumulate(extend_lens)], dtype=torch.int32)
+        self.prefill_wrapper.plan(
+            qo_indptr,
+            indptr,
+            indices,
+            last,
+            head_dim_qk=self.head_dim,
+            causal=True,
+            **self._plan_args(),
+        )
+
+    def init_cuda_graph_state(self, max_bs: int, max_context_len: int) -> None:
+        assert self.kv_pool is not None, "bind_pools() must be called first"
+        max_pages = max_bs * -(-max_context_len // self.kv_pool.page_size)
+        self._graph_indptr = torch.zeros(max_bs + 1, dtype=torch.int32, device=self.device)
+        self._graph_indices = torch.zeros(max_pages, dtype=torch.int32, device=self.device)
+        self._graph_last = torch.zeros(max_bs, dtype=torch.int32, device=self.device)
+
+    def init_forward_metadata_cuda_graph(self, forward_batch: ForwardBatch) -> None:
+        assert forward_batch.is_decode
+        assert self._graph_indptr is not None, "init_cuda_graph_state() must be called first"
+        bs = forward_batch.batch_size
+        wrapper = self._graph_wrappers.get(bs)
+        if wrapper is None:
+            # The wrapper's buffers are views of the shared ones; its batch size is fixed.
+            wrapper = self._fi.BatchDecodeWithPagedKVCacheWrapper(
+                self.workspace,
+                "NHD",
+                use_cuda_graph=True,
+                use_tensor_cores=True,
+                paged_kv_indptr_buffer=self._graph_indptr[: bs + 1],
+                paged_kv_indices_buffer=self._graph_indices,
+                paged_kv_last_page_len_buffer=self._graph_last[:bs],
+            )
+            self._graph_wrappers[bs] = wrapper
+        indptr, indices, last = self._pages(forward_batch)
+        wrapper.plan(indptr, indices, last, head_dim=self.head_dim, **self._plan_args())
+        self._decode = wrapper
+
+    # ---- attention -----------------------------------------------------------------------
+
+    def _check(self, layer: AttentionLayer) -> None:
+        if layer.scaling != self.sm_scale or layer.num_heads != self.num_qo_heads:
+            raise ValueError(
+                f"layer {layer.layer_id} has {layer.num_heads} heads and scale {layer.scaling}; "
+                f"the flashinfer backend was planned for {self.num_qo_heads} and {self.sm_scale}"
+            )
+
+    def forward_extend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: AttentionLayer,
+        forward_batch: ForwardBatch,
+    ) -> torch.Tensor:
+        self._check(layer)
+        o = self.prefill_wrapper.run(q.contiguous(), self._kv_pages[layer.layer_id])
+        return o.view(q.shape[0], -1)
+
+    def forward_decode(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: AttentionLayer,
+        forward_batch: ForwardBatch,
+    ) -> torch.Tensor:
+        self._check(layer)
+        o = self._decode.run(q.contiguous(), self._kv_pages[layer.layer_id])
+        return o.view(q.shape[0], -1)
