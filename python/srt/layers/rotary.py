@@ -4,7 +4,8 @@ The cos/sin table is computed once in fp32 for every position up to `max_positio
 by the step's positions, so a step costs one gather. Supports the plain ("default") frequencies,
 "linear" scaling and Llama-3.1 style "llama3" scaling. `rope_settings(hf_config)` reads the rope
 settings of both config styles: transformers 5 `rope_parameters` (rope_theta inside) and older
-`rope_theta` + `rope_scaling`.
+`rope_theta` + `rope_scaling`. On CUDA (with a bf16/fp16 default dtype at construction) the
+rotation is FlashInfer's one in-place kernel over q and k, reading the same fp32 table.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from srt.layers import flashinfer_ops
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -75,11 +78,24 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_cache", emb.cos(), persistent=False)
         self.register_buffer("sin_cache", emb.sin(), persistent=False)
         self.max_position = max_position
+        self.head_dim = head_dim
+        self._fused = flashinfer_ops.kernels(self.cos_cache.device, torch.get_default_dtype())
+        if self._fused is not None:
+            half = head_dim // 2  # FlashInfer's table: [cos | sin] of the distinct frequencies
+            table = torch.cat((self.cos_cache[:, :half], self.sin_cache[:, :half]), dim=-1)
+            self.register_buffer("cos_sin_cache", table.contiguous(), persistent=False)
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [T, Hq, D], k [T, Hk, D] rotated by positions [T]."""
+        """q [T, Hq, D], k [T, Hk, D] rotated by positions [T]. NOTE: the fused path rotates
+        q and k in place (each head's D values must be contiguous) and returns them."""
+        if self._fused is not None and q.stride(-1) == 1 and k.stride(-1) == 1:
+            n = q.shape[0]
+            self._fused.apply_rope_with_cos_sin_cache_inplace(
+                positions, q.view(n, -1), k.view(n, -1), self.head_dim, self.cos_sin_cache
+            )
+            return q, k
         cos = self.cos_cache[positions].unsqueeze(1).to(q.dtype)
         sin = self.sin_cache[positions].unsqueeze(1).to(q.dtype)
         return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin

@@ -531,6 +531,11 @@ class Scheduler:
         prefix_lens: list[int] = []
         extend_lens: list[int] = []
         sampling: list[tuple[int, Req]] = []
+        # req_to_token entries to write, in one indexed store (and one host-to-device copy).
+        w_rows: list[int] = []
+        w_starts: list[int] = []
+        w_lens: list[int] = []
+        w_slots: list[int] = []
         # Prompt logprobs: (req, first position, end) of logits rows wanted beyond the last.
         extra: list[int] = []
         scored: list[tuple[Req, int, int]] = []
@@ -542,9 +547,10 @@ class Scheduler:
                     if req.row is None:
                         raise RuntimeError("ReqToTokenPool is full; max_running_requests is off")
                 req.cached_tokens = max(req.cached_tokens, e.cached_len)
-            pool.req_to_token[req.row, e.slots_from : e.slots_from + len(e.slots)] = torch.tensor(
-                e.slots, dtype=torch.int32
-            )
+            w_rows.append(req.row)
+            w_starts.append(e.slots_from)
+            w_lens.append(len(e.slots))
+            w_slots.extend(e.slots)
             end = e.prefix_len + e.extend_len
             if req.input_lp_next < len(req.input_ids):
                 # Logits at position q give the logprob of token q + 1.
@@ -563,6 +569,7 @@ class Scheduler:
             extend_lens.append(e.extend_len)
             if e.is_last_chunk:
                 sampling.append((i, req))
+        pool.write(w_rows, w_starts, w_slots, w_lens)
         batch = ForwardBatch.extend(
             input_ids, out_loc, rows, prefix_lens, extend_lens, device=self.device
         )
@@ -613,9 +620,7 @@ class Scheduler:
         reqs = [self.reqs[n] for n in nids]
         seq_lens = [len(r.input_ids) + len(r.output_ids) for r in reqs]
         rows = [r.row for r in reqs]
-        pool.req_to_token[
-            torch.tensor(rows, dtype=torch.int64), torch.tensor(seq_lens, dtype=torch.int64) - 1
-        ] = torch.tensor(slots, dtype=torch.int32)
+        pool.write(rows, [n - 1 for n in seq_lens], slots)
         batch = ForwardBatch.decode(
             [r.output_ids[-1] for r in reqs], slots, rows, seq_lens, device=self.device
         )

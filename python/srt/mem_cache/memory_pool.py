@@ -90,8 +90,10 @@ class ReqToTokenPool:
         col_idx = torch.repeat_interleave(starts, lens) + offsets
         if int(col_idx.max()) >= self.max_context_len or int(col_idx.min()) < 0:
             raise ValueError(f"position out of range [0, {self.max_context_len})")
-        values = torch.as_tensor(slots).to(device=self.device, dtype=torch.int32)
-        self.req_to_token[row_idx.to(self.device), col_idx.to(self.device)] = values
+        # One host-to-device copy, not waited for (the table is only read by later kernels).
+        packed = torch.stack((row_idx, col_idx, torch.as_tensor(slots, dtype=torch.int64).cpu()))
+        packed = packed.to(self.device, non_blocking=True)
+        self.req_to_token[packed[0], packed[1]] = packed[2].to(torch.int32)
 
 
 class KVPool:

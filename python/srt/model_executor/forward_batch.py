@@ -101,4 +101,6 @@ class ForwardBatch:
 
 
 def _t(values: list[int], device: torch.device | str) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.int64, device=device)
+    # NOTE: built on the host, then copied without waiting for the device (a tensor made
+    # directly on the GPU from a list would synchronize the stream).
+    return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
