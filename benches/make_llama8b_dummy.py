@@ -2,8 +2,10 @@
 
 config.json has Llama-3.1-8B's shape (hidden 4096, 32 layers, 32 heads, 8 KV heads, intermediate
 14336, vocab 128256, llama3 rope scaling); the tokenizer is the small byte-level BPE of
-`srt.testing.tiny_model` trained on the spot (the benchmarks send random token ids of its
-vocabulary; output ids it does not know decode to nothing). Nothing is downloaded.
+`srt.testing.tiny_model` trained on the spot, its vocabulary padded with plain tokens "t<id>"
+up to 128256 entries, so every id the model can emit decodes to text (the detokenizer and the
+streaming path do real work; an id unknown to the tokenizer would decode to nothing). Nothing is
+downloaded.
 
     python benches/make_llama8b_dummy.py /tmp/llama8b
 """
@@ -54,6 +56,14 @@ def main(path: str) -> None:
         json.dumps({"bos_token_id": 128000, "eos_token_id": CONFIG["eos_token_id"]})
     )
     train_tokenizer(folder, vocab_size=2048)
+    tok_file = folder / "tokenizer.json"
+    tok = json.loads(tok_file.read_text())
+    vocab = tok["model"]["vocab"]
+    taken = set(vocab.values()) | {t["id"] for t in tok.get("added_tokens", [])}
+    for i in range(CONFIG["vocab_size"]):
+        if i not in taken:
+            vocab[f"t{i}"] = i
+    tok_file.write_text(json.dumps(tok, ensure_ascii=False))
 
 
 if __name__ == "__main__":
