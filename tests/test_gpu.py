@@ -38,6 +38,10 @@ STEPS = 12
 # 2^-8 (the raw random model's logits reach ~40, where a bf16 step is 0.25: a tolerance of 1e-2
 # would then be finer than the logits themselves can be).
 LM_HEAD_SCALE = 0.02
+# q/k projections are scaled so attention scores have a spread of ~1, as in trained models: the
+# raw init (std 0.3 over 1024 inputs) gives scores of std ~90, a one-hot softmax whose winner a
+# one-ulp change of q or k can flip, which no two bf16 implementations would agree on.
+QK_SCALE = 0.125
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +63,9 @@ def gpu_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         weights = Path(path) / "model.safetensors"
         tensors = load_file(weights)
         tensors["lm_head.weight"] *= LM_HEAD_SCALE
+        for name in tensors:
+            if ".q_proj." in name or ".k_proj." in name:
+                tensors[name] *= QK_SCALE
         save_file(tensors, weights, metadata={"format": "pt"})
         paths[arch] = path
     return paths
@@ -210,14 +217,25 @@ def test_flashinfer_agrees_with_torch_native(
     assert diff < 0.05 * scale, f"logits differ by {diff} (scale {scale})"
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_flashinfer_matches_hf_transformers(arch: str, gpu_models: dict[str, str]) -> None:
+def test_flashinfer_matches_hf_transformers(
+    arch: str, fused: bool, gpu_models: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the fused norm/activation/RoPE kernels (the default on CUDA), and without them (the
+    torch ops HF runs, in its order): only attention differs from HF then."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
+    from srt.layers import flashinfer_ops
+
+    if not fused:
+        monkeypatch.setenv(flashinfer_ops.DISABLE_ENV, "1")
     path = gpu_models[arch]
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
     gen = GenerationConfig(do_sample=False, max_new_tokens=STEPS, eos_token_id=None, pad_token_id=0)
     runner = make_runner(path, "flashinfer")
+    norm = runner.model.model.norm
+    assert (norm._fused is not None) == fused
     for seed, n in ((1, 23), (2, 70)):
         ids = prompt(n, seed=seed)
         with torch.no_grad():

@@ -27,8 +27,6 @@ DISABLE_ENV = "SRT_DISABLE_FUSED_KERNELS"
 
 @functools.cache
 def _flashinfer() -> Any:
-    if os.environ.get(DISABLE_ENV) == "1":
-        return None
     try:
         import flashinfer
     except Exception as e:  # missing or broken: the torch path serves
@@ -40,5 +38,7 @@ def _flashinfer() -> Any:
 def kernels(device: torch.device | str, dtype: torch.dtype) -> Any:
     """The flashinfer module when its fused kernels serve tensors of this device and dtype."""
     if torch.device(device).type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return None
+    if os.environ.get(DISABLE_ENV) == "1":
         return None
     return _flashinfer()

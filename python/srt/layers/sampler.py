@@ -69,7 +69,7 @@ class SamplingBatchInfo:
     top_ps: torch.Tensor  # [B] fp32
     min_ps: torch.Tensor  # [B] fp32
     is_greedy: torch.Tensor  # [B] bool
-    uniforms: torch.Tensor  # [B] fp32 in [0, 1), from (seed, step)
+    uniforms: torch.Tensor | None  # [B] fp32 in [0, 1), from (seed, step); None if all greedy
     all_greedy: bool
     need_sort: bool  # some sampled row uses top_k or top_p
     need_min_p: bool
@@ -133,7 +133,8 @@ class SamplingBatchInfo:
             min_ps=floats[:, 2],
             top_ks=ints[:, 0],
             is_greedy=ints[:, 1].bool(),
-            uniforms=seeded_uniforms(ints[:, 2], ints[:, 3]),
+            # NOTE: ~14 small kernels; an all-greedy batch (the common decode step) skips them.
+            uniforms=seeded_uniforms(ints[:, 2], ints[:, 3]) if sampled else None,
             all_greedy=not sampled,
             need_sort=any(0 < p.top_k < V or p.top_p < 1.0 for p in sampled),
             need_min_p=any(p.min_p > 0.0 for p in sampled),
@@ -301,6 +302,7 @@ class Sampler:
         # NOTE: the draw walks the vocabulary in id order, never the sorted order, so a row's
         # token depends only on its own (filtered) distribution and uniform, not on whether
         # a batch-mate made this step sort.
+        assert info.uniforms is not None, "a batch with sampled rows has uniforms"
         cum = probs.cumsum(dim=-1)
         total = cum[:, -1:]
         # The target stays strictly below the total, so the first entry whose cumulative mass
