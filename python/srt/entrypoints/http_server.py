@@ -24,6 +24,7 @@ import math
 import os
 import signal
 import sys
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -331,6 +332,8 @@ def launch_server(server_args: ServerArgs) -> int:
         if len(stop_signals) == 1 and not serving:
             raise KeyboardInterrupt
 
+    if server_args.node_rank > 0:
+        return _serve_worker_node(server_args)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
@@ -382,6 +385,65 @@ def launch_server(server_args: ServerArgs) -> int:
     finally:
         if tm is not None:
             tm.close()
+        if procs is not None:
+            procs.shutdown()
+        if port_args is not None:
+            port_args.cleanup()
+
+
+def _serve_worker_node(server_args: ServerArgs) -> int:
+    """--node-rank > 0: runs this node's scheduler ranks (no HTTP, no detokenizer) until a
+    signal (exit 0) or until one of them exits, e.g. when node 0 goes away (exit 1)."""
+    from srt.entrypoints.launch import (
+        LaunchError,
+        configure_logging,
+        launch_subprocesses,
+        node_ranks,
+        prepare_server_args,
+    )
+
+    configure_logging(server_args, f"node{server_args.node_rank}")
+    stopped = threading.Event()
+    died: list[str] = []
+
+    def on_signal(sig: int, frame: Any) -> None:
+        stopped.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    port_args: PortArgs | None = None
+    procs = None
+    try:
+        server_args = prepare_server_args(server_args)
+        port_args = PortArgs.new(server_args)
+        procs = launch_subprocesses(server_args, port_args)
+        ranks = node_ranks(server_args)
+        print(
+            f"srt node {server_args.node_rank}: ranks {ranks.start}..{ranks.stop - 1} of "
+            f"{server_args.world_size} ready, joined {server_args.dist_init_addr}"
+        )
+        sys.stdout.flush()
+
+        def on_death(name: str, code: int | None) -> None:
+            died.append(f"{name} (exit code {code})")
+            stopped.set()
+
+        procs.start_watchdog(on_death)
+        while not stopped.wait(0.5):
+            pass
+        if died:
+            print(f"srt: the {died[0]} process ended; exiting", file=sys.stderr)
+            return 1
+        return 0
+    except LaunchError as e:
+        print(f"srt: startup failed: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        print(f"srt: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
         if procs is not None:
             procs.shutdown()
         if port_args is not None:
