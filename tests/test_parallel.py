@@ -229,3 +229,14 @@ def test_step_split_keeps_logit_rows_in_order() -> None:
         seq_lens=[5, 6, 7],
     )
     assert [p.seq_lens for p in decode.split(2)] == [[5], [6, 7]]
+
+
+def test_one_batch_refuses_parallel_flags(
+    tiny_model_paths: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """one-batch runs one in-process rank: it must not silently measure an unsharded model."""
+    from srt.bench.__main__ import main
+
+    argv = ["one-batch", "--model-path", tiny_model_paths["llama"], "--tp-size", "2"]
+    assert main(argv) == 1
+    assert "measure --tp-size" in capsys.readouterr().err
