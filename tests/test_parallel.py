@@ -20,6 +20,7 @@ from _live import alive, child_pids, free_port, start_server, subprocess_env
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from srt.model_executor.forward_batch import StepInput
+from srt.testing.tiny_model import make_tiny_model
 
 # Prompts of different lengths, so a step's micro-batches differ in size.
 PROMPTS = [
@@ -80,12 +81,11 @@ def test_parallel_greedy_equals_hf(
     assert "scheduler-rank1 process ready" in log
 
 
-def test_tp4_pp2_replicated_kv_heads_and_logprobs(
-    tiny_model_paths: dict[str, str], tmp_path: Path
-) -> None:
-    """tp 4 over a model of 2 KV heads (each held by two ranks) times 2 stages (8 ranks);
-    prompt and output logprobs cross the pipeline's micro-batches intact."""
-    path = tiny_model_paths["llama"]
+def test_tp4_pp2_tied_replicated_kv_heads_and_logprobs(tmp_path: Path) -> None:
+    """tp 4 over a model of 2 KV heads (each held by two ranks) times 2 stages (8 ranks), with
+    tied embeddings (the last stage holds its own copy for the lm_head); prompt and output
+    logprobs cross the pipeline's micro-batches intact."""
+    path = make_tiny_model(tmp_path / "tied", "llama", tie_word_embeddings=True)
     proc, base = start_server(
         ["--model-path", path, "--max-total-tokens", "1024", "--tp-size", "4", "--pp-size", "2"],
         tmp_path / "log",
