@@ -51,7 +51,6 @@ from srt.managers.tokenizer_manager import (
     GenerateReqInput,
     RuntimeDeadError,
     TokenizerManager,
-    fan_out,
     final_output,
     merge_streams,
     public_output,
@@ -256,7 +255,7 @@ def create_app(tokenizer_manager: TokenizerManager) -> FastAPI:
                 # n > 1: n choices per prompt, returned as a list (index = prompt * n + j).
                 n = requested_n(o.sampling_params)
                 batch = batch or n > 1
-                reqs.extend(fan_out(await tm.tokenize_request(o), n))
+                reqs.extend(tm.fan_out(await tm.tokenize_request(o), n))
         except ValueError as e:
             raise RequestError(str(e)) from e
         if body.stream:
@@ -314,6 +313,7 @@ def launch_server(server_args: ServerArgs) -> int:
         configure_logging,
         launch_subprocesses,
         prepare_server_args,
+        scheduler_name,
     )
 
     configure_logging(server_args, "main")
@@ -341,6 +341,8 @@ def launch_server(server_args: ServerArgs) -> int:
         port_args = PortArgs.new(server_args)
         procs = launch_subprocesses(server_args, port_args)
         tm = TokenizerManager(server_args, port_args, procs.scheduler_info)
+        replicas = range(server_args.dp_size)
+        tm.scheduler_pids = [procs.procs[scheduler_name(d, 0)].pid or 0 for d in replicas]
 
         def on_death(name: str, code: int | None) -> None:
             print(f"srt: the {name} process died (exit code {code}); exiting", file=sys.stderr)
@@ -350,7 +352,11 @@ def launch_server(server_args: ServerArgs) -> int:
         procs.start_watchdog(on_death)
         gate = RequestGate(
             create_app(tm),
-            max_running=int(procs.scheduler_info.get("max_running_requests") or 1),
+            # NOTE: every replica runs its own batch, so the server runs their sum at once.
+            max_running=sum(
+                int(info.get("max_running_requests") or 1)
+                for info in procs.replica_infos(server_args.dp_size)
+            ),
             max_queued=server_args.max_queued_requests,
         )
         config = uvicorn.Config(
