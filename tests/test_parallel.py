@@ -115,6 +115,24 @@ def test_tp4_pp2_tied_replicated_kv_heads_and_logprobs(tmp_path: Path) -> None:
     assert "1 KV heads" in log
 
 
+def test_dp2_tp2_replicas_each_sharded(tiny_model_paths: dict[str, str], tmp_path: Path) -> None:
+    """Two round-robin replicas of two TP ranks each (own rendezvous, own KV pools)."""
+    path = tiny_model_paths["qwen3"]
+    flags = ["--dp-size", "2", "--tp-size", "2", "--load-balance-method", "round_robin"]
+    proc, base = start_server(
+        ["--model-path", path, "--max-total-tokens", "1024", *flags], tmp_path / "log", tmp_path
+    )
+    try:
+        outs = [generate(base, [ids])[0] for ids in PROMPTS]
+        info = httpx.get(base + "/server_info", timeout=10).json()
+    finally:
+        assert stop(proc) == 0
+    assert [o["output_ids"] for o in outs] == hf_greedy(path, PROMPTS, STEPS)
+    assert info["stats"]["router"]["routed"] == [2, 2]
+    log = (tmp_path / "log").read_text()
+    assert "scheduler1-rank1 process ready" in log
+
+
 def test_two_nodes_meet_over_dist_init_addr(
     tiny_model_paths: dict[str, str], tmp_path: Path
 ) -> None:
