@@ -27,8 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from srt._native import PrefixIndex
-
-LOAD_BALANCE_METHODS = ("cache_aware", "round_robin", "shortest_queue")
+from srt.server_args import LOAD_BALANCE_METHODS
 
 
 class NoReplicaError(RuntimeError):
