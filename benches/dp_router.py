@@ -19,47 +19,23 @@ import asyncio
 import os
 import random
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
+from _server import launch
 
 # The model built when no --model-path is given: big enough that a prefill costs real time.
 MODEL_SHAPE = dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2)
 MODEL_SHAPE |= dict(intermediate_size=768, max_position_embeddings=2048)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start_server(model: str, method: str, args: argparse.Namespace, log: Path) -> tuple:
-    port = _free_port()
-    cmd = [sys.executable, "-m", "srt", "serve", "--model-path", model, "--port", str(port)]
-    cmd += ["--dp-size", str(args.dp_size), "--load-balance-method", method]
-    cmd += ["--max-total-tokens", str(args.pool)]
-    out = open(log, "wb")  # noqa: SIM115 (closed with the server)
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                return proc, base, out
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit(f"server not healthy in 300 s:\n{log.read_text()}")
-        time.sleep(0.5)
+    flags = ["--model-path", model, "--dp-size", str(args.dp_size)]
+    flags += ["--load-balance-method", method, "--max-total-tokens", str(args.pool)]
+    return launch(flags, log)
 
 
 def workload(args: argparse.Namespace, vocab: int) -> list[list[int]]:
@@ -138,7 +114,7 @@ def main() -> int:
     )
     print(f"{'method':<14}{'hit rate':>10}{'req/s':>9}{'tok/s':>10}{'time s':>9}  routed")
     for method in args.methods:
-        proc, base, out = start_server(model, method, args, tmp / f"{method}.log")
+        proc, base = start_server(model, method, args, tmp / f"{method}.log")
         try:
             asyncio.run(run_load(base, prompts[: args.concurrency * 2], args))  # warm-up
             httpx.post(base + "/flush_cache", timeout=60).raise_for_status()
@@ -146,7 +122,6 @@ def main() -> int:
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
-            out.close()
         hit = r["cached"] / r["prompt"]
         tok_s = (r["prompt"] + r["completion"]) / r["elapsed"]
         print(

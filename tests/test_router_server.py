@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from _live import free_port, start_server, subprocess_env
+from _live import free_port, start_server, subprocess_env, wait_healthy
 
 from srt.entrypoints.router_server import RouterArgs, routing_key
 
@@ -78,20 +78,7 @@ def _start_router(urls: list[str], log: Path, tmp: Path) -> tuple[subprocess.Pop
         proc = subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, env=subprocess_env(TMPDIR=str(tmp))
         )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"router exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"router not healthy within 60 s:\n{log.read_text()}")
-        time.sleep(0.3)
+    return proc, wait_healthy(proc, f"http://127.0.0.1:{port}", log, 60, "router")
 
 
 @pytest.fixture(scope="module")
