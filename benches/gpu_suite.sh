@@ -6,7 +6,8 @@
 #
 # $GPU_DIR holds: whl/ (dependency wheels), srtwhl/ (the srt abi3 wheel), fi.tar.xz (a slimmed
 # flashinfer-python tree), optionally ficache.tar.xz (FlashInfer's JIT cache from an earlier
-# run) and src/ (python/, tests/, benches/, pyproject.toml of the checkout under test: its
+# run; NOTE: restoring it did not stop the recompiles on a fresh machine, so give the first
+# stage that builds a model ~4 minutes for FlashInfer's kernels) and src/ (python/, tests/, benches/, pyproject.toml of the checkout under test: its
 # Python files overlay the wheel's). Stages:
 #   env       nvidia-smi, versions, imports
 #   tests     pytest tests/test_gpu.py tests/test_attention_backends.py (compiles FlashInfer's

@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import collections
 import json
-import os
 import random
 import re
 import signal
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from _server import launch
 
 KV_LINE = re.compile(r"kv idle: (.*)")
 PROMPTS = [
@@ -83,44 +83,10 @@ def start_server(args: argparse.Namespace, workdir: Path) -> tuple[subprocess.Po
         from srt.testing.tiny_model import make_tiny_model
 
         model = make_tiny_model(workdir / "tiny-llama", "llama")
-    with socket_port() as port:
-        pass
     log = workdir / "server.log"
-    cmd = [sys.executable, "-m", "srt", "serve", "--model-path", model, "--port", str(port)]
-    cmd += ["--log-level", "debug", *args.server_args]
-    env = dict(os.environ)
-    src = str(Path(__file__).resolve().parents[1] / "python")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                return proc, base, log
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit("server not healthy within 300 s")
-        time.sleep(0.5)
-
-
-class socket_port:
-    """A free loopback port (context manager returning the number)."""
-
-    def __enter__(self) -> int:
-        import socket
-
-        self.s = socket.socket()
-        self.s.bind(("127.0.0.1", 0))
-        return self.s.getsockname()[1]
-
-    def __exit__(self, *exc: object) -> None:
-        self.s.close()
+    flags = ["--model-path", model, "--log-level", "debug", *args.server_args]
+    proc, base = launch(flags, log)
+    return proc, base, log
 
 
 class Stats:

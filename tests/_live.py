@@ -66,8 +66,6 @@ def start_server(
     """Starts `python -m srt serve ARGS --port <free>` and waits until /health answers 200.
     Returns the process and its base URL; fails the test with the log if it never does.
     `env` adds environment variables for the server."""
-    import httpx
-
     port = free_port()
     cmd = [sys.executable, "-m", "srt", "serve", "--port", str(port), *args]
     with open(log, "wb") as out:
@@ -77,17 +75,26 @@ def start_server(
             stderr=subprocess.STDOUT,
             env=subprocess_env(TMPDIR=str(tmpdir), **(env or {})),
         )
-    base = f"http://127.0.0.1:{port}"
+    return proc, wait_healthy(proc, f"http://127.0.0.1:{port}", log, timeout, "server")
+
+
+def wait_healthy(
+    proc: subprocess.Popen, base: str, log: Path, timeout: float, what: str = "server"
+) -> str:
+    """Waits until `base`/health answers 200 and returns `base`; fails the test with the log
+    if `proc` exits first or `timeout` seconds pass."""
+    import httpx
+
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()}")
+            pytest.fail(f"{what} exited with {proc.returncode}:\n{log.read_text()}")
         try:
             if httpx.get(base + "/health", timeout=1).status_code == 200:
-                return proc, base
+                return base
         except httpx.HTTPError:
             pass
         if time.monotonic() > deadline:
             proc.kill()
-            pytest.fail(f"server not healthy within {timeout} s:\n{log.read_text()}")
-        time.sleep(0.5)
+            pytest.fail(f"{what} not healthy within {timeout:g} s:\n{log.read_text()}")
+        time.sleep(0.3)

@@ -1,6 +1,7 @@
 """The `srt` command line: `python -m srt <command>` or the `srt` console script.
 
-Commands: `serve` (the OpenAI-compatible HTTP server; its flags are ServerArgs' fields) and
+Commands: `serve` (the OpenAI-compatible HTTP server; its flags are ServerArgs' fields),
+`router` (a cache-aware HTTP router over several servers, srt.entrypoints.router_server) and
 `bench` (the benchmark tools of `srt.bench`). Each
 command registers itself in `COMMANDS` with a function that adds its parser, so more commands
 (e.g. `bench`) plug in without touching the others.
@@ -54,10 +55,37 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_bench)
 
 
+def _router(args: argparse.Namespace) -> int:
+    from srt.entrypoints.router_server import args_from_cli, run_router
+
+    try:
+        router_args = args_from_cli(args)
+    except ValueError as e:
+        print(f"srt router: error: {e}", file=sys.stderr)
+        return 2
+    return run_router(router_args)
+
+
+def _add_router(sub: argparse._SubParsersAction) -> None:
+    from srt.entrypoints.router_server import add_cli_args
+
+    p = sub.add_parser(
+        "router",
+        help="Route requests over several srt servers (cache-aware).",
+        description="An HTTP router in front of srt servers: /v1/completions, "
+        "/v1/chat/completions, /generate (streams included), /v1/models, /health, /workers. "
+        "Requests go to the server most likely to hold their prefix in its cache, or the "
+        "least loaded one when load is uneven.",
+    )
+    add_cli_args(p)
+    p.set_defaults(func=_router)
+
+
 # name -> function adding the command's subparser (which sets `func` to its handler).
 COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "serve": _add_serve,
     "bench": _add_bench,
+    "router": _add_router,
 }
 
 

@@ -82,6 +82,36 @@ class BatchScheduler:
 
 # --- radix / alloc ---
 
+class PrefixIndex:
+    """Approximate prefix index over data-parallel replicas (the router, main process).
+
+    One radix tree per replica of the keys routed there (token ids, or UTF-8 bytes of a prompt);
+    each keeps at most `max_tokens`, forgetting the least recently routed keys first. It never
+    sees the replicas' real caches. ValueError on no replicas, a zero cap or a replica out of
+    range.
+    """
+
+    def __init__(self, num_replicas: int, max_tokens: int) -> None: ...
+    @property
+    def num_replicas(self) -> int: ...
+    @property
+    def max_tokens(self) -> int: ...
+    def match_prefix(
+        self, key: list[int], candidates: list[int], namespace: str = ""
+    ) -> tuple[int, int] | None:
+        """`(replica, matched length)` of the candidate holding the longest prefix of `key`
+        (ties: the smallest tree, then the lowest index); None when `candidates` is empty.
+        Refreshes the recency of the matched paths."""
+    def insert(self, replica: int, key: list[int], namespace: str = "") -> int:
+        """Records `key` as routed to `replica`, then evicts down to `max_tokens`; returns how
+        much of it the replica already held."""
+    def smallest(self, candidates: list[int]) -> int | None:
+        """The candidate with the smallest tree (ties: the lowest index); None when empty."""
+    def size(self, replica: int) -> int:
+        """Tokens indexed for `replica`."""
+    def clear(self, replica: int) -> None:
+        """Forgets everything routed to `replica`."""
+
 class RadixTree:
     """Prefix cache over token ids whose values are KV slot indices (scheduler process).
 

@@ -149,6 +149,11 @@ def build_runner(args: argparse.Namespace) -> Bench:
     from srt.server_args import ServerArgs
 
     server_args = ServerArgs.from_cli_args(args)
+    if server_args.world_size > 1 or server_args.dp_size > 1:
+        raise ValueError(
+            "one-batch runs the model in this process, as one rank; measure --tp-size, "
+            "--pp-size or --dp-size with `srt.bench offline` or `serving`"
+        )
     try:
         from srt.model_loader.gguf import resolve_model_paths
     except ImportError:

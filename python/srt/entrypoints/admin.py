@@ -2,8 +2,10 @@
 
 Routes: GET /health_generate, GET /v1/models/{id}, POST /v1/tokenize, POST /v1/detokenize,
 GET /server_info, GET /model_info, POST /flush_cache, POST /abort_request, and GET /metrics
-(only with --enable-metrics). Scheduler numbers come from the scheduler over the control path
-(`TokenizerManager.control`). Errors use the OpenAI error body like every other route.
+(only with --enable-metrics). Scheduler numbers come from the schedulers over the control path
+(`TokenizerManager.scheduler_stats`; summed over data-parallel replicas, each replica's under
+`stats.replicas`); /flush_cache empties every replica's cache. Errors use the OpenAI error body
+like every other route.
 
 With --api-key, every route except /health and /metrics needs `Authorization: Bearer KEY`.
 """
@@ -23,7 +25,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from srt.entrypoints.openai.protocol import ChatMessage, RequestError, error_body
 from srt.entrypoints.openai.serving_base import OpenAIServingBase
-from srt.managers.io_struct import FlushCacheReq, FlushCacheResp, GetStatsReq, StatsResp
 from srt.managers.tokenizer_manager import (
     GenerateReqInput,
     RuntimeDeadError,
@@ -116,13 +117,11 @@ def register_admin_routes(app: FastAPI, tm: TokenizerManager, parse_body: Callab
 
     async def scheduler_stats() -> dict[str, Any]:
         try:
-            resp = await tm.control(lambda i: GetStatsReq(req_id=i), CONTROL_TIMEOUT_S)
+            return await tm.scheduler_stats(CONTROL_TIMEOUT_S)
         except asyncio.TimeoutError as e:
             raise RequestError(
                 "the scheduler did not answer", status_code=503, type="server_error"
             ) from e
-        assert isinstance(resp, StatsResp)
-        return resp.stats
 
     @app.get("/health_generate")
     async def health_generate() -> Response:
@@ -190,6 +189,8 @@ def register_admin_routes(app: FastAPI, tm: TokenizerManager, parse_body: Callab
             args["api_key"] = "***"  # never echo the secret
         info = {**args, **tm.scheduler_info, "version": __version__}
         info["max_total_num_tokens"] = tm.max_total_num_tokens
+        info["dp_size"] = tm.dp_size
+        info["scheduler_pids"] = tm.scheduler_pids
         info["stats"] = await scheduler_stats()
         return JSONResponse(info)
 
@@ -210,10 +211,9 @@ def register_admin_routes(app: FastAPI, tm: TokenizerManager, parse_body: Callab
     @app.post("/flush_cache")
     async def flush_cache() -> Response:
         try:
-            resp = await tm.control(lambda i: FlushCacheReq(req_id=i), CONTROL_TIMEOUT_S)
+            resp = await tm.flush_cache(CONTROL_TIMEOUT_S)
         except asyncio.TimeoutError:
             return _err(503, "the scheduler did not answer", "server_error")
-        assert isinstance(resp, FlushCacheResp)
         if not resp.success:
             raise RequestError(resp.message, code="cache_busy")
         return JSONResponse({"success": True, "message": resp.message})

@@ -25,7 +25,6 @@ from srt.managers.tokenizer_manager import (
     GenerateReqInput,
     RuntimeDeadError,
     TokenizerManager,
-    fan_out,
     final_output,
     merge_streams,
     public_output,
@@ -152,7 +151,7 @@ class Engine:
         reqs = [
             r
             for o in objs
-            for r in fan_out(await tm.tokenize_request(o), requested_n(o.sampling_params))
+            for r in tm.fan_out(await tm.tokenize_request(o), requested_n(o.sampling_params))
         ]
         outs = await run_all([final_output(tm.generate_tokenized(r)) for r in reqs])
         return [public_output(o) for o in outs]
@@ -181,7 +180,7 @@ class Engine:
         reqs = [
             r
             for o in objs
-            for r in fan_out(await tm.tokenize_request(o), requested_n(o.sampling_params))
+            for r in tm.fan_out(await tm.tokenize_request(o), requested_n(o.sampling_params))
         ]
         async for i, out in merge_streams([tm.generate_tokenized(r) for r in reqs]):
             d = public_output(out)

@@ -24,6 +24,7 @@ import math
 import os
 import signal
 import sys
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -50,7 +51,6 @@ from srt.managers.tokenizer_manager import (
     GenerateReqInput,
     RuntimeDeadError,
     TokenizerManager,
-    fan_out,
     final_output,
     merge_streams,
     public_output,
@@ -255,7 +255,7 @@ def create_app(tokenizer_manager: TokenizerManager) -> FastAPI:
                 # n > 1: n choices per prompt, returned as a list (index = prompt * n + j).
                 n = requested_n(o.sampling_params)
                 batch = batch or n > 1
-                reqs.extend(fan_out(await tm.tokenize_request(o), n))
+                reqs.extend(tm.fan_out(await tm.tokenize_request(o), n))
         except ValueError as e:
             raise RequestError(str(e)) from e
         if body.stream:
@@ -313,6 +313,7 @@ def launch_server(server_args: ServerArgs) -> int:
         configure_logging,
         launch_subprocesses,
         prepare_server_args,
+        scheduler_name,
     )
 
     configure_logging(server_args, "main")
@@ -331,6 +332,8 @@ def launch_server(server_args: ServerArgs) -> int:
         if len(stop_signals) == 1 and not serving:
             raise KeyboardInterrupt
 
+    if server_args.node_rank > 0:
+        return _serve_worker_node(server_args)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
@@ -338,6 +341,8 @@ def launch_server(server_args: ServerArgs) -> int:
         port_args = PortArgs.new(server_args)
         procs = launch_subprocesses(server_args, port_args)
         tm = TokenizerManager(server_args, port_args, procs.scheduler_info)
+        replicas = range(server_args.dp_size)
+        tm.scheduler_pids = [procs.procs[scheduler_name(d, 0)].pid or 0 for d in replicas]
 
         def on_death(name: str, code: int | None) -> None:
             print(f"srt: the {name} process died (exit code {code}); exiting", file=sys.stderr)
@@ -347,7 +352,11 @@ def launch_server(server_args: ServerArgs) -> int:
         procs.start_watchdog(on_death)
         gate = RequestGate(
             create_app(tm),
-            max_running=int(procs.scheduler_info.get("max_running_requests") or 1),
+            # NOTE: every replica runs its own batch, so the server runs their sum at once.
+            max_running=sum(
+                int(info.get("max_running_requests") or 1)
+                for info in procs.replica_infos(server_args.dp_size)
+            ),
             max_queued=server_args.max_queued_requests,
         )
         config = uvicorn.Config(
@@ -382,6 +391,65 @@ def launch_server(server_args: ServerArgs) -> int:
     finally:
         if tm is not None:
             tm.close()
+        if procs is not None:
+            procs.shutdown()
+        if port_args is not None:
+            port_args.cleanup()
+
+
+def _serve_worker_node(server_args: ServerArgs) -> int:
+    """--node-rank > 0: runs this node's scheduler ranks (no HTTP, no detokenizer) until a
+    signal (exit 0) or until one of them exits, e.g. when node 0 goes away (exit 1)."""
+    from srt.entrypoints.launch import (
+        LaunchError,
+        configure_logging,
+        launch_subprocesses,
+        node_ranks,
+        prepare_server_args,
+    )
+
+    configure_logging(server_args, f"node{server_args.node_rank}")
+    stopped = threading.Event()
+    died: list[str] = []
+
+    def on_signal(sig: int, frame: Any) -> None:
+        stopped.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    port_args: PortArgs | None = None
+    procs = None
+    try:
+        server_args = prepare_server_args(server_args)
+        port_args = PortArgs.new(server_args)
+        procs = launch_subprocesses(server_args, port_args)
+        ranks = node_ranks(server_args)
+        print(
+            f"srt node {server_args.node_rank}: ranks {ranks.start}..{ranks.stop - 1} of "
+            f"{server_args.world_size} ready, joined {server_args.dist_init_addr}"
+        )
+        sys.stdout.flush()
+
+        def on_death(name: str, code: int | None) -> None:
+            died.append(f"{name} (exit code {code})")
+            stopped.set()
+
+        procs.start_watchdog(on_death)
+        while not stopped.wait(0.5):
+            pass
+        if died:
+            print(f"srt: the {died[0]} process ended; exiting", file=sys.stderr)
+            return 1
+        return 0
+    except LaunchError as e:
+        print(f"srt: startup failed: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        print(f"srt: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
         if procs is not None:
             procs.shutdown()
         if port_args is not None:

@@ -11,15 +11,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from srt.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from srt.model_executor.forward_batch import ForwardBatch
 
 
 class LogitsProcessor(nn.Module):
     def forward(
-        self, hidden_states: torch.Tensor, lm_head_weight: torch.Tensor, forward_batch: ForwardBatch
+        self,
+        hidden_states: torch.Tensor,
+        lm_head: VocabParallelEmbedding,
+        forward_batch: ForwardBatch,
     ) -> torch.Tensor:
-        """hidden_states [T, hidden], lm_head_weight [vocab, hidden] -> logits [B (+ K), vocab]
-        fp32 (K = len(extra_logit_indices) when set)."""
+        """hidden_states [T, hidden] -> logits [B (+ K), vocab] fp32 (K =
+        len(extra_logit_indices) when set), gathered over the TP ranks' vocab blocks."""
         if not forward_batch.is_decode:
             assert forward_batch.extend_seq_lens is not None
             last = torch.cumsum(forward_batch.extend_seq_lens, 0) - 1
@@ -27,4 +31,4 @@ class LogitsProcessor(nn.Module):
             if extra is not None:
                 last = torch.cat([last, extra])
             hidden_states = hidden_states[last]
-        return torch.matmul(hidden_states, lm_head_weight.t()).float()
+        return lm_head.lm_head_logits(hidden_states)

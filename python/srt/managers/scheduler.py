@@ -47,7 +47,7 @@ from srt.managers.io_struct import (
     encode,
 )
 from srt.model_executor.forward_batch import ForwardBatch
-from srt.model_executor.model_runner import ModelRunner
+from srt.model_executor.model_runner import ModelRunner, RankFailure
 from srt.sampling_params import SamplingParams
 from srt.server_args import PortArgs, ServerArgs
 
@@ -195,6 +195,8 @@ class Scheduler:
             "architecture": self.model_config.architecture,
             "device": str(self.device),
             "dtype": str(self.runner.dtype).removeprefix("torch."),
+            "tp_size": self.server_args.tp_size,
+            "pp_size": self.server_args.pp_size,
         }
 
     # ---- loop ----------------------------------------------------------------------------
@@ -240,6 +242,8 @@ class Scheduler:
     def fail_step(self, plan: object, error: Exception) -> None:
         """Aborts the requests of a step that raised, which returns their KV; re-raises when
         steps keep failing (a broken runner, not a bad request)."""
+        if isinstance(error, RankFailure):
+            raise error  # the other ranks cannot follow; the watchdog ends the server
         self.failed_steps += 1
         logger.exception("step failed (%d in a row); aborting its requests", self.failed_steps)
         if self.failed_steps >= MAX_FAILED_STEPS:
@@ -531,11 +535,11 @@ class Scheduler:
         prefix_lens: list[int] = []
         extend_lens: list[int] = []
         sampling: list[tuple[int, Req]] = []
-        # req_to_token entries to write, in one indexed store (and one host-to-device copy).
-        w_rows: list[int] = []
-        w_starts: list[int] = []
-        w_lens: list[int] = []
-        w_slots: list[int] = []
+        # req_to_token writes (the runner applies them, on every rank).
+        table_rows: list[int] = []
+        table_starts: list[int] = []
+        table_lens: list[int] = []
+        table_slots: list[int] = []
         # Prompt logprobs: (req, first position, end) of logits rows wanted beyond the last.
         extra: list[int] = []
         scored: list[tuple[Req, int, int]] = []
@@ -547,10 +551,10 @@ class Scheduler:
                     if req.row is None:
                         raise RuntimeError("ReqToTokenPool is full; max_running_requests is off")
                 req.cached_tokens = max(req.cached_tokens, e.cached_len)
-            w_rows.append(req.row)
-            w_starts.append(e.slots_from)
-            w_lens.append(len(e.slots))
-            w_slots.extend(e.slots)
+            table_rows.append(req.row)
+            table_starts.append(e.slots_from)
+            table_lens.append(len(e.slots))
+            table_slots.extend(e.slots)
             end = e.prefix_len + e.extend_len
             if req.input_lp_next < len(req.input_ids):
                 # Logits at position q give the logprob of token q + 1.
@@ -569,12 +573,12 @@ class Scheduler:
             extend_lens.append(e.extend_len)
             if e.is_last_chunk:
                 sampling.append((i, req))
-        pool.write(w_rows, w_starts, w_slots, w_lens)
         batch = ForwardBatch.extend(
             input_ids, out_loc, rows, prefix_lens, extend_lens, device=self.device
         )
+        batch.set_table_writes(table_rows, table_starts, table_lens, table_slots)
         if extra:
-            batch.extra_logit_indices = torch.tensor(extra, dtype=torch.int64, device=self.device)
+            batch.set_extra_logit_indices(extra)
 
         self.maybe_inject_fault([self.reqs[e.rid] for e in entries])
         logits = self.runner.forward(batch)
@@ -620,10 +624,10 @@ class Scheduler:
         reqs = [self.reqs[n] for n in nids]
         seq_lens = [len(r.input_ids) + len(r.output_ids) for r in reqs]
         rows = [r.row for r in reqs]
-        pool.write(rows, [n - 1 for n in seq_lens], slots)
         batch = ForwardBatch.decode(
             [r.output_ids[-1] for r in reqs], slots, rows, seq_lens, device=self.device
         )
+        batch.set_table_writes(rows, [n - 1 for n in seq_lens], [1] * len(rows), list(slots))
         self.maybe_inject_fault(reqs)
         logits = self.runner.forward(batch)
         self.sample_and_commit(reqs, logits)
@@ -797,10 +801,51 @@ def run_scheduler_process(
 ) -> None:
     """Entry point of one scheduler rank of data-parallel replica `dp_rank` (run by
     `launch._child_entry`, which ties it to the parent, sets up logging and reports an
-    exception from here as a failed start)."""
+    exception from here as a failed start).
+
+    Rank 0 runs the Scheduler (requests, batch assembly, sampling); the other ranks of a
+    tensor / pipeline parallel replica run only their ModelRunner, stepping when rank 0 does."""
     faulthandler.enable()
-    if rank != 0:
-        raise NotImplementedError("tensor/pipeline parallel ranks")
-    scheduler = Scheduler(server_args, port_args, dp_rank)
-    ready_conn.send_bytes(encode(ProcessReady(name="scheduler", ok=True, info=scheduler.info)))
-    scheduler.event_loop()
+    server_args = init_rank(server_args, port_args, dp_rank, rank)
+    if rank == 0:
+        scheduler = Scheduler(server_args, port_args, dp_rank)
+        ready_conn.send_bytes(encode(ProcessReady(name="scheduler", ok=True, info=scheduler.info)))
+        scheduler.event_loop()
+        return
+    model_config = ModelConfig(
+        server_args.model_path,
+        context_length=server_args.context_length,
+        dtype=server_args.dtype,
+        device=server_args.device,
+    )
+    runner = ModelRunner(model_config, server_args)
+    info = {"rank": rank, "device": str(runner.device), "layers": list(runner.model.layer_range)}
+    ready_conn.send_bytes(encode(ProcessReady(name=f"rank{rank}", ok=True, info=info)))
+    runner.worker_loop()
+
+
+def init_rank(server_args: ServerArgs, port_args: PortArgs, dp_rank: int, rank: int) -> ServerArgs:
+    """Joins the replica's process groups when it has several ranks; on GPU, picks this rank's
+    device (`--base-gpu-id` + its index among the node's ranks of all replicas). Returns the
+    server args with that device."""
+    if server_args.world_size == 1 and server_args.dp_size == 1:
+        return server_args
+    from srt.configs.model_config import resolve_device
+    from srt.distributed.parallel_state import init_parallel
+
+    device = resolve_device(server_args.device)
+    if device.startswith("cuda"):
+        per_node = server_args.world_size // server_args.nnodes
+        gpu = server_args.base_gpu_id + dp_rank * per_node + rank % per_node
+        torch.cuda.set_device(gpu)
+        device = f"cuda:{gpu}"
+        server_args = server_args.replace(device=device)
+    if server_args.world_size > 1:
+        init_parallel(
+            server_args.tp_size,
+            server_args.pp_size,
+            rank,
+            port_args.dist_init_addrs[dp_rank],
+            torch.device(device),
+        )
+    return server_args

@@ -3,7 +3,10 @@
 In: a `GenerateReqInput` (text or token ids + sampling params) from the HTTP server or the
 Engine. It applies the chat template (for chat requests), tokenizes, validates against the
 model's limits, sends `TokenizedGenerateReqInput` to the scheduler (PUSH `scheduler_ipc`), and
-keeps a `ReqState` per rid. A background asyncio task receives `BatchStrOut` from the detokenizer
+keeps a `ReqState` per rid. With `--dp-size N` there is one PUSH socket per replica
+(`scheduler_ipcs`) and a `ReplicaRouter` (srt.managers.router) picks each request's replica by
+its token ids; the replica is remembered per rid until the request ends, so its abort goes to
+the same replica, and the copies of an n > 1 request follow the first. A background asyncio task receives `BatchStrOut` from the detokenizer
 (PULL `tokenizer_ipc`) and wakes the waiters. Out: SGLang-shaped dicts
 `{text, output_ids, meta_info{id, prompt_tokens, completion_tokens, cached_tokens, finish_reason,
 e2e_latency}}` (text and output_ids cumulative; with return_logprob also SGLang's
@@ -11,8 +14,9 @@ input/output_token_logprobs and input/output_top_logprobs, raw-model logprobs as
 [logprob, token_id, text]) plus `delta` (the new text, ids and output logprobs since the last
 yield) for the OpenAI layer.
 
-Control requests (`control`: stats, cache flush) go to the scheduler on the same socket and
-their answers come back on `tokenizer_ipc` straight from the scheduler, paired by `req_id`.
+Control requests (`control`: stats, cache flush) go to every replica's scheduler on the same
+sockets and their answers come back on `tokenizer_ipc` straight from the schedulers, paired by
+`req_id`.
 With `metrics` set (srt.metrics.Metrics), every output updates the latency histograms and
 token counters.
 
@@ -28,6 +32,7 @@ import dataclasses
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
@@ -40,7 +45,9 @@ from srt.managers.io_struct import (
     AbortReq,
     BatchStrOut,
     FinishReason,
+    FlushCacheReq,
     FlushCacheResp,
+    GetStatsReq,
     LogprobDelta,
     Message,
     StatsResp,
@@ -48,6 +55,7 @@ from srt.managers.io_struct import (
     decode,
     encode,
 )
+from srt.managers.router import ReplicaRouter, make_router, merge_stats
 from srt.sampling_params import SamplingParams
 from srt.server_args import PortArgs, ServerArgs
 
@@ -59,6 +67,9 @@ _INLINE_TOKENIZE_CHARS = 2048
 _DISCONNECT_POLL_S = 2.0
 # Most alternatives per position for top_logprobs_num (OpenAI allows 20 for chat).
 MAX_TOP_LOGPROBS = 20
+# Most remembered "copy of an n > 1 request -> its first" routing hints; older ones are dropped
+# (a hint only keeps copies on one replica, so losing one costs a cache miss, not correctness).
+_MAX_FANOUT_HINTS = 4096
 
 
 class RuntimeDeadError(RuntimeError):
@@ -154,9 +165,22 @@ class TokenizerManager:
         self._sync_ctx = zmq.Context(1)
         # NOTE: unsent messages to a dead peer must never block exit or garbage collection.
         self._sync_ctx.setsockopt(zmq.LINGER, 0)
-        self._send_sock = self._sync_ctx.socket(zmq.PUSH)
-        self._send_sock.setsockopt(zmq.LINGER, 0)
-        self._send_sock.connect(port_args.scheduler_ipc)
+        self._send_socks: list[zmq.Socket] = []
+        for ipc in port_args.scheduler_ipcs:
+            sock = self._sync_ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(ipc)
+            self._send_socks.append(sock)
+        self.dp_size = len(self._send_socks)
+        # The replica of every request in flight (0 without data parallelism).
+        self._rid_replica: dict[str, int] = {}
+        self._fanout_first: OrderedDict[str, str] = OrderedDict()
+        self.router: ReplicaRouter | None = None
+        if self.dp_size > 1:
+            # NOTE: each replica's index holds about what its KV pool can cache.
+            self.router = make_router(
+                server_args.load_balance_method, self.dp_size, self.max_total_num_tokens
+            )
         self._async_ctx = zmq.asyncio.Context(1)
         self._async_ctx.setsockopt(zmq.LINGER, 0)
         self._recv_sock = self._async_ctx.socket(zmq.PULL)
@@ -167,6 +191,8 @@ class TokenizerManager:
         self._control_waiters: dict[int, asyncio.Future] = {}
         self._next_control_id = 0
         self.metrics: Any = None  # srt.metrics.Metrics when metrics are enabled
+        # Each replica's rank-0 scheduler process id (set by the server; /server_info).
+        self.scheduler_pids: list[int] = []
         self._recv_task: asyncio.Task | None = None
         self.dead_reason: str | None = None
 
@@ -186,6 +212,8 @@ class TokenizerManager:
             state.error = reason
             state.event.set()
         self.rid_to_state.clear()
+        for rid in list(self._rid_replica):
+            self._end(rid)
         for fut in self._control_waiters.values():
             if not fut.done():
                 fut.set_exception(RuntimeDeadError(reason))
@@ -193,7 +221,8 @@ class TokenizerManager:
     def close(self) -> None:
         if self._recv_task is not None:
             self._recv_task.cancel()
-        self._send_sock.close(linger=0)
+        for sock in self._send_socks:
+            sock.close(linger=0)
         self._recv_sock.close(linger=0)
         self._sync_ctx.term()
         self._async_ctx.term()
@@ -236,10 +265,11 @@ class TokenizerManager:
                 state.finish_reason = fr
                 state.finished = True
                 del self.rid_to_state[rid]
+                replica = self._end(rid)
                 if fr.type == "stop" and isinstance(fr.matched, str):
                     # The detokenizer may have matched the stop string before the scheduler
                     # did; stop the scheduler spending steps on it (a no-op if it is done).
-                    self._send_sock.send(encode(AbortReq(rid=rid, message="stop string")))
+                    self._send(replica, AbortReq(rid=rid, message="stop string"))
             # A non-stream waiter only needs the end; waking it per token would be wasted work.
             if state.stream or state.finished:
                 state.event.set()
@@ -385,8 +415,10 @@ class TokenizerManager:
         )
         if req.return_logprob:
             state.logprobs = LogprobDelta()
+        replica = self._route(req)
+        self._rid_replica[rid] = replica
         self.rid_to_state[rid] = state
-        self._send_sock.send(encode(req))
+        self._send(replica, req)
         try:
             while True:
                 await self._wait(state, request)
@@ -426,10 +458,11 @@ class TokenizerManager:
         """Forgets `rid` here and tells the scheduler to stop it (no-op if it is done)."""
         if self.rid_to_state.pop(rid, None) is None:
             return
+        replica = self._end(rid)
         if self.metrics is not None:
             self.metrics.on_client_abort()
         if self.dead_reason is None:
-            self._send_sock.send(encode(AbortReq(rid=rid, message=message)))
+            self._send(replica, AbortReq(rid=rid, message=message))
 
     def token_texts(self, ids: list[int]) -> list[str]:
         """Each token's own text (SGLang's per-token decode)."""
@@ -468,28 +501,103 @@ class TokenizerManager:
         gets the final output, with finish_reason abort. False if `rid` is not running."""
         if self.dead_reason is not None:
             raise RuntimeDeadError(self.dead_reason)
-        if rid is not None and rid not in self.rid_to_state:
-            return False
-        msg = AbortReq(rid=rid or "", abort_all=rid is None, message=message)
-        self._send_sock.send(encode(msg))
+        if rid is not None:
+            if rid not in self.rid_to_state:
+                return False
+            self._send(self._rid_replica.get(rid, 0), AbortReq(rid=rid, message=message))
+            return True
+        for replica in range(self.dp_size):
+            self._send(replica, AbortReq(abort_all=True, message=message))
         return True
 
-    async def control(self, make: Callable[[int], Message], timeout: float = 10.0) -> Any:
-        """Sends the control request `make(req_id)` to the scheduler and returns its answer.
+    async def control(self, make: Callable[[int], Message], timeout: float = 10.0) -> list[Any]:
+        """Sends the control request `make(req_id)` to every replica's scheduler and returns
+        their answers, in replica order.
 
-        Raises RuntimeDeadError if the runtime is dead, TimeoutError if no answer comes."""
+        Raises RuntimeDeadError if the runtime is dead, TimeoutError if an answer is missing."""
         if self.dead_reason is not None:
             raise RuntimeDeadError(self.dead_reason)
         self.start()
-        self._next_control_id += 1
-        req_id = self._next_control_id
-        fut: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._control_waiters[req_id] = fut
+        loop = asyncio.get_running_loop()
+        ids: list[int] = []
+        futs: list[asyncio.Future] = []
         try:
-            self._send_sock.send(encode(make(req_id)))
-            return await asyncio.wait_for(fut, timeout)
+            for replica in range(self.dp_size):
+                self._next_control_id += 1
+                ids.append(self._next_control_id)
+                futs.append(loop.create_future())
+                self._control_waiters[ids[-1]] = futs[-1]
+                self._send(replica, make(ids[-1]))
+            return list(await asyncio.wait_for(asyncio.gather(*futs), timeout))
         finally:
-            self._control_waiters.pop(req_id, None)
+            for req_id in ids:
+                self._control_waiters.pop(req_id, None)
+
+    async def scheduler_stats(self, timeout: float = 10.0) -> dict[str, Any]:
+        """The schedulers' live numbers: one replica's, or with data parallelism the sums over
+        replicas (ratios recomputed) plus `replicas` (each one's) and `router`."""
+        answers = await self.control(lambda i: GetStatsReq(req_id=i), timeout)
+        stats = [a.stats for a in answers if isinstance(a, StatsResp)]
+        if self.router is None:
+            return stats[0]
+        return {**merge_stats(stats), "replicas": stats, "router": self.router.describe()}
+
+    async def flush_cache(self, timeout: float = 10.0) -> FlushCacheResp:
+        """Empties every replica's prefix cache; fails (with each refusal's reason) if any
+        replica refused, e.g. because it has requests in flight."""
+        answers = await self.control(lambda i: FlushCacheReq(req_id=i), timeout)
+        refused = []
+        for replica, a in enumerate(answers):
+            assert isinstance(a, FlushCacheResp)
+            if a.success:
+                if self.router is not None:
+                    self.router.forget(replica)
+            else:
+                refused.append(
+                    a.message if self.dp_size == 1 else f"replica {replica}: {a.message}"
+                )
+        if refused:
+            return FlushCacheResp(req_id=0, success=False, message="; ".join(refused))
+        return FlushCacheResp(req_id=0, success=True, message=answers[0].message)
+
+    def fan_out(self, first: TokenizedGenerateReqInput, n: int) -> list[TokenizedGenerateReqInput]:
+        """`fan_out(first, n)`, with the copies pinned to the replica `first` goes to (they
+        share its prompt, so that replica's prefix cache serves them).
+
+        NOTE: callers start `first` before its copies (run_all / merge_streams start their
+        tasks in order, and a request is routed before its first await)."""
+        reqs = fan_out(first, n)
+        if self.router is not None:
+            for r in reqs[1:]:
+                self._fanout_first[r.rid] = first.rid
+            while len(self._fanout_first) > _MAX_FANOUT_HINTS:
+                self._fanout_first.popitem(last=False)
+        return reqs
+
+    # ---- replicas --------------------------------------------------------------------------
+
+    def _send(self, replica: int, msg: Message) -> None:
+        self._send_socks[replica].send(encode(msg))
+
+    def _route(self, req: TokenizedGenerateReqInput) -> int:
+        """The replica for `req`, counted as in flight there until `_end`."""
+        if self.router is None:
+            return 0
+        first = self._fanout_first.pop(req.rid, None)
+        replica = self._rid_replica.get(first) if first is not None else None
+        if replica is not None:
+            self.router.assign(replica)
+            return replica
+        return self.router.choose(req.input_ids, req.cache_salt)
+
+    def _end(self, rid: str) -> int:
+        """Forgets the replica of a request that ended (its load is released); returns it."""
+        replica = self._rid_replica.pop(rid, None)
+        if replica is None:
+            return 0
+        if self.router is not None:
+            self.router.release(replica)
+        return replica
 
     def abort_all(self, message: str = "aborted") -> None:
         """Tells the scheduler to end every request it holds with finish_reason abort

@@ -116,7 +116,9 @@ class KVPool:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        start_layer: int = 0,
     ) -> None:
+        """`num_layers` layers from `start_layer` on (a pipeline stage holds only its own)."""
         if page_size < 1 or size < 1 or size % page_size:
             raise ValueError(
                 f"KVPool size {size} must be a positive multiple of page_size {page_size}"
@@ -124,6 +126,7 @@ class KVPool:
         self.size = size
         self.page_size = page_size
         self.num_layers = num_layers
+        self.start_layer = start_layer
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.dtype = dtype
@@ -151,8 +154,10 @@ class KVPool:
 
     def set_kv(self, layer_id: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Stores k, v of shape [T, num_kv_heads, head_dim] at slots `loc` [T]."""
+        layer_id -= self.start_layer
         self.k_buffers[layer_id][loc] = k.to(self.dtype)
         self.v_buffers[layer_id][loc] = v.to(self.dtype)
 
     def get_kv(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        layer_id -= self.start_layer
         return self.k_buffers[layer_id], self.v_buffers[layer_id]

@@ -84,6 +84,10 @@ class CudaGraphRunner:
         args = runner.server_args
         if runner.device.type != "cuda" or args.disable_cuda_graph:
             return None
+        if runner.parallel.world_size > 1:
+            # NOTE: graphs with tensor-parallel collectives or pipeline sends are not validated.
+            logger.info("tp/pp ranks run decode eagerly (CUDA graphs are single-rank for now)")
+            return None
         if not runner.attn_backend.supports_cuda_graph:
             logger.info(
                 "attention backend %s has no CUDA graph support; decode runs eagerly",

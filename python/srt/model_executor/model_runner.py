@@ -2,9 +2,17 @@
 
 Construction builds the model on the device in the configured dtype, loads the weights (or
 dummy ones), sizes the KV pool (from --max-total-tokens or from memory) and allocates it, then
-binds the attention backend to the pools. `forward(ForwardBatch)` runs one step and returns fp32
-logits [B, vocab] of each sequence's last token. The scheduler owns slot and row bookkeeping and
-writes `req_to_token_pool` before each forward.
+binds the attention backend to the pools. `forward(ForwardBatch)` applies the batch's
+req_to_token writes, runs one step and returns fp32 logits [B, vocab] of each sequence's last
+token. The scheduler owns slot and row bookkeeping.
+
+Tensor / pipeline parallel (srt.distributed, initialized before the runner is built): every rank
+builds its shard of the model and a KV pool of its heads and layers, all of the same size (the
+smallest any rank can hold). Rank 0's `forward` broadcasts the step's `StepInput`; the other
+ranks wait in `worker_loop`, rebuild the batch and run the same step. Under pipeline parallel
+a step is cut into up to pp_size micro-batches that follow each other through the stages
+(stage s works on micro-batch k while stage s + 1 works on k - 1), and the last stage sends
+the logits to rank 0.
 """
 
 from __future__ import annotations
@@ -14,14 +22,22 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import msgspec
 import torch
 from torch import nn
 
 from srt.configs.model_config import ModelConfig, resolve_device
+from srt.distributed.parallel_state import (
+    broadcast_bytes,
+    cpu_all_reduce_min,
+    get_parallel_state,
+    recv,
+    send_async,
+)
 from srt.layers.attention import create_attention_backend
 from srt.mem_cache.memory_pool import KVPool, ReqToTokenPool
 from srt.model_executor.cuda_graph_runner import CudaGraphRunner
-from srt.model_executor.forward_batch import ForwardBatch
+from srt.model_executor.forward_batch import ForwardBatch, StepInput
 from srt.model_loader.weights import init_dummy_weights, iterate_safetensors
 from srt.models.registry import get_model_class
 from srt.server_args import ServerArgs
@@ -52,13 +68,17 @@ class ModelRunner:
         self.device = torch.device(model_config.device)
         self.dtype: torch.dtype = model_config.torch_dtype
         self.page_size = server_args.page_size
+        self.parallel = get_parallel_state()
         free_before_load = _free_memory_bytes(self.device)
 
         self.attn_backend = create_attention_backend(server_args.attention_backend, model_config)
         self.model = self._load_model()
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.start_layer, self.end_layer = self.model.layer_range
+        self.num_kv_heads = _kv_heads_per_rank(model_config.num_kv_heads, self.parallel.tp_size)
 
-        self.max_total_num_tokens = self._kv_pool_tokens(free_before_load)
+        # NOTE: every rank must hold the same slots, so all take the smallest pool.
+        self.max_total_num_tokens = cpu_all_reduce_min(self._kv_pool_tokens(free_before_load))
         self.max_running_requests = server_args.max_running_requests or min(
             256, max(8, self.max_total_num_tokens // 32)
         )
@@ -71,18 +91,27 @@ class ModelRunner:
         self.kv_pool = KVPool(
             self.max_total_num_tokens,
             self.page_size,
-            model_config.num_layers,
-            model_config.num_kv_heads,
+            self.end_layer - self.start_layer,
+            self.num_kv_heads,
             model_config.head_dim,
             self.dtype,
             self.device,
+            start_layer=self.start_layer,
         )
         self.attn_backend.bind_pools(self.req_to_token_pool, self.kv_pool)
         self.cuda_graph_runner = CudaGraphRunner.maybe_create(self)
+        shard = ""
+        if self.parallel.world_size > 1:
+            shard = (
+                f" (tp rank {self.parallel.tp_rank}/{self.parallel.tp_size}, pp stage "
+                f"{self.parallel.pp_rank}/{self.parallel.pp_size}: layers "
+                f"{self.start_layer}..{self.end_layer - 1}, {self.num_kv_heads} KV heads)"
+            )
         logger.info(
-            "model %s loaded: %.1f MiB weights, max_total_num_tokens=%d (KV pool), %d running "
+            "model %s loaded%s: %.1f MiB weights, max_total_num_tokens=%d (KV pool), %d running "
             "requests max, attention %s, %s",
             model_config.architecture,
+            shard,
             self.weight_bytes / 2**20,
             self.max_total_num_tokens,
             self.max_running_requests,
@@ -105,7 +134,7 @@ class ModelRunner:
     def _kv_pool_tokens(self, free_before_load: int) -> int:
         cfg = self.model_config
         per_token = KVPool.bytes_per_token(
-            cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype
+            self.end_layer - self.start_layer, self.num_kv_heads, cfg.head_dim, self.dtype
         )
         if self.server_args.max_total_tokens is not None:
             tokens = self.server_args.max_total_tokens
@@ -133,12 +162,112 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """One step: fp32 logits [B, vocab] of the last token of each sequence, followed by the
-        rows of `batch.extra_logit_indices` when an extend batch sets them."""
+        rows of `batch.extra_logit_indices` when an extend batch sets them.
+
+        With several ranks, only rank 0 calls this; it starts the same step on the others."""
+        if self.parallel.world_size == 1:
+            logits = self._run(batch)
+        else:
+            assert self.parallel.rank == 0, "only rank 0 plans steps"
+            assert batch.step is not None, "a parallel step needs the batch's StepInput"
+            try:
+                broadcast_bytes(_STEP_ENCODER.encode(batch.step))
+                logits = self._run(batch)
+            except Exception as e:
+                # NOTE: the other ranks may be inside the step's collectives or gone; the step
+                # cannot be retried or skipped alone.
+                raise RankFailure(f"parallel step failed on rank 0: {e}") from e
+        assert logits is not None
+        return logits
+
+    @torch.inference_mode()
+    def worker_loop(self) -> None:
+        """Ranks other than 0: run every step rank 0 broadcasts, until it sends the stop."""
+        while True:
+            data = broadcast_bytes(None)
+            if not data:
+                return
+            step = _STEP_DECODER.decode(data)
+            self._run(ForwardBatch.from_step(step, self.device))
+
+    def stop_workers(self) -> None:
+        """Rank 0: ends the other ranks' `worker_loop` (in-process use and clean exits)."""
+        if self.parallel.world_size > 1 and self.parallel.rank == 0:
+            broadcast_bytes(b"")
+
+    def _run(self, batch: ForwardBatch) -> torch.Tensor | None:
+        step = batch.step
+        if step is not None and step.table_rows:
+            self.req_to_token_pool.write(
+                step.table_rows, step.table_starts, step.table_slots, step.table_lens
+            )
+        if self.parallel.pp_size > 1:
+            assert step is not None, "a pipeline step needs the batch's StepInput"
+            return self._run_pipeline(batch, step)
         if self.cuda_graph_runner is not None and self.cuda_graph_runner.can_run(batch):
             return self.cuda_graph_runner.replay(batch)
         self.attn_backend.init_forward_metadata(batch)
         hidden_states = self.model(batch.input_ids, batch.positions, batch)
         return self.model.compute_logits(hidden_states, batch)
+
+    def _run_pipeline(self, batch: ForwardBatch, step: StepInput) -> torch.Tensor | None:
+        """This stage's part of a step, micro-batch after micro-batch; rank 0 gets the logits."""
+        ps = self.parallel
+        parts = step.split(ps.pp_size)
+        batches = (
+            [batch] if len(parts) == 1 else [ForwardBatch.from_step(p, self.device) for p in parts]
+        )
+        hidden = self.model_config.hidden_size
+        works: list = []
+        in_flight: list[torch.Tensor] = []  # sent tensors live until their sends complete
+        for mb in batches:
+            self.attn_backend.init_forward_metadata(mb)
+            intermediate = None
+            if not ps.is_first_stage:
+                h = torch.empty((mb.num_tokens, hidden), dtype=self.dtype, device=self.device)
+                r = torch.empty_like(h)
+                recv([h, r], src=ps.stage_rank(ps.pp_rank - 1))
+                intermediate = (h, r)
+            out = self.model(mb.input_ids, mb.positions, mb, intermediate)
+            if ps.is_last_stage:
+                logits = self.model.compute_logits(out, mb)
+                if ps.tp_rank == 0:
+                    works += send_async([logits], dst=0)
+                    in_flight.append(logits)
+            else:
+                works += send_async(list(out), dst=ps.stage_rank(ps.pp_rank + 1))
+                in_flight.extend(out)
+        result = None
+        if ps.rank == 0:
+            received = []
+            last_stage_rank = ps.stage_rank(ps.pp_size - 1, 0)
+            for part in parts:
+                t = torch.empty(
+                    (part.num_logit_rows, self.model_config.vocab_size),
+                    dtype=torch.float32,
+                    device=self.device,
+                )
+                recv([t], src=last_stage_rank)
+                received.append(t)
+            lasts = [t[: len(p.req_pool_indices)] for t, p in zip(received, parts, strict=True)]
+            extras = [t[len(p.req_pool_indices) :] for t, p in zip(received, parts, strict=True)]
+            result = torch.cat(lasts + extras)
+        for w in works:
+            w.wait()
+        return result
+
+
+class RankFailure(RuntimeError):
+    """A step of a multi-rank replica failed: the ranks are out of step, the replica is lost."""
+
+
+_STEP_ENCODER = msgspec.msgpack.Encoder()
+_STEP_DECODER = msgspec.msgpack.Decoder(StepInput)
+
+
+def _kv_heads_per_rank(num_kv_heads: int, tp_size: int) -> int:
+    """KV heads each TP rank holds: its share, or one (replicated) when ranks outnumber them."""
+    return max(1, num_kv_heads // tp_size)
 
 
 @contextmanager

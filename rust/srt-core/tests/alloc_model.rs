@@ -8,20 +8,8 @@
 use srt_core::alloc::{AllocError, SlotAllocator};
 use std::collections::HashSet;
 
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
+mod rng;
+use rng::SplitMix64;
 
 fn run(seed: u64, size: usize, page: usize, ops: usize) {
     let mut rng = SplitMix64(seed);

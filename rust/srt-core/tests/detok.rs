@@ -15,6 +15,9 @@ use tokenizers::decoders::DecoderWrapper;
 use tokenizers::models::bpe::{BpeTrainer, BPE};
 use tokenizers::normalizers::replace::Replace;
 use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
+
+mod rng;
+use rng::SplitMix64;
 use tokenizers::{
     AddedToken, NormalizerWrapper, PostProcessorWrapper, Tokenizer, TokenizerBuilder, TokenizerImpl,
 };
@@ -31,25 +34,6 @@ const CORPUS: &[&str] = &[
     "def step(self, ids): return self.window.advance(ids)",
     "    indented code\n\twith tabs\nand newlines\n",
 ];
-
-/// Tiny seeded PRNG (splitmix64): tests stay reproducible without the rand crate.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn chance(&mut self, percent: usize) -> bool {
-        self.below(100) < percent
-    }
-}
 
 /// GPT-2 style byte-level BPE trained on the corpus, with chat special tokens and one
 /// non-special added token.
@@ -200,7 +184,7 @@ fn reference_stop(text: &str, stop: &[String], keep: bool) -> (String, Option<us
 /// Random ids: a mix of encoded corpus text (valid UTF-8, cut anywhere, so multi-byte
 /// characters are split across the prompt/generation boundary), uniformly random ids (invalid
 /// byte sequences, stray bytes), special tokens and ids outside the vocabulary.
-fn random_ids(rng: &mut Rng, tok: &Tokenizer, len: usize) -> Vec<u32> {
+fn random_ids(rng: &mut SplitMix64, tok: &Tokenizer, len: usize) -> Vec<u32> {
     let vocab = tok.get_vocab_size(true) as u32;
     let specials: Vec<u32> = (0..vocab).filter(|&id| is_special(tok, id)).collect();
     let mut ids = Vec::new();
@@ -222,7 +206,7 @@ fn random_ids(rng: &mut Rng, tok: &Tokenizer, len: usize) -> Vec<u32> {
     ids
 }
 
-fn random_params(rng: &mut Rng) -> DecodeParams {
+fn random_params(rng: &mut SplitMix64) -> DecodeParams {
     DecodeParams {
         skip_special_tokens: rng.chance(50),
         spaces_between_special_tokens: rng.chance(50),
@@ -232,7 +216,7 @@ fn random_params(rng: &mut Rng) -> DecodeParams {
 }
 
 /// A stop string taken from `text` (1 to 6 chars at a random place), or an absent one.
-fn random_stop(rng: &mut Rng, text: &str) -> String {
+fn random_stop(rng: &mut SplitMix64, text: &str) -> String {
     let chars: Vec<char> = text.chars().collect();
     if chars.is_empty() || rng.chance(15) {
         return "zq#absent".into();
@@ -248,7 +232,7 @@ struct Outcome {
 
 /// Runs one request through the detokenizer and checks every contract that applies.
 fn check_case(
-    rng: &mut Rng,
+    rng: &mut SplitMix64,
     tok: &Tokenizer,
     detok: &mut Detokenizer,
     prompt: &[u32],
@@ -317,7 +301,7 @@ fn common_prefix(a: &str, b: &str) -> usize {
 
 fn randomized(tok: &Tokenizer, seed: u64, cases: usize) {
     let mut detok = detok_for(tok);
-    let mut rng = Rng(seed);
+    let mut rng = SplitMix64(seed);
     let mut exact = 0;
     for _ in 0..cases {
         let prompt_len = if rng.chance(20) { 0 } else { rng.below(20) };
@@ -346,7 +330,7 @@ fn randomized_byte_fallback() {
 fn every_split_of_valid_text() {
     for tok in [byte_level_tokenizer(), byte_fallback_tokenizer()] {
         let mut detok = detok_for(&tok);
-        let mut rng = Rng(3);
+        let mut rng = SplitMix64(3);
         for text in CORPUS {
             let ids = encode(&tok, text);
             for split in 0..=ids.len() {
@@ -579,7 +563,7 @@ fn assert_bounded(detok: &Detokenizer, bound: usize) {
 fn window_stays_bounded() {
     for tok in [byte_level_tokenizer(), byte_fallback_tokenizer()] {
         let mut detok = detok_for(&tok);
-        let mut rng = Rng(4);
+        let mut rng = SplitMix64(4);
         let mut gen = Vec::new();
         while gen.len() < 20_000 {
             gen.extend(encode(&tok, CORPUS[rng.below(CORPUS.len())]));
@@ -610,7 +594,7 @@ fn window_bounded_on_pathological_output() {
     let mut detok = detok_for(&tok);
     let eos = tok.token_to_id("</s>").unwrap();
     let emoji: Vec<u32> = "😀".bytes().map(|b| byte_token(&tok, b)).collect();
-    let mut rng = Rng(6);
+    let mut rng = SplitMix64(6);
     let garbage: Vec<u32> = (0..5000)
         .map(|_| byte_token(&tok, rng.next() as u8))
         .collect();
@@ -653,7 +637,7 @@ fn step_batch_matches_single_steps() {
     let tok = byte_level_tokenizer();
     let mut batched = detok_for(&tok);
     let mut single = detok_for(&tok);
-    let mut rng = Rng(5);
+    let mut rng = SplitMix64(5);
     let seqs: Vec<Vec<u32>> = (0..6).map(|_| random_ids(&mut rng, &tok, 60)).collect();
     for (rid, _) in seqs.iter().enumerate() {
         batched

@@ -5,6 +5,7 @@ use pyo3::exceptions::{PyMemoryError, PyValueError};
 use pyo3::PyErr;
 use srt_core::alloc::AllocError;
 use srt_core::radix::RadixError;
+use srt_core::router::RouterError;
 
 pub fn value_error(e: impl std::fmt::Display) -> PyErr {
     PyValueError::new_err(e.to_string())
@@ -48,4 +49,10 @@ pub fn alloc_error(e: AllocError) -> PyErr {
 /// `FileNotFoundError` by the binding before it gets here).
 pub fn detok_error(e: srt_core::detok::DetokError) -> PyErr {
     PyValueError::new_err(e.to_string())
+}
+
+/// Router index errors (no replicas, a zero cap, a replica out of range) are caller mistakes:
+/// `ValueError`.
+pub fn router_error(e: RouterError) -> PyErr {
+    value_error(e)
 }

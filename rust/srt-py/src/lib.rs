@@ -6,6 +6,7 @@ mod alloc;
 mod detok;
 mod errors;
 mod radix;
+mod router;
 mod sched;
 
 #[pymodule]
@@ -15,5 +16,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     alloc::register(m)?;
     sched::register(m)?;
     detok::register(m)?;
+    router::register(m)?;
     Ok(())
 }

@@ -24,7 +24,6 @@ from srt.managers.tokenizer_manager import (
     GenerateReqInput,
     RuntimeDeadError,
     TokenizerManager,
-    fan_out,
     final_output,
     merge_streams,
     run_all,
@@ -79,7 +78,7 @@ class OpenAIServingBase:
                 first = await self.tm.tokenize_request(obj, add_special_tokens)
             except ValueError as e:
                 raise RequestError(str(e)) from e
-            reqs.extend(fan_out(first, n))
+            reqs.extend(self.tm.fan_out(first, n))
         return reqs
 
     async def run_choices(

@@ -32,8 +32,12 @@ def _flashinfer(model_config: ModelConfig | None) -> AttentionBackend:
 
     if model_config is None:
         raise ValueError("the flashinfer backend needs the model config (head count and dtype)")
+    from srt.distributed.parallel_state import get_parallel_state
+
+    # Each tensor-parallel rank attends with its own share of the query heads.
+    tp_size = get_parallel_state().tp_size
     return FlashInferAttnBackend(
-        num_qo_heads=model_config.num_heads,
+        num_qo_heads=model_config.num_heads // tp_size,
         head_dim=model_config.head_dim,
         dtype=model_config.torch_dtype,
         device=model_config.device,

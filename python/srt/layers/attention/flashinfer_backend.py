@@ -110,6 +110,7 @@ class FlashInferAttnBackend(AttentionBackend):
         )
         self._decode: Any = self.decode_wrapper  # the wrapper planned for this step's decode
         self._kv_pages: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._first_layer = 0  # layer id of _kv_pages[0] (a pipeline stage holds a slice)
         # CUDA graph state (init_cuda_graph_state).
         self._graph_wrappers: dict[int, Any] = {}
         self._graph_indptr: torch.Tensor | None = None
@@ -121,6 +122,7 @@ class FlashInferAttnBackend(AttentionBackend):
         if kv_pool.dtype != self.dtype:
             raise ValueError(f"KV pool dtype {kv_pool.dtype} differs from the model's {self.dtype}")
         P, H, D = kv_pool.page_size, kv_pool.num_kv_heads, kv_pool.head_dim
+        self._first_layer = getattr(kv_pool, "start_layer", 0)
         self._kv_pages = [
             (k.view(-1, P, H, D), v.view(-1, P, H, D))
             for k, v in zip(kv_pool.k_buffers, kv_pool.v_buffers, strict=True)
@@ -221,7 +223,9 @@ class FlashInferAttnBackend(AttentionBackend):
         forward_batch: ForwardBatch,
     ) -> torch.Tensor:
         self._check(layer)
-        o = self.prefill_wrapper.run(q.contiguous(), self._kv_pages[layer.layer_id])
+        o = self.prefill_wrapper.run(
+            q.contiguous(), self._kv_pages[layer.layer_id - self._first_layer]
+        )
         return o.view(q.shape[0], -1)
 
     def forward_decode(
@@ -233,5 +237,5 @@ class FlashInferAttnBackend(AttentionBackend):
         forward_batch: ForwardBatch,
     ) -> torch.Tensor:
         self._check(layer)
-        o = self._decode.run(q.contiguous(), self._kv_pages[layer.layer_id])
+        o = self._decode.run(q.contiguous(), self._kv_pages[layer.layer_id - self._first_layer])
         return o.view(q.shape[0], -1)

@@ -1,0 +1,1 @@
+"""torch.distributed process groups and collectives for tensor and pipeline parallelism."""
