@@ -6,8 +6,9 @@ model's limits, sends `TokenizedGenerateReqInput` to the scheduler (PUSH `schedu
 keeps a `ReqState` per rid. With `--dp-size N` there is one PUSH socket per replica
 (`scheduler_ipcs`) and a `ReplicaRouter` (srt.managers.router) picks each request's replica by
 its token ids; the replica is remembered per rid until the request ends, so its abort goes to
-the same replica, and the copies of an n > 1 request follow the first. A background asyncio task receives `BatchStrOut` from the detokenizer
-(PULL `tokenizer_ipc`) and wakes the waiters. Out: SGLang-shaped dicts
+the same replica, and the copies of an n > 1 request follow the first. A background asyncio
+task receives `BatchStrOut` from the detokenizer (PULL `tokenizer_ipc`) and wakes the waiters.
+Out: SGLang-shaped dicts
 `{text, output_ids, meta_info{id, prompt_tokens, completion_tokens, cached_tokens, finish_reason,
 e2e_latency}}` (text and output_ids cumulative; with return_logprob also SGLang's
 input/output_token_logprobs and input/output_top_logprobs, raw-model logprobs as
