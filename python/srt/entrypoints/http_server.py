@@ -46,6 +46,7 @@ from srt.entrypoints.openai.protocol import (
 )
 from srt.entrypoints.openai.serving_chat import OpenAIServingChat
 from srt.entrypoints.openai.serving_completions import OpenAIServingCompletion
+from srt.entrypoints.uvicorn_serve import serve_and_announce
 from srt.managers.tokenizer_manager import (
     ClientDisconnected,
     GenerateReqInput,
@@ -504,16 +505,12 @@ def _server_class() -> type:
 async def _serve(server: Any, server_args: ServerArgs, stop_signals: list[int]) -> bool:
     """Serves until uvicorn stops; False if it never started (e.g. the port is taken)."""
     server.loop = asyncio.get_running_loop()
-    task = asyncio.create_task(server.serve())
-    while not server.started and not task.done():
-        if stop_signals:  # caught just before uvicorn took over the handlers
-            server.should_exit = True
-        await asyncio.sleep(0.05)
-    if server.started:
-        port = server_args.port
-        with contextlib.suppress(Exception):  # the real port when --port 0
-            port = server.servers[0].sockets[0].getsockname()[1]
-        print(f"srt serving {server_args.served_model_name} at http://{server_args.host}:{port}")
-        sys.stdout.flush()
-    await task
-    return server.started
+    return await serve_and_announce(
+        server,
+        server_args.port,
+        lambda port: (
+            f"srt serving {server_args.served_model_name} at http://{server_args.host}:{port}"
+        ),
+        # caught just before uvicorn took over the handlers
+        stop_requested=lambda: bool(stop_signals),
+    )

@@ -27,7 +27,6 @@ import dataclasses
 import json
 import logging
 import signal
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -38,6 +37,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from srt.entrypoints.openai.protocol import SSE_DONE, error_body, sse_event
+from srt.entrypoints.uvicorn_serve import serve_and_announce
 from srt.managers.router import LOAD_BALANCE_METHODS, NoReplicaError, make_router
 
 logger = logging.getLogger(__name__)
@@ -480,21 +480,11 @@ def run_router(args: RouterArgs) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
-    async def serve() -> bool:
-        task = asyncio.create_task(server.serve())
-        while not server.started and not task.done():
-            await asyncio.sleep(0.05)
-        if server.started:
-            port = args.port
-            with contextlib.suppress(Exception):  # the real port when --port 0
-                port = server.servers[0].sockets[0].getsockname()[1]
-            print(f"srt router at http://{args.host}:{port} over {len(args.worker_urls)} workers")
-            sys.stdout.flush()
-        await task
-        return server.started
+    def announce(port: int) -> str:
+        return f"srt router at http://{args.host}:{port} over {len(args.worker_urls)} workers"
 
     try:
-        return 0 if asyncio.run(serve()) else 1
+        return 0 if asyncio.run(serve_and_announce(server, args.port, announce)) else 1
     except SystemExit as e:  # uvicorn exits this way when it cannot bind the port
         return e.code if isinstance(e.code, int) else 1
     except KeyboardInterrupt:

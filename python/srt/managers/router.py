@@ -23,6 +23,7 @@ until marked available again, and `NoReplicaError` is raised when none is.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,7 +35,7 @@ class NoReplicaError(RuntimeError):
     """Every replica is unavailable."""
 
 
-class ReplicaRouter:
+class ReplicaRouter(abc.ABC):
     """Base: availability and in-flight counts; subclasses pick among available replicas."""
 
     method = ""
@@ -90,8 +91,9 @@ class ReplicaRouter:
             "available": list(self.available),
         }
 
+    @abc.abstractmethod
     def _pick(self, key: Sequence[int], namespace: str, candidates: list[int]) -> int:
-        raise NotImplementedError
+        """The replica among `candidates` (available ones, never empty) for this request."""
 
     def _check(self, replica: int) -> None:
         if not 0 <= replica < self.num_replicas:

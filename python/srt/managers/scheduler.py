@@ -627,7 +627,7 @@ class Scheduler:
         batch = ForwardBatch.decode(
             [r.output_ids[-1] for r in reqs], slots, rows, seq_lens, device=self.device
         )
-        batch.set_table_writes(rows, [n - 1 for n in seq_lens], [1] * len(rows), list(slots))
+        batch.set_table_writes(rows, [n - 1 for n in seq_lens], [1] * len(rows), slots)
         self.maybe_inject_fault(reqs)
         logits = self.runner.forward(batch)
         self.sample_and_commit(reqs, logits)

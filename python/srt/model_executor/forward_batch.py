@@ -182,16 +182,16 @@ class ForwardBatch:
             extend_prefix_lens=_t(prefix_lens, device),
             extend_seq_lens=_t(extend_lens, device),
             seq_lens_cpu=seq_lens,
-            extend_prefix_lens_cpu=list(prefix_lens),
-            extend_seq_lens_cpu=list(extend_lens),
+            extend_prefix_lens_cpu=prefix_lens,
+            extend_seq_lens_cpu=extend_lens,
             step=StepInput(
                 decode=False,
-                input_ids=list(input_ids),
-                out_cache_loc=list(out_cache_loc),
-                req_pool_indices=list(req_pool_indices),
+                input_ids=input_ids,
+                out_cache_loc=out_cache_loc,
+                req_pool_indices=req_pool_indices,
                 seq_lens=seq_lens,
-                prefix_lens=list(prefix_lens),
-                extend_lens=list(extend_lens),
+                prefix_lens=prefix_lens,
+                extend_lens=extend_lens,
             ),
         )
 
@@ -212,13 +212,13 @@ class ForwardBatch:
             out_cache_loc=_t(out_cache_loc, device),
             req_pool_indices=_t(req_pool_indices, device),
             seq_lens=_t(seq_lens, device),
-            seq_lens_cpu=list(seq_lens),
+            seq_lens_cpu=seq_lens,
             step=StepInput(
                 decode=True,
-                input_ids=list(input_ids),
-                out_cache_loc=list(out_cache_loc),
-                req_pool_indices=list(req_pool_indices),
-                seq_lens=list(seq_lens),
+                input_ids=input_ids,
+                out_cache_loc=out_cache_loc,
+                req_pool_indices=req_pool_indices,
+                seq_lens=seq_lens,
             ),
         )
 

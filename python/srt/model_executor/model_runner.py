@@ -75,7 +75,7 @@ class ModelRunner:
         self.model = self._load_model()
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.start_layer, self.end_layer = self.model.layer_range
-        self.num_kv_heads = _kv_heads_per_rank(model_config.num_kv_heads, self.parallel.tp_size)
+        self.num_kv_heads = self.model.kv_heads_per_rank
 
         # NOTE: every rank must hold the same slots, so all take the smallest pool.
         self.max_total_num_tokens = cpu_all_reduce_min(self._kv_pool_tokens(free_before_load))
@@ -263,11 +263,6 @@ class RankFailure(RuntimeError):
 
 _STEP_ENCODER = msgspec.msgpack.Encoder()
 _STEP_DECODER = msgspec.msgpack.Decoder(StepInput)
-
-
-def _kv_heads_per_rank(num_kv_heads: int, tp_size: int) -> int:
-    """KV heads each TP rank holds: its share, or one (replicated) when ranks outnumber them."""
-    return max(1, num_kv_heads // tp_size)
 
 
 @contextmanager

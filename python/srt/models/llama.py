@@ -268,6 +268,11 @@ class LlamaForCausalLM(nn.Module):
     def layer_range(self) -> tuple[int, int]:
         return self.model.start_layer, self.model.end_layer
 
+    @property
+    def kv_heads_per_rank(self) -> int:
+        """KV heads this rank's attention layers hold (and its KV pool stores)."""
+        return self.model.layers[self.model.start_layer].self_attn.num_kv_heads
+
     def forward(
         self,
         input_ids: torch.Tensor,

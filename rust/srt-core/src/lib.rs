@@ -11,5 +11,6 @@
 pub mod alloc;
 pub mod detok;
 pub mod radix;
+pub mod rng;
 pub mod router;
 pub mod sched;

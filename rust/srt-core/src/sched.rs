@@ -36,7 +36,7 @@ mod prefill;
 
 use crate::alloc::{AllocError, SlotAllocator};
 use crate::radix::{NodeId, RadixError, RadixTree};
-use policy::SplitMix64;
+use crate::rng::SplitMix64;
 use std::cmp::Reverse;
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;

@@ -8,11 +8,10 @@
 use srt_core::alloc::{AllocError, SlotAllocator};
 use std::collections::HashSet;
 
-mod rng;
-use rng::SplitMix64;
+use srt_core::rng::SplitMix64;
 
 fn run(seed: u64, size: usize, page: usize, ops: usize) {
-    let mut rng = SplitMix64(seed);
+    let mut rng = SplitMix64::new(seed);
     let mut a = SlotAllocator::new(size, page).unwrap();
     let num_pages = size / page;
     // Model: allocated page ids and the slots of each live sequence.

@@ -16,8 +16,7 @@ use tokenizers::models::bpe::{BpeTrainer, BPE};
 use tokenizers::normalizers::replace::Replace;
 use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
 
-mod rng;
-use rng::SplitMix64;
+use srt_core::rng::SplitMix64;
 use tokenizers::{
     AddedToken, NormalizerWrapper, PostProcessorWrapper, Tokenizer, TokenizerBuilder, TokenizerImpl,
 };
@@ -301,7 +300,7 @@ fn common_prefix(a: &str, b: &str) -> usize {
 
 fn randomized(tok: &Tokenizer, seed: u64, cases: usize) {
     let mut detok = detok_for(tok);
-    let mut rng = SplitMix64(seed);
+    let mut rng = SplitMix64::new(seed);
     let mut exact = 0;
     for _ in 0..cases {
         let prompt_len = if rng.chance(20) { 0 } else { rng.below(20) };
@@ -330,7 +329,7 @@ fn randomized_byte_fallback() {
 fn every_split_of_valid_text() {
     for tok in [byte_level_tokenizer(), byte_fallback_tokenizer()] {
         let mut detok = detok_for(&tok);
-        let mut rng = SplitMix64(3);
+        let mut rng = SplitMix64::new(3);
         for text in CORPUS {
             let ids = encode(&tok, text);
             for split in 0..=ids.len() {
@@ -563,7 +562,7 @@ fn assert_bounded(detok: &Detokenizer, bound: usize) {
 fn window_stays_bounded() {
     for tok in [byte_level_tokenizer(), byte_fallback_tokenizer()] {
         let mut detok = detok_for(&tok);
-        let mut rng = SplitMix64(4);
+        let mut rng = SplitMix64::new(4);
         let mut gen = Vec::new();
         while gen.len() < 20_000 {
             gen.extend(encode(&tok, CORPUS[rng.below(CORPUS.len())]));
@@ -594,9 +593,9 @@ fn window_bounded_on_pathological_output() {
     let mut detok = detok_for(&tok);
     let eos = tok.token_to_id("</s>").unwrap();
     let emoji: Vec<u32> = "😀".bytes().map(|b| byte_token(&tok, b)).collect();
-    let mut rng = SplitMix64(6);
+    let mut rng = SplitMix64::new(6);
     let garbage: Vec<u32> = (0..5000)
-        .map(|_| byte_token(&tok, rng.next() as u8))
+        .map(|_| byte_token(&tok, rng.next_u64() as u8))
         .collect();
     let sequences = [
         (vec![eos; 5000], true),
@@ -637,7 +636,7 @@ fn step_batch_matches_single_steps() {
     let tok = byte_level_tokenizer();
     let mut batched = detok_for(&tok);
     let mut single = detok_for(&tok);
-    let mut rng = SplitMix64(5);
+    let mut rng = SplitMix64::new(5);
     let seqs: Vec<Vec<u32>> = (0..6).map(|_| random_ids(&mut rng, &tok, 60)).collect();
     for (rid, _) in seqs.iter().enumerate() {
         batched

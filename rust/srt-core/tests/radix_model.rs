@@ -17,8 +17,7 @@
 use srt_core::radix::{NodeId, RadixError, RadixTree};
 use std::collections::{HashMap, HashSet};
 
-mod rng;
-use rng::SplitMix64;
+use srt_core::rng::SplitMix64;
 
 const NAMESPACES: [&str; 3] = ["", "a", "b"];
 
@@ -146,7 +145,7 @@ fn random_key(rng: &mut SplitMix64, page: usize) -> Vec<u32> {
 }
 
 fn run(seed: u64, page: usize, ops: usize) {
-    let mut rng = SplitMix64(seed);
+    let mut rng = SplitMix64::new(seed);
     let mut tree = RadixTree::new(page).unwrap();
     let mut model = Model {
         page,

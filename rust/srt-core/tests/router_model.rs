@@ -16,8 +16,7 @@
 use srt_core::router::{PrefixIndex, RouteMatch};
 use std::collections::HashSet;
 
-mod rng;
-use rng::SplitMix64;
+use srt_core::rng::SplitMix64;
 
 const NAMESPACES: [&str; 2] = ["", "salt"];
 
@@ -63,7 +62,7 @@ fn random_candidates(rng: &mut SplitMix64, n: usize) -> Vec<usize> {
 }
 
 fn run(seed: u64, replicas: usize, cap: usize, ops: usize) {
-    let mut rng = SplitMix64(seed);
+    let mut rng = SplitMix64::new(seed);
     let mut ix = PrefixIndex::new(replicas, cap).unwrap();
     let mut model = vec![ModelReplica::default(); replicas];
     let exact = cap == usize::MAX;

@@ -3,6 +3,7 @@
 
 use super::Policy;
 use crate::radix::{NodeId, RadixTree};
+use crate::rng::SplitMix64;
 use std::cmp::Reverse;
 use std::collections::HashMap;
 
@@ -13,30 +14,6 @@ pub(super) struct Candidate<'a> {
     pub key: &'a [u32],
     pub namespace: &'a str,
     pub max_new_tokens: usize,
-}
-
-/// Tiny seeded PRNG (splitmix64): the `random` policy must be reproducible from its seed, and a
-/// shuffle needs nothing better.
-#[derive(Debug, Clone)]
-pub(super) struct SplitMix64(u64);
-
-impl SplitMix64 {
-    pub fn new(seed: u64) -> Self {
-        SplitMix64(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (`n > 0`); the modulo bias is irrelevant for queue shuffles.
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
 }
 
 /// The ids of `waiting` (given in arrival order) in the order the policy wants them tried.
@@ -148,30 +125,6 @@ fn dfs_weight(tree: &RadixTree, matched: &[(u64, usize, NodeId)]) -> Vec<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn splitmix_is_seeded_and_spread() {
-        let a: Vec<u64> = {
-            let mut r = SplitMix64::new(7);
-            (0..4).map(|_| r.next_u64()).collect()
-        };
-        let b: Vec<u64> = {
-            let mut r = SplitMix64::new(7);
-            (0..4).map(|_| r.next_u64()).collect()
-        };
-        let c: Vec<u64> = {
-            let mut r = SplitMix64::new(8);
-            (0..4).map(|_| r.next_u64()).collect()
-        };
-        assert_eq!(a, b);
-        assert_ne!(a, c);
-        let mut r = SplitMix64::new(1);
-        let mut seen = [0usize; 4];
-        for _ in 0..4000 {
-            seen[r.below(4)] += 1;
-        }
-        assert!(seen.iter().all(|&n| n > 800), "{seen:?}");
-    }
 
     #[test]
     fn lof_is_stable_and_random_is_a_permutation() {
