@@ -7,7 +7,8 @@ Control: `GetStatsReq` / `FlushCacheReq` are answered straight to main (PUSH `to
 Each step: receive requests -> the Rust `BatchScheduler` plans the step (prefill chunks of
 waiting requests with prefix-cache reuse, or one decode token for every running request,
 retracting some when KV runs out) -> build a `ForwardBatch` -> forward -> sample -> commit the
-tokens to the plan -> check finish conditions -> send the new ids.
+tokens to the plan -> check finish conditions -> send the new ids (that output side is
+`scheduler_output.SchedulerOutputMixin`).
 Rust owns the bookkeeping (prefix tree, slot ownership); this module owns tensors and requests.
 """
 
@@ -29,12 +30,9 @@ import zmq
 
 from srt._native import BatchScheduler, Detokenizer
 from srt.configs.model_config import ModelConfig
-from srt.layers.logprobs import token_logprobs
-from srt.layers.sampler import Sampler, SamplingBatchInfo
+from srt.layers.sampler import Sampler
 from srt.managers.io_struct import (
     AbortReq,
-    BatchTokenIDOut,
-    DetokInit,
     FinishReason,
     FlushCacheReq,
     FlushCacheResp,
@@ -46,6 +44,7 @@ from srt.managers.io_struct import (
     decode,
     encode,
 )
+from srt.managers.scheduler_output import PROMPT_TAIL, SchedulerOutputMixin
 from srt.model_executor.forward_batch import ForwardBatch
 from srt.model_executor.model_runner import ModelRunner, RankFailure
 from srt.sampling_params import SamplingParams
@@ -53,8 +52,6 @@ from srt.server_args import PortArgs, ServerArgs
 
 logger = logging.getLogger(__name__)
 
-# Prompt tokens sent to the detokenizer as decoding context for the first output token.
-PROMPT_TAIL = 16
 # NOTE: max_new_tokens is clipped to this when the plan reserves decode memory (Rust default).
 CLIP_MAX_NEW_TOKENS = 4096
 # Consecutive idle plans with requests waiting and nothing running before the head of the
@@ -107,7 +104,7 @@ class Req:
         return self.input_ids + self.output_ids
 
 
-class Scheduler:
+class Scheduler(SchedulerOutputMixin):
     def __init__(self, server_args: ServerArgs, port_args: PortArgs, dp_rank: int = 0) -> None:
         self.server_args = server_args
         self.dp_rank = dp_rank
@@ -589,27 +586,6 @@ class Scheduler:
             idx = torch.tensor([i for i, _ in sampling], device=logits.device)
             self.sample_and_commit([r for _, r in sampling], logits.index_select(0, idx))
 
-    def add_prompt_logprobs(self, scored: list[tuple[Req, int, int]], rows: torch.Tensor) -> None:
-        targets: list[int] = []
-        tops: list[int] = []
-        for req, q0, q1 in scored:
-            targets.extend(req.input_ids[q0 + 1 : q1 + 1])
-            tops.extend([req.top_logprobs_num] * (q1 - q0))
-        t = torch.tensor(targets, dtype=torch.int64, device=rows.device)
-        chosen, top_v, top_i = token_logprobs(rows, t, tops)
-        at = 0
-        for req, q0, q1 in scored:
-            n = q1 - q0
-            assert req.lp is not None
-            req.lp.input_logprobs.extend(chosen[at : at + n])
-            req.lp.input_ids.extend(req.input_ids[q0 + 1 : q1 + 1])
-            if req.top_logprobs_num:
-                req.lp.input_top_logprobs.extend(top_v[at : at + n])
-                req.lp.input_top_ids.extend(top_i[at : at + n])
-            req.input_lp_next = q1 + 1
-            at += n
-            self.outbox.setdefault(req.nid, req)
-
     def run_decode(self, nids: list[int], slots: list[int], retracted: list[int]) -> None:
         pool = self.runner.req_to_token_pool
         if retracted:
@@ -635,142 +611,6 @@ class Scheduler:
     def maybe_inject_fault(self, reqs: list[Req]) -> None:
         if self.fault_token is not None and any(self.fault_token in r.input_ids for r in reqs):
             raise RuntimeError(f"injected fault ({FAULT_TOKEN_ENV}={self.fault_token})")
-
-    def sample_and_commit(self, reqs: list[Req], logits: torch.Tensor) -> None:
-        info = SamplingBatchInfo.build(
-            params=[r.params for r in reqs],
-            seeds=[r.seed for r in reqs],
-            steps=[len(r.output_ids) for r in reqs],
-            prompt_ids=[r.input_ids for r in reqs],
-            output_ids=[r.output_ids for r in reqs],
-            stop_ids=[r.stop_ids for r in reqs],
-            vocab_size=self.vocab_size,
-            device=logits.device,
-        )
-        grammar_rows = [i for i, r in enumerate(reqs) if r.matcher is not None]
-        if grammar_rows:
-            # NOTE: a masked copy; logprobs stay those of the raw distribution.
-            masked = logits.clone()
-            self._grammar_backend.apply_masks(
-                masked, grammar_rows, [reqs[i].matcher for i in grammar_rows]
-            )
-            ids = self.sampler(masked, info)
-        else:
-            ids = self.sampler(logits, info)
-        lp_rows = [i for i, r in enumerate(reqs) if r.return_logprob and not r.score_only]
-        if lp_rows:
-            idx = torch.tensor(lp_rows, dtype=torch.int64, device=logits.device)
-            chosen, top_v, top_i = token_logprobs(
-                logits.index_select(0, idx),
-                ids.index_select(0, idx),
-                [reqs[i].top_logprobs_num for i in lp_rows],
-            )
-        # NOTE: the one device-to-host copy of the step (plus logprobs when asked).
-        next_ids = ids.tolist()
-        self.plan.commit([r.nid for r in reqs], next_ids)
-        for j, i in enumerate(lp_rows):
-            lp = reqs[i].lp
-            assert lp is not None
-            lp.output_logprobs.append(chosen[j])
-            lp.output_ids.append(next_ids[i])
-            if reqs[i].top_logprobs_num:
-                lp.output_top_logprobs.append(top_v[j])
-                lp.output_top_ids.append(top_i[j])
-        stop_string_reqs: list[Req] = []
-        scoring = [r for r in reqs if r.score_only]
-        for req in scoring:
-            self.finish(req, FinishReason(type="length", length=0))
-        if scoring:
-            kept = [(r, t) for r, t in zip(reqs, next_ids, strict=True) if not r.score_only]
-            reqs = [r for r, _ in kept]
-            next_ids = [t for _, t in kept]
-        for req, tok in zip(reqs, next_ids, strict=True):
-            if req.matcher is not None and not req.matcher.accept_token(tok):
-                # Only reachable when the grammar left no token the sampler could take (e.g.
-                # min_new_tokens masks the stop token the finished grammar requires).
-                req.grammar_rejected = True
-            req.output_ids.append(tok)
-            self.outbox[req.nid] = req
-            if req.checks_stop_strings:
-                stop_string_reqs.append(req)
-        matched: dict[int, str] = {}
-        if stop_string_reqs:
-            results = self.stop_checker.step_batch(
-                [r.nid for r in stop_string_reqs], [[r.output_ids[-1]] for r in stop_string_reqs]
-            )
-            for req, (_, stop_idx) in zip(stop_string_reqs, results, strict=True):
-                if stop_idx is not None:
-                    matched[req.nid] = req.params.stop[stop_idx]
-        for req in reqs:
-            reason = self.finish_reason(req, matched.get(req.nid))
-            if reason is not None:
-                self.finish(req, reason)
-
-    def finish_reason(self, req: Req, matched_stop: str | None) -> FinishReason | None:
-        tok = req.output_ids[-1]
-        if req.grammar_rejected:
-            return FinishReason(
-                type="abort",
-                message="no token satisfies the grammar here (does min_new_tokens conflict "
-                "with the json_schema / regex?)",
-            )
-        n_out = len(req.output_ids)
-        if tok in req.stop_ids and n_out >= req.params.min_new_tokens:
-            return FinishReason(type="stop", matched=tok)
-        if matched_stop is not None:
-            return FinishReason(type="stop", matched=matched_stop)
-        if n_out >= req.max_new_tokens:
-            return FinishReason(type="length", length=req.max_new_tokens)
-        if len(req.input_ids) + n_out >= self.context_len:
-            return FinishReason(type="length", length=n_out)
-        if req.matcher is not None and req.matcher.is_terminated():
-            return FinishReason(type="stop", matched=tok)
-        return None
-
-    # ---- output --------------------------------------------------------------------------
-
-    def flush_outputs(self) -> None:
-        if not self.outbox:
-            return
-        out = BatchTokenIDOut(
-            rids=[],
-            new_ids=[],
-            finished=[],
-            inits=[],
-            prompt_tokens=[],
-            completion_tokens=[],
-            cached_tokens=[],
-        )
-        if any(r.lp is not None for r in self.outbox.values()):
-            out.logprobs = []
-        for req in self.outbox.values():
-            if out.logprobs is not None:
-                out.logprobs.append(req.lp)
-                if req.lp is not None:
-                    req.lp = LogprobDelta()
-            out.rids.append(req.rid)
-            out.new_ids.append(req.output_ids[req.sent_len :])
-            req.sent_len = len(req.output_ids)
-            out.finished.append(req.finished)
-            if req.init_sent:
-                out.inits.append(None)
-            else:
-                p = req.params
-                out.inits.append(
-                    DetokInit(
-                        prompt_tail=req.input_ids[-PROMPT_TAIL:],
-                        skip_special_tokens=p.skip_special_tokens,
-                        spaces_between_special_tokens=p.spaces_between_special_tokens,
-                        stop=list(p.stop),
-                        no_stop_trim=p.no_stop_trim,
-                    )
-                )
-                req.init_sent = True
-            out.prompt_tokens.append(len(req.input_ids))
-            out.completion_tokens.append(len(req.output_ids))
-            out.cached_tokens.append(req.cached_tokens)
-        self.outbox.clear()
-        self.send_sock.send(encode(out))
 
 
 def tokenizer_eos_id(tokenizer_path: str) -> int | None:
