@@ -90,7 +90,7 @@ pub const MAX_PENDING: usize = 128;
 
 const REPLACEMENT: char = '\u{FFFD}';
 
-#[derive(Debug, Error)]
+#[derive(Debug, Error, PartialEq, Eq)]
 pub enum DetokError {
     #[error("cannot load tokenizer: {0}")]
     Load(String),

@@ -1,46 +1,57 @@
-//! Waiting queue and batch assembly: which requests run in the next step, how many tokens
-//! each, which KV slots they write, and which running requests are retracted.
+//! The scheduler's request table and batch assembly: which requests run in the next step,
+//! how many tokens each, which KV slots and table rows they use, which running requests are
+//! retracted, and when a request is finished.
 //!
-//! API CONTRACT (fixed; the Python scheduler process and the bindings are written against it):
+//! API CONTRACT (the Python scheduler process and the bindings are written against it):
 //!
-//! `BatchScheduler` owns the [`RadixTree`] and the [`SlotAllocator`] and every admitted
-//! request's KV slots, so "no slot is owned twice" and "nothing leaks" are checked in one place
-//! (`check_invariants`). Python owns tensors and sampling; it calls, once per step:
+//! `BatchScheduler` is the one record of every request in the scheduler process: its tokens,
+//! KV slots, request-to-token table row, length limits, stop ids and stop strings, and
+//! sampling parameters. It owns the [`RadixTree`], the [`SlotAllocator`] and the table rows,
+//! so "no slot is owned twice" and "nothing leaks" are checked in one place
+//! (`check_invariants`). The caller owns tensors and sampling. Per step:
 //!
-//! 1. `add_request` for each new request (it joins the waiting queue),
-//! 2. `schedule()` -> `Plan`:
-//!    - `Plan::Prefill`: entries to extend. Entry `e` computes `tokens[e.prefix_len ..
-//!      e.prefix_len + e.extend_len]`; `e.slots` are the KV slots of
-//!      `tokens[e.slots_from .. e.prefix_len + e.extend_len]` (Python already knows the slots
-//!      before `slots_from` from earlier chunks; `slots_from == 0` on admission). The last
-//!      `extend_len` of them are where the new KV is written. `is_last_chunk`: the whole
-//!      sequence is now in KV and the next token is sampled; the request is running from now on.
-//!      A plan-time insert puts every entry's computed prefix into the tree, so a later request
-//!      with the same prefix reuses it (this is how in-batch dedupe seeds the cache).
-//!    - `Plan::Decode`: every running request decodes one token: input `tokens.last()` at
-//!      position `tokens.len() - 1`, KV written to `slots[i]`. `retracted` lists requests that
-//!      were moved back to the waiting queue (their KV was cached in the tree and released);
-//!      Python drops their slots and keeps their output so far.
-//!    - `Plan::Idle`: nothing to do.
-//! 3. `commit(ids, tokens)`: the token sampled for each request that sampled this step
-//!    (decode entries and prefill entries with `is_last_chunk`).
-//! 4. `finish(id)`: the request ended (finished, aborted, disconnected), in any state: its
-//!    computed KV goes into the prefix cache, locks are released, the rest is freed.
+//! 1. `add_request` for each new request (it joins the waiting queue);
+//! 2. `schedule()` -> [`Step`]: a prefill (chunks of waiting requests, with prefix-cache reuse),
+//!    a decode (one token for each running request, retracting some when KV runs out) or idle,
+//!    as contiguous arrays (`step::Section`): input ids, positions, KV slots, sequence
+//!    lengths, rows, the table writes to apply before the step, which sequences sample (with
+//!    their output index and min_new_tokens masks) and the sampling parameters of requests
+//!    admitted to a row this step;
+//! 3. `commit(tokens)` with one sampled token per sampling sequence of the oldest uncommitted
+//!    step (or `abandon()` if that step failed). Commit decides the finishes (stop id / EOS
+//!    after min_new_tokens, stop string, max_new_tokens, context length), ends those requests
+//!    and returns what to send ([`CommitResult`]);
+//! 4. `finish(id)` for requests the caller ends (abort, timeout, grammar), in any state.
 //!
-//! Between a plan and the next `schedule()` call every sampling request must be committed or
-//! finished.
+//! Overlap: `schedule()` may run while the previous step is still uncommitted (its samples
+//! are "pending": a decode step then takes each running request's next input from the device,
+//! `Section::InputIds` holds -1). At most one step may be uncommitted when planning. A request
+//! whose pending samples already end it (max_new_tokens, context length) is not planned again;
+//! one that ends by a stop condition gets one more token planned, which its commit drops (the
+//! KV slot it was given is released with the request). Freed slots and rows are only handed
+//! out by later plans, so a step in flight never sees them reused before it ran.
 
+mod commit;
+mod decode;
+mod emit;
 mod invariants;
 mod policy;
 mod prefill;
+pub mod request;
+pub mod step;
 
 use crate::alloc::{AllocError, SlotAllocator};
+use crate::detok::{DetokError, Detokenizer};
 use crate::radix::{NodeId, RadixError, RadixTree};
 use crate::rng::SplitMix64;
-use std::cmp::Reverse;
-use std::collections::{HashMap, HashSet};
+use request::Req;
+use std::collections::{HashMap, VecDeque};
 use std::str::FromStr;
 use thiserror::Error;
+
+pub use commit::CommitResult;
+pub use request::{flags, FinishKind, Finished, NewRequest, SamplingParams, StopStrings};
+pub use step::{FloatSection, PrefillView, Section, Step, StepKind};
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum SchedError {
@@ -50,15 +61,15 @@ pub enum SchedError {
     UnknownRequest(u64),
     #[error("request {0} has no input tokens")]
     EmptyRequest(u64),
-    #[error("request {id} is not waiting for a sampled token (state: {state})")]
-    NotSampling { id: u64, state: &'static str },
-    #[error(
-        "request {0} still waits for its sampled token: commit or finish it before the next schedule()"
-    )]
-    PendingSample(u64),
-    #[error("ids and tokens differ in length: {ids} vs {tokens}")]
-    LengthMismatch { ids: usize, tokens: usize },
-    #[error("cannot flush the cache while {0} requests are in the system")]
+    #[error("request {0} has stop strings but the scheduler has no stop checker")]
+    NoStopChecker(u64),
+    #[error("{0} steps are uncommitted: commit (or abandon) the oldest before planning another")]
+    TooManyInFlight(usize),
+    #[error("no step is waiting for its commit")]
+    NothingInFlight,
+    #[error("commit of {tokens} tokens for a step that sampled {expected}")]
+    LengthMismatch { expected: usize, tokens: usize },
+    #[error("cannot flush the cache while {0} requests hold KV or steps are in flight")]
     Busy(usize),
     #[error("unknown schedule policy {0:?} (expected fcfs, lpm, dfs-weight, lof or random)")]
     BadPolicy(String),
@@ -68,6 +79,8 @@ pub enum SchedError {
     Radix(#[from] RadixError),
     #[error(transparent)]
     Alloc(#[from] AllocError),
+    #[error(transparent)]
+    Detok(#[from] DetokError),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,8 +126,12 @@ pub struct SchedConfig {
     /// chunks of at most this many tokens (page aligned). `None`: no chunking (a request larger
     /// than the budget runs alone in its step).
     pub chunked_prefill_size: Option<usize>,
+    /// Admitted requests at most; also the number of request-to-token table rows handed out
+    /// (rows `0..max_running_requests`).
     pub max_running_requests: usize,
     pub enable_radix_cache: bool,
+    /// A request whose prompt and output reach this many tokens finishes (`Length`).
+    pub context_len: usize,
     /// Queue length above which `lpm` / `dfs-weight` fall back to fcfs (SGLang: 128).
     pub lpm_fallback_queue_len: usize,
     /// In-batch prefix dedupe: a waiting request whose cached prefix is at most this long and
@@ -142,6 +159,7 @@ impl SchedConfig {
             chunked_prefill_size: Some(8192),
             max_running_requests: 256,
             enable_radix_cache: true,
+            context_len: usize::MAX,
             lpm_fallback_queue_len: 128,
             in_batch_prefix_threshold: 32,
             init_new_token_ratio: 0.7,
@@ -152,49 +170,10 @@ impl SchedConfig {
     }
 }
 
-#[derive(Debug, Clone)]
-pub struct NewRequest {
-    pub id: u64,
-    /// Prompt token ids.
-    pub tokens: Vec<u32>,
-    pub max_new_tokens: usize,
-    /// Prefix-cache namespace (cache salt); "" by default.
-    pub namespace: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PrefillEntry {
-    pub id: u64,
-    /// Tokens already in KV before this step (prefix cache hit and earlier chunks).
-    pub prefix_len: usize,
-    /// Tokens computed this step.
-    pub extend_len: usize,
-    /// Tokens of this request served from the prefix cache so far (usage reporting).
-    pub cached_len: usize,
-    /// `slots` covers `tokens[slots_from .. prefix_len + extend_len]`.
-    pub slots_from: usize,
-    pub slots: Vec<u32>,
-    pub is_last_chunk: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DecodeBatch {
-    pub ids: Vec<u64>,
-    /// One new KV slot per request, aligned with `ids`.
-    pub slots: Vec<u32>,
-    /// Requests moved back to the waiting queue to make room.
-    pub retracted: Vec<u64>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Plan {
-    Idle,
-    Prefill(Vec<PrefillEntry>),
-    Decode(DecodeBatch),
-}
-
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SchedStats {
+    /// Requests in the system (waiting, mid-chunk or running).
+    pub num_requests: usize,
     pub num_waiting: usize,
     /// Admitted requests (running plus the one mid-chunk).
     pub num_running: usize,
@@ -205,15 +184,24 @@ pub struct SchedStats {
     /// Slots owned by requests and not by the tree.
     pub request_owned: usize,
     pub new_token_ratio: f64,
+    /// Table rows not held by a request.
+    pub rows_free: usize,
+    /// Steps planned and not yet committed.
+    pub in_flight: usize,
+    /// Retractions since the start.
+    pub retracted_total: usize,
+    /// Prompt tokens, and of them the ones served from the prefix cache, of the requests that
+    /// ended with at least one output token.
+    pub hit_prompt_tokens: usize,
+    pub hit_cached_tokens: usize,
+    pub admission_paused: bool,
 }
 
-/// Where a request is in its life. `Sampling`: its last plan computed the logits of its next
-/// token, which `commit` appends; every other state has no sample outstanding.
+/// Where a request is in its life. Samples in flight are counted apart (`Req::pending`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
+pub(crate) enum State {
     Waiting,
     MidChunk,
-    Sampling,
     Running,
 }
 
@@ -222,39 +210,8 @@ impl State {
         match self {
             State::Waiting => "waiting",
             State::MidChunk => "mid-chunk",
-            State::Sampling => "sampling",
             State::Running => "running",
         }
-    }
-}
-
-struct Req {
-    /// Prompt followed by the output so far.
-    tokens: Vec<u32>,
-    max_new_tokens: usize,
-    output_len: usize,
-    namespace: String,
-    /// Arrival order; a retracted request keeps it, so it goes back near the queue's front.
-    seq: u64,
-    /// KV slots of `tokens[..slots.len()]`.
-    slots: Vec<u32>,
-    /// NOTE: `slots[..tree_owned]` belong to the tree (locked through `node`);
-    /// `slots[tree_owned..]` belong to the request. `tree_owned` is page aligned.
-    tree_owned: usize,
-    node: Option<NodeId>,
-    cached_len: usize,
-    state: State,
-}
-
-impl Req {
-    fn prompt_len(&self) -> usize {
-        self.tokens.len() - self.output_len
-    }
-
-    /// The key matched against the prefix cache: the last token is always computed, since its
-    /// logits give the next token.
-    fn match_key(&self) -> &[u32] {
-        &self.tokens[..self.tokens.len() - 1]
     }
 }
 
@@ -265,28 +222,36 @@ pub struct BatchScheduler {
     reqs: HashMap<u64, Req>,
     /// (seq, id), sorted by seq.
     waiting: Vec<(u64, u64)>,
-    /// Requests past their last prefill chunk (`Sampling` or `Running`), in admission order.
+    /// Requests past their last prefill chunk, in admission order.
     running: Vec<u64>,
     /// The one request between two prefill chunks.
     chunked: Option<u64>,
+    /// Free table rows; popping hands out the lowest.
+    free_rows: Vec<u32>,
+    /// The sampling request ids of each uncommitted step, oldest first.
+    in_flight: VecDeque<Vec<u64>>,
+    /// Follows the requests that have stop strings (see `set_stop_checker`).
+    stop_checker: Option<Detokenizer>,
+    admission_paused: bool,
     next_seq: u64,
     new_token_ratio: f64,
     rng: SplitMix64,
+    retracted_total: usize,
+    hit_prompt_tokens: usize,
+    hit_cached_tokens: usize,
 }
 
 fn align_down(n: usize, page: usize) -> usize {
     n - n % page
 }
 
-/// Retraction resets the ratio as if every remaining request will need this many more steps
-/// (SGLang: `retract_decode_steps`).
-const RETRACT_DECODE_STEPS: usize = 10;
-
 impl BatchScheduler {
     pub fn new(cfg: SchedConfig) -> Result<Self, SchedError> {
         validate(&cfg)?;
         let tree = RadixTree::new(cfg.page_size)?;
         let alloc = SlotAllocator::new(cfg.pool_size, cfg.page_size)?;
+        let rows = u32::try_from(cfg.max_running_requests)
+            .map_err(|_| SchedError::BadConfig("max_running_requests over u32".into()))?;
         Ok(BatchScheduler {
             tree,
             alloc,
@@ -294,11 +259,24 @@ impl BatchScheduler {
             waiting: Vec::new(),
             running: Vec::new(),
             chunked: None,
+            free_rows: (0..rows).rev().collect(),
+            in_flight: VecDeque::new(),
+            stop_checker: None,
+            admission_paused: false,
             next_seq: 0,
             new_token_ratio: cfg.init_new_token_ratio,
             rng: SplitMix64::new(cfg.seed),
+            retracted_total: 0,
+            hit_prompt_tokens: 0,
+            hit_cached_tokens: 0,
             cfg,
         })
+    }
+
+    /// Gives the scheduler the incremental detokenizer that decides stop strings (the
+    /// tokenizer of the served model).
+    pub fn set_stop_checker(&mut self, checker: Detokenizer) {
+        self.stop_checker = Some(checker);
     }
 
     pub fn config(&self) -> &SchedConfig {
@@ -306,116 +284,127 @@ impl BatchScheduler {
     }
 
     pub fn add_request(&mut self, req: NewRequest) -> Result<(), SchedError> {
-        if self.reqs.contains_key(&req.id) {
-            return Err(SchedError::DuplicateRequest(req.id));
+        let id = req.id;
+        if self.reqs.contains_key(&id) {
+            return Err(SchedError::DuplicateRequest(id));
         }
         if req.tokens.is_empty() {
-            return Err(SchedError::EmptyRequest(req.id));
+            return Err(SchedError::EmptyRequest(id));
+        }
+        if let Some(stop) = &req.stop_strings {
+            let checker = self
+                .stop_checker
+                .as_mut()
+                .ok_or(SchedError::NoStopChecker(id))?;
+            checker.add_request(id, &stop.prompt_tail, stop.params.clone())?;
         }
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.reqs.insert(
-            req.id,
-            Req {
-                tokens: req.tokens,
-                max_new_tokens: req.max_new_tokens,
-                output_len: 0,
-                namespace: req.namespace,
-                seq,
-                slots: Vec::new(),
-                tree_owned: 0,
-                node: None,
-                cached_len: 0,
-                state: State::Waiting,
-            },
-        );
-        self.waiting.push((seq, req.id));
+        self.reqs.insert(id, Req::new(req, seq));
+        self.waiting.push((seq, id));
         Ok(())
     }
 
-    pub fn schedule(&mut self) -> Result<Plan, SchedError> {
-        if let Some(&id) = self
-            .running
-            .iter()
-            .find(|id| self.reqs[id].state == State::Sampling)
-        {
-            return Err(SchedError::PendingSample(id));
+    /// Plans the next step. At most one earlier step may still be uncommitted.
+    pub fn schedule(&mut self) -> Result<Step, SchedError> {
+        if self.in_flight.len() > 1 {
+            return Err(SchedError::TooManyInFlight(self.in_flight.len()));
         }
         if self.running.is_empty() && self.chunked.is_none() {
             self.new_token_ratio = self.cfg.init_new_token_ratio;
         }
-        let entries = self.plan_prefill()?;
-        if !entries.is_empty() {
-            return Ok(Plan::Prefill(entries));
+        let step = match self.plan_prefill()? {
+            Some(step) => step,
+            None => self.plan_decode()?,
+        };
+        if step.kind != StepKind::Idle {
+            self.in_flight.push_back(step.sample_ids());
         }
-        if !self.running.is_empty() {
-            return self.plan_decode().map(Plan::Decode);
-        }
-        Ok(Plan::Idle)
+        Ok(step)
     }
 
-    pub fn commit(&mut self, ids: &[u64], tokens: &[u32]) -> Result<(), SchedError> {
-        if ids.len() != tokens.len() {
-            return Err(SchedError::LengthMismatch {
-                ids: ids.len(),
-                tokens: tokens.len(),
-            });
-        }
-        // All or nothing: validate every id before changing any request.
-        let mut seen = HashSet::with_capacity(ids.len());
-        for &id in ids {
-            let r = self.reqs.get(&id).ok_or(SchedError::UnknownRequest(id))?;
-            if r.state != State::Sampling {
-                return Err(SchedError::NotSampling {
-                    id,
-                    state: r.state.name(),
-                });
-            }
-            if !seen.insert(id) {
-                return Err(SchedError::NotSampling {
-                    id,
-                    state: "listed twice in one commit",
-                });
-            }
-        }
-        for (&id, &tok) in ids.iter().zip(tokens) {
-            if let Some(r) = self.reqs.get_mut(&id) {
-                r.tokens.push(tok);
-                r.output_len += 1;
-                r.state = State::Running;
-            }
-        }
-        Ok(())
+    /// Ends a request in any state: its computed KV goes into the prefix cache, its locks,
+    /// row and other slots are released. The caller decides why (`FinishKind::Abort` here).
+    pub fn finish(&mut self, id: u64) -> Result<Finished, SchedError> {
+        self.end(id, FinishKind::Abort)
     }
 
-    pub fn finish(&mut self, id: u64) -> Result<(), SchedError> {
+    /// Puts an admitted request back in the waiting queue without its KV and row, for when
+    /// the KV it was planned on may be wrong (a step it depends on failed). Its committed
+    /// tokens stay; the tokens of its samples in flight are dropped at their commits. A waiting
+    /// request is left as it is.
+    pub fn requeue(&mut self, id: u64) -> Result<(), SchedError> {
         let state = self
             .reqs
             .get(&id)
             .ok_or(SchedError::UnknownRequest(id))?
             .state;
         match state {
-            State::Waiting => self.waiting.retain(|&(_, w)| w != id),
+            State::Waiting => return Ok(()),
             State::MidChunk => {
                 self.release_kv(id)?;
                 self.chunked = None;
             }
-            State::Sampling | State::Running => {
+            State::Running => {
                 self.release_kv(id)?;
                 self.running.retain(|&r| r != id);
             }
         }
-        self.reqs.remove(&id);
+        let r = self
+            .reqs
+            .get_mut(&id)
+            .ok_or(SchedError::UnknownRequest(id))?;
+        r.discard += r.pending;
+        r.pending = 0;
+        r.state = State::Waiting;
+        let at = self.waiting.partition_point(|&(seq, _)| seq < r.seq);
+        self.waiting.insert(at, (r.seq, id));
         Ok(())
     }
 
-    /// True if `id` is known (waiting, mid-chunk or running).
+    /// Requests (in any state) that arrived more than `limit` seconds before `now`.
+    pub fn expired(&self, now: f64, limit: f64) -> Vec<u64> {
+        let mut ids: Vec<u64> = self
+            .reqs
+            .iter()
+            .filter(|(_, r)| now - r.arrival > limit)
+            .map(|(&id, _)| id)
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// True if `id` is in the system (waiting, mid-chunk or running).
     pub fn contains(&self, id: u64) -> bool {
         self.reqs.contains_key(&id)
     }
 
+    /// Ids of every request in the system, ascending.
+    pub fn request_ids(&self) -> Vec<u64> {
+        let mut ids: Vec<u64> = self.reqs.keys().copied().collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// The committed tokens (prompt, then output) of a request.
+    pub fn tokens(&self, id: u64) -> Option<&[u32]> {
+        self.reqs.get(&id).map(|r| r.tokens.as_slice())
+    }
+
+    /// Prompt tokens of a request served from the prefix cache so far.
+    pub fn cached_len(&self, id: u64) -> Option<usize> {
+        self.reqs.get(&id).map(|r| r.cached_len)
+    }
+
+    /// While paused, no waiting request is admitted (a mid-chunk request still continues).
+    /// The caller pauses after a failed step until the cache can be flushed.
+    pub fn set_admission_paused(&mut self, paused: bool) {
+        self.admission_paused = paused;
+    }
+
     pub fn stats(&self) -> SchedStats {
         SchedStats {
+            num_requests: self.reqs.len(),
             num_waiting: self.waiting.len(),
             num_running: self.running.len() + usize::from(self.chunked.is_some()),
             pool_size: self.cfg.pool_size,
@@ -424,22 +413,36 @@ impl BatchScheduler {
             protected: self.tree.protected_size(),
             request_owned: self.reqs.values().map(|r| self.owned_slots(r)).sum(),
             new_token_ratio: self.new_token_ratio,
+            rows_free: self.free_rows.len(),
+            in_flight: self.in_flight.len(),
+            retracted_total: self.retracted_total,
+            hit_prompt_tokens: self.hit_prompt_tokens,
+            hit_cached_tokens: self.hit_cached_tokens,
+            admission_paused: self.admission_paused,
         }
     }
 
-    /// Empties the prefix cache; refused while any request is in the system.
+    /// Empties the prefix cache. Refused while a request holds KV or a row, or a step is
+    /// uncommitted; waiting requests (which hold neither) may stay.
     pub fn flush_cache(&mut self) -> Result<(), SchedError> {
-        if !self.reqs.is_empty() {
-            return Err(SchedError::Busy(self.reqs.len()));
+        let busy = self
+            .reqs
+            .values()
+            .filter(|r| r.state != State::Waiting)
+            .count();
+        if busy > 0 || !self.in_flight.is_empty() {
+            return Err(SchedError::Busy(busy.max(self.in_flight.len())));
         }
-        // With no request in the system every allocated slot is the tree's.
+        // No request holds KV: every allocated slot is the tree's.
         self.tree.reset();
         self.alloc.reset();
+        self.hit_prompt_tokens = 0;
+        self.hit_cached_tokens = 0;
         Ok(())
     }
 
     /// Checks: every slot is free, owned by the tree, or owned by exactly one request;
-    /// evictable + protected = tree total; at most one request mid-chunk.
+    /// evictable + protected = tree total; at most one request mid-chunk; rows are owned once.
     pub fn check_invariants(&self) -> Result<(), String> {
         invariants::check(self)
     }
@@ -452,86 +455,52 @@ impl BatchScheduler {
         &self.alloc
     }
 
-    // ---- decode -------------------------------------------------------------------------
+    // ---- ending requests ----------------------------------------------------------------
 
-    fn plan_decode(&mut self) -> Result<DecodeBatch, SchedError> {
-        let p = self.cfg.page_size;
-        let mut retracted = Vec::new();
-        let need = loop {
-            let need: usize = self
-                .running
-                .iter()
-                .map(|id| self.alloc.pages_needed(self.reqs[id].slots.len(), 1))
-                .sum::<usize>()
-                * p;
-            if need <= self.alloc.available() + self.evictable() {
-                break need;
+    /// Removes a request from wherever it is and releases what it holds.
+    fn end(&mut self, id: u64, kind: FinishKind) -> Result<Finished, SchedError> {
+        let state = self
+            .reqs
+            .get(&id)
+            .ok_or(SchedError::UnknownRequest(id))?
+            .state;
+        match state {
+            State::Waiting => self.waiting.retain(|&(_, w)| w != id),
+            State::MidChunk => {
+                self.release_kv(id)?;
+                self.chunked = None;
             }
-            // Fewest output tokens first (least work lost), then the longest prompt (most
-            // memory back), then the newest. NOTE: the last request is retracted only when it
-            // cannot grow even alone; it then waits until Python gives up on it.
-            let victim = self
-                .running
-                .iter()
-                .map(|id| (id, &self.reqs[id]))
-                .min_by_key(|(_, r)| (r.output_len, Reverse(r.prompt_len()), Reverse(r.seq)))
-                .map(|(&id, _)| id);
-            let Some(victim) = victim else { break 0 };
-            self.retract(victim)?;
-            retracted.push(victim);
-        };
-        if retracted.is_empty() {
-            self.new_token_ratio = (self.new_token_ratio - self.cfg.new_token_ratio_decay)
-                .max(self.cfg.min_new_token_ratio);
-        } else {
-            let (decoded, max_new) = self.running.iter().fold((0, 0), |(d, m), id| {
-                let r = &self.reqs[id];
-                (d + r.output_len, m + r.max_new_tokens)
-            });
-            let steps = RETRACT_DECODE_STEPS * self.running.len();
-            self.new_token_ratio = if max_new == 0 {
-                1.0
-            } else {
-                ((decoded + steps) as f64 / max_new as f64).min(1.0)
-            };
+            State::Running => {
+                self.release_kv(id)?;
+                self.running.retain(|&r| r != id);
+            }
         }
-        self.make_room(need)?;
-        let mut slots = Vec::with_capacity(self.running.len());
-        for i in 0..self.running.len() {
-            let id = self.running[i];
-            self.grow(id, 1)?;
-            let r = self
-                .reqs
-                .get_mut(&id)
-                .ok_or(SchedError::UnknownRequest(id))?;
-            r.state = State::Sampling;
-            slots.extend(r.slots.last());
-        }
-        Ok(DecodeBatch {
-            ids: self.running.clone(),
-            slots,
-            retracted,
-        })
-    }
-
-    /// Moves a running request back to the waiting queue; its KV goes into the tree.
-    fn retract(&mut self, id: u64) -> Result<(), SchedError> {
-        self.release_kv(id)?;
-        self.running.retain(|&r| r != id);
         let r = self
             .reqs
-            .get_mut(&id)
+            .remove(&id)
             .ok_or(SchedError::UnknownRequest(id))?;
-        r.state = State::Waiting;
-        let at = self.waiting.partition_point(|&(seq, _)| seq < r.seq);
-        self.waiting.insert(at, (r.seq, id));
-        Ok(())
+        if let Some(checker) = self.stop_checker.as_mut() {
+            checker.remove(id);
+        }
+        let output_len = r.output_len();
+        if output_len > 0 {
+            self.hit_prompt_tokens += r.prompt_len;
+            self.hit_cached_tokens += r.cached_len;
+        }
+        Ok(Finished {
+            id,
+            kind,
+            output_len,
+            cached_len: r.cached_len,
+        })
     }
 
     // ---- memory -------------------------------------------------------------------------
 
-    /// Gives up a request's KV: the computed part goes into the tree (duplicates of what is
-    /// already cached are freed), the unaligned tail is freed, the lock is released.
+    /// Gives up a request's KV and row: the computed part goes into the tree (duplicates of
+    /// what is already cached are freed), the rest is freed, the lock is released.
+    /// NOTE: slots of tokens still being sampled (in flight) have no known token to cache
+    /// under; they are freed, and only a later plan can hand them out again.
     fn release_kv(&mut self, id: u64) -> Result<(), SchedError> {
         let p = self.cfg.page_size;
         let r = self
@@ -540,14 +509,15 @@ impl BatchScheduler {
             .ok_or(SchedError::UnknownRequest(id))?;
         let kv = r.slots.len();
         if self.cfg.enable_radix_cache {
+            let known = kv.min(r.tokens.len());
             let cached = self
                 .tree
-                .insert(&r.tokens[..kv], &r.slots, &r.namespace)?
+                .insert(&r.tokens[..known], &r.slots[..known], &r.namespace)?
                 .max(r.tree_owned);
             // `[tree_owned..cached]`: another request cached these tokens first; ours are
             // duplicates. `[cached..aligned]` now belongs to the tree.
             let mut free = r.slots[r.tree_owned..cached].to_vec();
-            free.extend_from_slice(&r.slots[align_down(kv, p).max(cached)..]);
+            free.extend_from_slice(&r.slots[align_down(known, p).max(cached)..]);
             if let Some(node) = r.node.take() {
                 self.tree.unlock(node)?;
             }
@@ -557,6 +527,10 @@ impl BatchScheduler {
         }
         r.slots.clear();
         r.tree_owned = 0;
+        r.table_len = 0;
+        if let Some(row) = r.row.take() {
+            self.free_rows.push(row);
+        }
         Ok(())
     }
 
@@ -594,7 +568,7 @@ impl BatchScheduler {
 
     /// Decode growth reserved for a request: its remaining output, clipped, times the ratio.
     fn growth(&self, r: &Req) -> f64 {
-        let remaining = r.max_new_tokens.saturating_sub(r.output_len);
+        let remaining = r.max_new_tokens.saturating_sub(r.output_len());
         remaining.min(self.cfg.clip_max_new_tokens) as f64 * self.new_token_ratio
     }
 
@@ -633,6 +607,9 @@ fn validate(cfg: &SchedConfig) -> Result<(), SchedError> {
     }
     if cfg.max_running_requests == 0 {
         return bad("max_running_requests must be >= 1".into());
+    }
+    if cfg.context_len < 2 {
+        return bad("context_len must be >= 2".into());
     }
     let (init, min, decay) = (
         cfg.init_new_token_ratio,

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{config, seq, Driver, Phase};
-use srt_core::sched::{Plan, SchedConfig};
+use srt_core::sched::{SchedConfig, Section, StepKind};
 use std::collections::HashMap;
 
 fn tight(pool: usize) -> SchedConfig {
@@ -22,7 +22,8 @@ fn retraction_frees_kv_and_retracted_requests_come_back() {
     for (id, len) in [(0, 6), (1, 10), (2, 8), (3, 7)] {
         d.add(id, seq(1000 * (id as u32 + 1), len), 20, "");
     }
-    assert!(matches!(d.step(), Plan::Prefill(e) if e.len() == 4));
+    let step = d.step();
+    assert!(step.kind == StepKind::Prefill && step.num_seqs() == 4);
     let mut first = None;
     let mut ratio_checked = false;
     for _ in 0..500 {
@@ -31,23 +32,22 @@ fn retraction_frees_kv_and_retracted_requests_come_back() {
         }
         let outs: HashMap<u64, usize> = d.reqs.iter().map(|(&id, r)| (id, r.outputs())).collect();
         let available_before = d.stats().available + d.stats().evictable;
-        if let Plan::Decode(b) = d.step() {
-            if b.retracted.is_empty() {
-                continue;
-            }
-            first.get_or_insert(b.retracted[0]);
+        let step = d.step();
+        let (ids, retracted) = (step.ids(), step.retracted());
+        if step.kind == StepKind::Decode && !retracted.is_empty() {
+            first.get_or_insert(retracted[0]);
             assert!(
-                !b.ids.is_empty(),
+                !ids.is_empty(),
                 "the last request that fits is never retracted"
             );
-            assert!(b.ids.len() <= 3);
+            assert!(ids.len() <= 3);
             // Retracted KV went to the cache: more became free or evictable.
             let after = d.stats().available + d.stats().evictable;
-            assert!(after + b.ids.len() > available_before);
+            assert!(after + ids.len() > available_before);
             if !ratio_checked {
-                let decoded: usize = b.ids.iter().map(|id| outs[id]).sum();
-                let max_new: usize = b.ids.iter().map(|id| d.reqs[id].max_new).sum();
-                let expected = ((decoded + 10 * b.ids.len()) as f64 / max_new as f64).min(1.0);
+                let decoded: usize = ids.iter().map(|id| outs[id]).sum();
+                let max_new: usize = ids.iter().map(|id| d.reqs[id].max_new).sum();
+                let expected = ((decoded + 10 * ids.len()) as f64 / max_new as f64).min(1.0);
                 let got = d.stats().new_token_ratio;
                 assert!((got - expected).abs() < 1e-9, "ratio {got} != {expected}");
                 ratio_checked = true;
@@ -80,16 +80,22 @@ fn a_retracted_request_reuses_its_own_cached_kv() {
             break;
         }
         let was_waiting_after_retraction = d.reqs.values().any(|r| r.retractions > 0);
-        if let Plan::Prefill(entries) = d.step() {
-            if was_waiting_after_retraction && readmitted.is_none() {
-                readmitted = entries.first().map(|e| (e.id, e.prefix_len, e.slots_from));
-            }
+        let step = d.step();
+        if step.kind == StepKind::Prefill && was_waiting_after_retraction && readmitted.is_none() {
+            let e = step.entries()[0];
+            // The row is written from its first column again (the driver checks each read).
+            let cols = step.section(Section::TableCols);
+            readmitted = Some((e.id, e.prefix_len, cols.first().copied()));
         }
     }
     assert!(d.all_finished());
-    let (id, prefix_len, slots_from) = readmitted.expect("a request was retracted");
+    let (id, prefix_len, first_col) = readmitted.expect("a request was retracted");
     assert_eq!(id, 1, "the longer prompt is retracted");
-    assert_eq!(slots_from, 0, "Python dropped its slots");
+    assert_eq!(
+        first_col,
+        Some(0),
+        "the whole row is written on readmission"
+    );
     // At least the prompt that its prefill cached (its last token is always computed).
     assert!(
         prefix_len >= 19,
@@ -104,20 +110,20 @@ fn a_lone_request_that_cannot_grow_is_retracted_and_waits() {
     let mut d = Driver::new(tight(16));
     d.add(1, seq(1000, 8), 20, "");
     let mut steps = 0;
-    let retracted = loop {
+    let step = loop {
         steps += 1;
         assert!(steps < 50);
-        if let Plan::Decode(b) = d.step() {
-            if !b.retracted.is_empty() {
-                break b;
-            }
+        let step = d.step();
+        if !step.retracted().is_empty() {
+            break step;
         }
     };
-    assert_eq!(retracted.retracted, vec![1]);
-    assert!(retracted.ids.is_empty());
+    assert_eq!(step.retracted(), vec![1]);
+    assert_eq!(step.kind, StepKind::Idle, "nothing is left to decode");
     assert_eq!(d.reqs[&1].phase, Phase::Waiting);
-    assert!(
-        matches!(d.step(), Plan::Idle),
+    assert_eq!(
+        d.step().kind,
+        StepKind::Idle,
         "17 tokens never fit in 16 slots"
     );
     d.abort(1);
@@ -134,7 +140,7 @@ fn new_token_ratio_decays_per_decode_step_and_resets_when_idle() {
     d.add(1, seq(1000, 4), 10, "");
     d.step();
     let mut seen = vec![d.stats().new_token_ratio];
-    while let Plan::Decode(_) = d.step() {
+    while d.step().kind == StepKind::Decode {
         seen.push(d.stats().new_token_ratio);
     }
     let expected = [0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.2, 0.2, 0.2, 0.2];

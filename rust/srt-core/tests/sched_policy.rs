@@ -4,7 +4,7 @@
 mod common;
 
 use common::{config, seq, Driver};
-use srt_core::sched::{Plan, Policy, SchedConfig};
+use srt_core::sched::{Policy, SchedConfig, StepKind};
 
 fn big(policy: Policy) -> SchedConfig {
     let mut cfg = config(4096);
@@ -15,10 +15,9 @@ fn big(policy: Policy) -> SchedConfig {
 }
 
 fn first_plan_order(d: &mut Driver) -> Vec<u64> {
-    match d.step() {
-        Plan::Prefill(entries) => entries.iter().map(|e| e.id).collect(),
-        other => panic!("expected a prefill, got {other:?}"),
-    }
+    let step = d.step();
+    assert_eq!(step.kind, StepKind::Prefill, "expected a prefill");
+    step.ids()
 }
 
 /// Puts `prompts` into the prefix cache by running them to completion.

@@ -4,17 +4,17 @@
 mod common;
 
 use common::{config, seq, Driver};
-use srt_core::sched::{BatchScheduler, NewRequest, Plan, PrefillEntry, SchedConfig, SchedError};
+use srt_core::sched::{
+    BatchScheduler, NewRequest, PrefillView, SchedConfig, SchedError, Section, Step, StepKind,
+};
 
-fn prefill(plan: Plan) -> Vec<PrefillEntry> {
-    match plan {
-        Plan::Prefill(entries) => entries,
-        other => panic!("expected a prefill, got {other:?}"),
-    }
+fn prefill(step: Step) -> Vec<PrefillView> {
+    assert_eq!(step.kind, StepKind::Prefill, "expected a prefill");
+    step.entries()
 }
 
 /// (id, prefix_len, extend_len, is_last_chunk) of each entry.
-fn shape(entries: &[PrefillEntry]) -> Vec<(u64, usize, usize, bool)> {
+fn shape(entries: &[PrefillView]) -> Vec<(u64, usize, usize, bool)> {
     entries
         .iter()
         .map(|e| (e.id, e.prefix_len, e.extend_len, e.is_last_chunk))
@@ -64,7 +64,7 @@ fn running_cap_counts_running_and_admitted() {
         d.add(id, seq(1000 * (id as u32 + 1), 8), 2 + id as usize, "");
     }
     assert_eq!(prefill(d.step()).len(), 3);
-    assert!(matches!(d.step(), Plan::Decode(_)), "cap reached: decode");
+    assert_eq!(d.step().kind, StepKind::Decode, "cap reached: decode");
     assert_eq!(
         d.stats().num_running,
         2,
@@ -101,11 +101,12 @@ fn a_long_prompt_is_chunked_across_steps_and_resumes_first() {
     d.check_drained();
 }
 
-fn prefill_of(d: &mut Driver, id: u64) -> Option<PrefillEntry> {
-    match d.step() {
-        Plan::Prefill(entries) => entries.into_iter().find(|e| e.id == id),
-        _ => None,
+fn prefill_of(d: &mut Driver, id: u64) -> Option<PrefillView> {
+    let step = d.step();
+    if step.kind != StepKind::Prefill {
+        return None;
     }
+    step.entries().into_iter().find(|e| e.id == id)
 }
 
 #[test]
@@ -141,7 +142,7 @@ fn in_batch_dedupe_lets_one_request_seed_a_shared_prefix() {
     );
     let e = prefill(d.step());
     assert_eq!(shape(&e), vec![(2, 64, 8, true)]);
-    assert_eq!(e[0].cached_len, 64);
+    assert_eq!(d.sched.cached_len(2), Some(64));
     d.run(100);
     d.check_drained();
 }
@@ -172,7 +173,7 @@ fn a_cached_prefix_is_reused_and_reported() {
     d.add(2, [prompt.clone(), seq(7000, 5)].concat(), 2, "");
     let e = prefill(d.step());
     assert_eq!(shape(&e), vec![(2, 30, 5, true)]);
-    assert_eq!(e[0].cached_len, 30);
+    assert_eq!(d.sched.cached_len(2), Some(30));
     // An identical prompt still computes its last token (its logits give the next token).
     d.add(3, prompt.clone(), 2, "");
     let e = prefill(d.step());
@@ -211,14 +212,23 @@ fn pages_are_filled_before_new_ones_are_taken() {
     let mut d = Driver::new(cfg);
     let prompt = seq(1000, 10);
     d.add(1, prompt.clone(), 5, "");
-    let e = prefill(d.step());
-    let pages: Vec<u32> = e[0].slots.iter().map(|s| s / 4).collect();
+    let step = d.step();
+    assert_eq!(step.kind, StepKind::Prefill);
+    let pages: Vec<i64> = step
+        .section(Section::OutLoc)
+        .iter()
+        .map(|s| s / 4)
+        .collect();
     assert_eq!(pages[8], pages[9], "tokens 8 and 9 share their page");
     assert_ne!(pages[0], 0, "page 0 is the padding sink");
     // Decode fills slots 10 and 11 of the third page, then takes a fourth.
     let mut decode_pages = Vec::new();
-    while let Plan::Decode(b) = d.step() {
-        decode_pages.push(b.slots[0] / 4);
+    loop {
+        let step = d.step();
+        if step.kind != StepKind::Decode {
+            break;
+        }
+        decode_pages.push(step.section(Section::OutLoc)[0] / 4);
     }
     assert_eq!(decode_pages[..2], [pages[9], pages[9]]);
     assert_ne!(decode_pages[2], pages[9]);
@@ -248,13 +258,14 @@ fn finish_works_in_every_state() {
     d.add(4, seq(4000, 8), 5, "");
     d.step();
     d.abort(3); // running
-                // A request may end between its plan and its commit.
-    let Plan::Decode(b) = d.sched.schedule().unwrap() else {
-        panic!("expected a decode")
-    };
-    assert_eq!(b.ids, vec![4]);
+                // A request may end between its plan and its commit: its token is dropped.
+    let step = d.sched.schedule().unwrap();
+    assert_eq!(step.kind, StepKind::Decode);
+    assert_eq!(step.ids(), vec![4]);
     d.sched.finish(4).unwrap();
     d.check();
+    let res = d.sched.commit(&[7]).unwrap();
+    assert!(res.ids.is_empty() && res.finished.is_empty());
     d.reqs.clear();
     d.check_drained();
 }
@@ -264,12 +275,7 @@ fn sched() -> BatchScheduler {
 }
 
 fn req(id: u64, tokens: Vec<u32>) -> NewRequest {
-    NewRequest {
-        id,
-        tokens,
-        max_new_tokens: 4,
-        namespace: String::new(),
-    }
+    NewRequest::new(id, tokens, 4)
 }
 
 #[test]
@@ -284,43 +290,43 @@ fn errors_are_returned_not_panicked() {
         s.add_request(req(1, vec![4])),
         Err(SchedError::DuplicateRequest(1))
     );
+    let mut with_stops = req(2, vec![1]);
+    with_stops.stop_strings = Some(srt_core::sched::StopStrings {
+        prompt_tail: vec![1],
+        params: Default::default(),
+    });
+    assert_eq!(s.add_request(with_stops), Err(SchedError::NoStopChecker(2)));
+    assert!(!s.contains(2));
     assert_eq!(s.finish(9), Err(SchedError::UnknownRequest(9)));
+    assert_eq!(s.commit(&[5]), Err(SchedError::NothingInFlight));
+    assert_eq!(s.abandon(), Err(SchedError::NothingInFlight));
+    assert_eq!(s.flush_cache(), Ok(()), "a waiting request holds nothing");
+    assert_eq!(s.schedule().map(|st| st.kind), Ok(StepKind::Prefill));
+    assert_eq!(s.flush_cache(), Err(SchedError::Busy(1)));
     assert_eq!(
-        s.commit(&[1], &[5]),
-        Err(SchedError::NotSampling {
-            id: 1,
-            state: "waiting"
+        s.commit(&[]),
+        Err(SchedError::LengthMismatch {
+            expected: 1,
+            tokens: 0
         })
     );
-    assert_eq!(
-        s.commit(&[1], &[]),
-        Err(SchedError::LengthMismatch { ids: 1, tokens: 0 })
-    );
-    assert_eq!(s.flush_cache(), Err(SchedError::Busy(1)));
-    assert!(matches!(s.schedule(), Ok(Plan::Prefill(_))));
-    // Forgetting the commit is caught at the next schedule.
-    assert_eq!(s.schedule(), Err(SchedError::PendingSample(1)));
-    assert_eq!(s.commit(&[9], &[5]), Err(SchedError::UnknownRequest(9)));
-    // All or nothing: a bad id later in the list changes nothing.
-    assert!(matches!(
-        s.commit(&[1, 1], &[5, 6]),
-        Err(SchedError::NotSampling { id: 1, .. })
-    ));
-    s.commit(&[1], &[5]).unwrap();
-    assert!(matches!(
-        s.commit(&[1], &[5]),
-        Err(SchedError::NotSampling { .. })
-    ));
+    // One step may stay uncommitted while the next is planned, not two.
+    assert_eq!(s.schedule().map(|st| st.kind), Ok(StepKind::Decode));
+    assert_eq!(s.schedule(), Err(SchedError::TooManyInFlight(2)));
+    s.check_invariants().unwrap();
+    s.commit(&[5]).unwrap();
+    s.commit(&[6]).unwrap();
+    assert_eq!(s.tokens(1), Some(&[1, 2, 3, 5, 6][..]));
     s.check_invariants().unwrap();
     s.finish(1).unwrap();
     s.flush_cache().unwrap();
     assert_eq!(s.stats().available, 64);
-    assert_eq!(s.schedule(), Ok(Plan::Idle));
+    assert_eq!(s.schedule().map(|st| st.kind), Ok(StepKind::Idle));
 }
 
 #[test]
 fn bad_configs_are_rejected() {
-    let bad: [fn(&mut SchedConfig); 7] = [
+    let bad: [fn(&mut SchedConfig); 8] = [
         |c| c.page_size = 0,
         |c| c.page_size = 3, // 64 is not a multiple
         |c| c.pool_size = 0,
@@ -328,6 +334,7 @@ fn bad_configs_are_rejected() {
         |c| c.chunked_prefill_size = Some(0),
         |c| c.min_new_token_ratio = 0.9, // above init
         |c| c.new_token_ratio_decay = f64::NAN,
+        |c| c.context_len = 1,
     ];
     for (i, f) in bad.iter().enumerate() {
         let mut cfg = config(64);

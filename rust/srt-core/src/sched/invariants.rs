@@ -12,32 +12,57 @@ pub(super) fn check(s: &BatchScheduler) -> Result<(), String> {
     let mut tree_pages: HashSet<u32> = HashSet::new();
     let mut request_owned = 0;
     let (mut n_waiting, mut n_running, mut n_mid) = (0, 0, 0);
+    let mut rows: HashMap<u32, u64> = HashMap::new();
     for (&id, r) in &s.reqs {
         let kv = r.slots.len();
-        let len = r.tokens.len();
+        // Tokens including the samples in flight.
+        let len = r.len();
         let shape_ok = match r.state {
             State::Waiting => {
                 n_waiting += 1;
-                kv == 0 && r.node.is_none()
+                kv == 0 && r.node.is_none() && r.row.is_none() && r.pending + r.discard <= 2
             }
             State::MidChunk => {
                 n_mid += 1;
-                s.chunked == Some(id) && kv > 0 && kv < len && kv.is_multiple_of(p)
-            }
-            State::Sampling => {
-                n_running += 1;
-                kv == len
+                s.chunked == Some(id)
+                    && r.pending == 0
+                    && r.discard == 0
+                    && kv > 0
+                    && kv < len
+                    && kv.is_multiple_of(p)
+                    && r.table_len <= kv
             }
             State::Running => {
                 n_running += 1;
-                kv + 1 == len
+                kv + 1 == len && r.pending <= 2 && r.table_len == kv
             }
         };
         if !shape_ok {
             return Err(format!(
-                "request {id} ({}) holds {kv} KV slots for {len} tokens",
-                r.state.name()
+                "request {id} ({}) holds {kv} KV slots for {len} tokens ({} in flight, table \
+                 {}, row {:?})",
+                r.state.name(),
+                r.pending,
+                r.table_len,
+                r.row
             ));
+        }
+        if (r.state == State::Waiting) == r.row.is_some() {
+            return Err(format!(
+                "request {id} ({}) has row {:?}",
+                r.state.name(),
+                r.row
+            ));
+        }
+        if let Some(row) = r.row {
+            if row as usize >= s.cfg.max_running_requests {
+                return Err(format!("request {id} holds row {row} outside the table"));
+            }
+            if let Some(other) = rows.insert(row, id) {
+                return Err(format!(
+                    "row {row} is held by requests {other} and {id} at once"
+                ));
+            }
         }
         if r.tree_owned > kv || !r.tree_owned.is_multiple_of(p) {
             return Err(format!(
@@ -97,16 +122,31 @@ pub(super) fn check(s: &BatchScheduler) -> Result<(), String> {
     }
     if n_running != s.running.len()
         || s.running.iter().collect::<HashSet<_>>().len() != n_running
-        || !s.running.iter().all(|id| {
-            s.reqs
-                .get(id)
-                .is_some_and(|r| matches!(r.state, State::Sampling | State::Running))
-        })
+        || !s
+            .running
+            .iter()
+            .all(|id| s.reqs.get(id).is_some_and(|r| r.state == State::Running))
     {
         return Err("the running list disagrees with the request table".into());
     }
     if n_mid > 1 || n_mid != usize::from(s.chunked.is_some()) {
         return Err(format!("{n_mid} requests are mid-chunk"));
+    }
+    let free: HashSet<u32> = s.free_rows.iter().copied().collect();
+    if free.len() != s.free_rows.len()
+        || free.iter().any(|row| rows.contains_key(row))
+        || free.len() + rows.len() != s.cfg.max_running_requests
+    {
+        return Err(format!(
+            "rows leak or are owned twice: {} free ({} distinct) + {} held != {}",
+            s.free_rows.len(),
+            free.len(),
+            rows.len(),
+            s.cfg.max_running_requests
+        ));
+    }
+    if s.in_flight.len() > 2 {
+        return Err(format!("{} steps are uncommitted", s.in_flight.len()));
     }
     let (evictable, protected, total) = (
         s.tree.evictable_size(),

@@ -1,16 +1,26 @@
 //! The prefill adder: which requests a prefill step extends and by how many tokens, under
 //! the token budget, the running cap and KV memory; chunked prefill; in-batch prefix dedupe.
 
-use super::{align_down, policy, BatchScheduler, PrefillEntry, SchedError, State};
+use super::step::{Section, Step, StepBuilder, StepKind};
+use super::{align_down, policy, BatchScheduler, SchedError, State};
 use crate::radix::RadixTree;
 use policy::Candidate;
 
+/// One request extended by a prefill step.
+struct Entry {
+    id: u64,
+    extend: usize,
+    /// Given a row this step (its sampling state is written before the step runs).
+    admitted: bool,
+}
+
 impl BatchScheduler {
     /// The prefill adder: the mid-chunk request first, then waiting requests in policy order
-    /// while the token budget, the running cap and KV memory allow. Empty if nobody fits.
-    pub(super) fn plan_prefill(&mut self) -> Result<Vec<PrefillEntry>, SchedError> {
-        if self.chunked.is_none() && self.waiting.is_empty() {
-            return Ok(Vec::new());
+    /// while the token budget, the running cap, the rows and KV memory allow. None if nobody
+    /// fits.
+    pub(super) fn plan_prefill(&mut self) -> Result<Option<Step>, SchedError> {
+        if self.chunked.is_none() && (self.waiting.is_empty() || self.admission_paused) {
+            return Ok(None);
         }
         let p = self.cfg.page_size;
         let chunking = self.cfg.chunked_prefill_size.is_some();
@@ -29,12 +39,16 @@ impl BatchScheduler {
             .map(|id| self.growth(&self.reqs[id]))
             .sum();
         let mut admitted = self.running.len() + usize::from(self.chunked.is_some());
-        let mut entries = Vec::new();
+        let mut entries: Vec<Entry> = Vec::new();
         let mut mid_chunk = None;
 
         if let Some(id) = self.chunked.take() {
-            let slots_from = self.adopt_cached_prefix(id)?;
-            let r = &self.reqs[&id];
+            let from = self.adopt_cached_prefix(id)?;
+            let r = self
+                .reqs
+                .get_mut(&id)
+                .ok_or(SchedError::UnknownRequest(id))?;
+            r.table_len = r.table_len.min(from);
             let remaining = r.tokens.len() - r.slots.len();
             let extend = if remaining <= budget {
                 remaining
@@ -47,7 +61,12 @@ impl BatchScheduler {
                 mid_chunk = Some(id);
             }
             budget -= extend;
-            entries.push(self.extend(id, extend, slots_from)?);
+            self.grow(id, extend)?;
+            entries.push(Entry {
+                id,
+                extend,
+                admitted: false,
+            });
         }
 
         let dedupe = self.cfg.enable_radix_cache && self.cfg.in_batch_prefix_threshold > 0;
@@ -55,8 +74,14 @@ impl BatchScheduler {
         // The prompts chosen this step, to spot requests that would recompute the same
         // uncached prefix side by side (values are unused).
         let mut chosen: Option<RadixTree> = None;
-        for id in self.policy_order() {
-            if admitted >= self.cfg.max_running_requests || budget == 0 {
+        let order = if self.admission_paused {
+            Vec::new()
+        } else {
+            self.policy_order()
+        };
+        for id in order {
+            if admitted >= self.cfg.max_running_requests || budget == 0 || self.free_rows.is_empty()
+            {
                 break;
             }
             self.adopt_cached_prefix(id)?;
@@ -129,15 +154,26 @@ impl BatchScheduler {
                 .reqs
                 .get_mut(&id)
                 .ok_or(SchedError::UnknownRequest(id))?;
-            if r.output_len == 0 {
+            if r.output_len() == 0 {
                 r.cached_len = prefix;
             }
-            entries.push(self.extend(id, extend, 0)?);
+            r.row = self.free_rows.pop();
+            r.table_len = 0;
+            self.grow(id, extend)?;
+            entries.push(Entry {
+                id,
+                extend,
+                admitted: true,
+            });
+        }
+        if entries.is_empty() {
+            return Ok(None);
         }
 
         // NOTE: the computed prefixes enter the tree only now, after every match of this step:
         // a request must never reuse KV that this very step is still computing.
-        for e in &entries {
+        let mut b = StepBuilder::default();
+        for (i, e) in entries.iter().enumerate() {
             if self.cfg.enable_radix_cache {
                 self.cache_computed_prefix(e.id)?;
             }
@@ -145,15 +181,24 @@ impl BatchScheduler {
                 .reqs
                 .get_mut(&e.id)
                 .ok_or(SchedError::UnknownRequest(e.id))?;
-            if e.is_last_chunk {
-                r.state = State::Sampling;
+            let end = r.slots.len();
+            let prefix = end - e.extend;
+            r.emit_sequence(&mut b, e.id, prefix, end);
+            b.push(Section::PrefixLens, prefix as i64);
+            b.push(Section::ExtendLens, e.extend as i64);
+            if e.admitted {
+                r.emit_admission(&mut b);
+            }
+            if end == r.tokens.len() {
+                r.state = State::Running;
+                r.emit_sample(&mut b, i);
                 self.running.push(e.id);
             } else {
                 r.state = State::MidChunk;
             }
         }
         self.chunked = mid_chunk;
-        Ok(entries)
+        Ok(Some(b.build(StepKind::Prefill)))
     }
 
     /// Makes the request use the tree's KV for the longest cached prefix of its key beyond
@@ -186,7 +231,7 @@ impl BatchScheduler {
         r.slots.extend(tail);
         r.tree_owned = m.len;
         // Usage reporting counts the prompt's cache hits; an admission sets it outright.
-        if r.output_len == 0 && r.state != State::Waiting && m.len > kv {
+        if r.output_len() == 0 && r.state != State::Waiting && m.len > kv {
             r.cached_len += m.len - kv;
         }
         Ok(from)
@@ -204,27 +249,6 @@ impl BatchScheduler {
         r.slots.clear();
         r.tree_owned = 0;
         Ok(())
-    }
-
-    /// Allocates KV for the next `extend` tokens of a request and describes the entry.
-    fn extend(
-        &mut self,
-        id: u64,
-        extend: usize,
-        slots_from: usize,
-    ) -> Result<PrefillEntry, SchedError> {
-        self.grow(id, extend)?;
-        let r = &self.reqs[&id];
-        let end = r.slots.len();
-        Ok(PrefillEntry {
-            id,
-            prefix_len: end - extend,
-            extend_len: extend,
-            cached_len: r.cached_len,
-            slots_from,
-            slots: r.slots[slots_from..].to_vec(),
-            is_last_chunk: end == r.tokens.len(),
-        })
     }
 
     /// Inserts the KV a prefill entry computes into the tree (the page-aligned part of its
@@ -257,9 +281,12 @@ impl BatchScheduler {
     }
 
     fn policy_order(&mut self) -> Vec<u64> {
+        // NOTE: a request retracted (or requeued) with a sample in flight waits for its
+        // commit: its last token is not known yet.
         let candidates: Vec<Candidate<'_>> = self
             .waiting
             .iter()
+            .filter(|(_, id)| self.reqs[id].pending == 0 && self.reqs[id].discard == 0)
             .map(|(_, id)| {
                 let r = &self.reqs[id];
                 Candidate {
