@@ -1,53 +1,84 @@
-"""DetokenizerManager's batch handling, with a scripted stand-in for the Rust detokenizer:
-one step_batch call per batch, add on init, finish flush on the final output, early stop on a
-matched stop string, and outputs of unknown or ended requests passed on or dropped."""
+"""DetokenizerManager's batch handling, with a scripted stand-in for the Rust detokenizer: add
+on init, one step_tokens call per batch, the arrays and counts passed through, a tail per
+finished request, stop strings trimmed but never reported, and failures reported once in
+`errors`; then the same path with the Rust detokenizer."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from srt.managers.detokenizer_manager import DetokenizerManager
-from srt.managers.io_struct import BatchTokenIDOut, DetokInit, FinishReason
+from srt.managers.io_struct import (
+    BatchTokenIDOut,
+    DetokInit,
+    Finished,
+    FinishReason,
+    LogprobDelta,
+)
 from srt.server_args import PortArgs, ServerArgs
+from srt.testing.tiny_model import train_tokenizer
 
 
 class ScriptedDetok:
-    """Each id becomes the text f"<id>"; a stop string is matched when an id's text equals it."""
+    """Token t renders as f"<t>", held back until the next token and flushed by `finish`.
+
+    A stop string is a token's text, dropped (like the Rust detokenizer's trim); a request
+    whose id is in `broken` fails its next step."""
 
     def __init__(self) -> None:
         self.calls: list[tuple] = []
-        self.reqs: dict[int, list[str]] = {}
+        self.held: dict[int, str] = {}
+        self.stops: dict[int, list[str]] = {}
+        self.broken: set[int] = set()
 
-    def add(self, rid, prompt_ids, skip_special_tokens=True, spaces_between_special_tokens=True,
-            stop=None, no_stop_trim=False) -> None:  # fmt: skip
+    def add(self, rid: int, prompt_ids: list[int], skip_special_tokens: bool = True,
+            spaces_between_special_tokens: bool = True, stop: list[str] | None = None,
+            no_stop_trim: bool = False) -> None:  # fmt: skip
         self.calls.append(("add", rid, list(prompt_ids), stop))
-        self.reqs[rid] = list(stop or [])
+        if rid in self.held:
+            raise ValueError(f"request {rid} exists")
+        if prompt_ids and prompt_ids[0] < 0:
+            raise ValueError("bad prompt")
+        self.held[rid] = ""
+        self.stops[rid] = list(stop or [])
 
-    def step_batch(self, rids, new_ids):
-        self.calls.append(("step_batch", list(rids)))
-        out = []
-        for rid, ids in zip(rids, new_ids, strict=True):
-            if rid not in self.reqs:
-                raise ValueError(f"unknown rid {rid}")
-            text, hit = "", None
-            for t in ids:
-                s = f"<{t}>"
-                if s in self.reqs[rid]:
-                    hit = self.reqs[rid].index(s)
-                    break
-                text += s
-            out.append((text, hit))
-        return out
+    def step_tokens(
+        self, ids: np.ndarray, tokens: np.ndarray
+    ) -> tuple[list[str], list[tuple[int, str]]]:
+        assert ids.dtype == np.int64 and tokens.dtype == np.int64
+        self.calls.append(("step_tokens", ids.tolist(), tokens.tolist()))
+        texts: list[str] = []
+        failures: list[tuple[int, str]] = []
+        for i, (rid, tok) in enumerate(zip(ids.tolist(), tokens.tolist(), strict=True)):
+            if rid not in self.held or rid in self.broken:
+                texts.append("")
+                failures.append((i, f"unknown request {rid}"))
+                continue
+            s = f"<{tok}>"
+            if s in self.stops[rid]:  # what came before the stop string is final
+                texts.append(self.held[rid])
+                self.held[rid] = ""
+                continue
+            texts.append(self.held[rid])
+            self.held[rid] = s
+        return texts, failures
 
-    def finish(self, rid) -> str:
+    def finish(self, rid: int) -> str:
         self.calls.append(("finish", rid))
-        del self.reqs[rid]
-        return "|flush"
+        self.stops.pop(rid)
+        return self.held.pop(rid)
 
-    def remove(self, rid) -> bool:
-        return self.reqs.pop(rid, None) is not None
+    def remove(self, rid: int) -> bool:
+        self.calls.append(("remove", rid))
+        self.stops.pop(rid, None)
+        return self.held.pop(rid, None) is not None
+
+    def __contains__(self, rid: int) -> bool:
+        return rid in self.held
 
 
 @pytest.fixture
@@ -61,58 +92,109 @@ def mgr() -> Iterator[DetokenizerManager]:
     port_args.cleanup()
 
 
-def batch(rows: list[tuple]) -> BatchTokenIDOut:
-    """rows: (rid, new_ids, finished, init)."""
-    return BatchTokenIDOut(
-        rids=[r[0] for r in rows],
-        new_ids=[r[1] for r in rows],
-        finished=[r[2] for r in rows],
-        inits=[r[3] for r in rows],
-        prompt_tokens=[3] * len(rows),
-        completion_tokens=[len(r[1]) for r in rows],
-        cached_tokens=[0] * len(rows),
-    )
+def arr(xs: list[int]) -> bytes:
+    return np.array(xs, dtype="<i8").tobytes()
 
 
-def test_one_step_batch_per_batch_and_flush_on_finish(mgr: DetokenizerManager) -> None:
+def batch(ids: list[int], tokens: list[int], **kw: object) -> BatchTokenIDOut:
+    return BatchTokenIDOut(ids=arr(ids), tokens=arr(tokens), **kw)  # type: ignore[arg-type]
+
+
+def fin(rid: int, kind: str = "length", n: int = 2, cached: int = 0) -> Finished:
+    return Finished(rid, FinishReason(type=kind), n, cached)
+
+
+def test_one_step_tokens_call_per_batch_and_tail_on_finish(mgr: DetokenizerManager) -> None:
     detok: ScriptedDetok = mgr.detok  # type: ignore[assignment]
-    init = DetokInit(prompt_tail=[7, 8])
-    out = mgr.handle_batch(batch([("a", [1], None, init), ("b", [2, 3], None, init)]))
-    assert out.rids == ["a", "b"] and out.texts == ["<1>", "<2><3>"]
-    assert [c[0] for c in detok.calls] == ["add", "add", "step_batch"]
-    assert detok.calls[0][2] == [7, 8]
-    length = FinishReason(type="length", length=2)
-    out = mgr.handle_batch(batch([("a", [4], length, None), ("b", [5], None, None)]))
-    assert out.texts == ["<4>|flush", "<5>"]
-    assert out.finished == [length, None]
-    assert out.new_ids == [[4], [5]] and out.prompt_tokens == [3, 3]
-    assert sum(1 for c in detok.calls if c[0] == "step_batch") == 2
-    assert "a" not in mgr._ids and "b" in mgr._ids
+    inits = [DetokInit(id=1, prompt_tail=[7, 8]), DetokInit(id=2, prompt_tail=[9])]
+    lp = LogprobDelta(output_logprobs=[-0.5], output_ids=[10])
+    b = batch([1, 2], [10, 20], inits=inits, cached=[(1, 4), (2, 0)], logprobs=[(1, lp)])
+    out = mgr.handle_batch(b)
+    assert [c[0] for c in detok.calls] == ["add", "add", "step_tokens"]
+    assert detok.calls[0][1:3] == (1, [7, 8])
+    assert out.ids == b.ids and out.tokens == b.tokens  # the same bytes, passed through
+    assert out.texts == ["", ""]  # held back by the detokenizer
+    assert out.cached == [(1, 4), (2, 0)] and out.logprobs == [(1, lp)]
+    assert out.finished == [] and out.tails == [] and out.errors == []
+
+    done = fin(1, n=2, cached=4)
+    out = mgr.handle_batch(batch([2, 1], [21, 11], finished=[done]))
+    assert out.texts == ["<20>", "<10>"]  # aligned with ids, in their order
+    assert out.finished == [done] and out.tails == ["<11>"]
+    assert sum(1 for c in detok.calls if c[0] == "step_tokens") == 2
+    assert 1 not in detok.held and 2 in detok.held
 
 
-def test_stop_string_ends_the_request_early_and_drops_the_rest(mgr: DetokenizerManager) -> None:
-    init = DetokInit(prompt_tail=[], stop=["<9>", "<5>"])
-    out = mgr.handle_batch(batch([("a", [1, 5, 6], None, init)]))
-    assert out.texts == ["<1>|flush"]
-    assert out.finished == [FinishReason(type="stop", matched="<5>")]
-    # What the scheduler still sends for it is dropped, up to its own final output.
-    assert mgr.handle_batch(batch([("a", [7], None, None)])).rids == []
-    stop = FinishReason(type="stop", matched=2)
-    assert mgr.handle_batch(batch([("a", [2], stop, None)])).rids == []
-    assert "a" not in mgr._ended
+def test_stop_string_is_trimmed_and_not_reported(mgr: DetokenizerManager) -> None:
+    """The scheduler decides the stop (its Finished comes with the stop string's token); the
+    detokenizer only keeps the stop string's text from ever being sent."""
+    init = DetokInit(id=5, prompt_tail=[], stop=["<3>"])
+    texts: list[str] = []
+    for tok, finished in [(1, []), (2, []), (3, [fin(5, "stop")])]:
+        inits = [init] if tok == 1 else []
+        out = mgr.handle_batch(batch([5], [tok], inits=inits, finished=finished))
+        assert out.errors == []
+        texts += out.texts + out.tails
+    assert "".join(texts) == "<1><2>"
+    assert out.finished == [fin(5, "stop")]  # the scheduler's reason, untouched
 
 
-def test_abort_before_any_output_is_passed_on(mgr: DetokenizerManager) -> None:
-    abort = FinishReason(type="abort", message="client went away")
-    out = mgr.handle_batch(batch([("z", [], abort, None)]))
-    assert out.rids == ["z"] and out.texts == [""] and out.finished == [abort]
+def test_finished_without_a_decoder_gets_an_empty_tail(mgr: DetokenizerManager) -> None:
+    abort = Finished(9, FinishReason(type="abort", message="rejected"), 0, 0)
+    out = mgr.handle_batch(BatchTokenIDOut(finished=[abort]))
+    assert out.ids == b"" and out.texts == [] and out.finished == [abort] and out.tails == [""]
+    assert [c[0] for c in mgr.detok.calls] == []  # no step_tokens for an empty step
 
 
-def test_a_failing_request_ends_alone(mgr: DetokenizerManager) -> None:
-    init = DetokInit(prompt_tail=[])
-    mgr.handle_batch(batch([("a", [1], None, init), ("b", [2], None, init)]))
-    del mgr.detok.reqs[mgr._ids["a"]]  # its Rust state is gone: step_batch raises for it
-    out = mgr.handle_batch(batch([("a", [3], None, None), ("b", [4], None, None)]))
-    assert out.rids == ["a", "b"]
-    assert out.finished[0] is not None and out.finished[0].type == "abort"
-    assert out.texts[1] == "<4>" and out.finished[1] is None
+def test_a_failing_request_is_reported_once_and_ends_alone(mgr: DetokenizerManager) -> None:
+    detok: ScriptedDetok = mgr.detok  # type: ignore[assignment]
+    inits = [DetokInit(id=1, prompt_tail=[]), DetokInit(id=2, prompt_tail=[])]
+    mgr.handle_batch(batch([1, 2], [10, 20], inits=inits))
+    detok.broken.add(1)
+    out = mgr.handle_batch(batch([1, 2], [11, 21]))
+    assert [e[0] for e in out.errors] == [1] and "unknown request 1" in out.errors[0][1]
+    assert out.texts == ["", "<20>"]
+    assert ("remove", 1) in detok.calls and 1 not in detok.held
+    # Tokens the scheduler sends before main's abort reaches it fail again, unreported.
+    out = mgr.handle_batch(batch([1, 2], [12, 22]))
+    assert out.errors == [] and out.texts == ["", "<21>"]
+    out = mgr.handle_batch(batch([], [], finished=[fin(1, "abort")]))
+    assert out.tails == [""]
+    assert ("finish", 1) not in detok.calls
+
+
+def test_a_failing_init_is_reported_with_its_id(mgr: DetokenizerManager) -> None:
+    inits = [DetokInit(id=3, prompt_tail=[-1]), DetokInit(id=4, prompt_tail=[])]
+    out = mgr.handle_batch(batch([3, 4], [1, 2], inits=inits))
+    assert len(out.errors) == 1
+    rid, message = out.errors[0]
+    assert rid == 3 and message.startswith("detokenization failed:") and "bad prompt" in message
+    assert out.texts == ["", ""]
+
+
+def test_with_the_rust_detokenizer(tmp_path: Path) -> None:
+    """The real `step_tokens` reads the message's int64 bytes as they come: the texts and
+    tails add up to the decoded output, cut before the stop string."""
+    from tokenizers import Tokenizer
+
+    from srt._native import Detokenizer
+
+    train_tokenizer(tmp_path)
+    ids = Tokenizer.from_file(str(tmp_path / "tokenizer.json")).encode("Hello world, this is").ids
+    port_args = PortArgs.new()
+    m = DetokenizerManager(ServerArgs(), port_args, detokenizer=Detokenizer(str(tmp_path)))
+    try:
+        parts: list[str] = []
+        for i, tok in enumerate(ids):
+            inits = [DetokInit(id=7, prompt_tail=[], stop=[" is"])] if i == 0 else []
+            finished = [fin(7, "stop", n=len(ids))] if i == len(ids) - 1 else []
+            out = m.handle_batch(batch([7], [tok], inits=inits, finished=finished))
+            assert out.errors == []
+            parts += out.texts + out.tails
+        assert "".join(parts) == "Hello world, this"
+        assert m.detok.num_requests() == 0
+    finally:
+        m.recv_sock.close(linger=0)
+        m.send_sock.close(linger=0)
+        m.ctx.term()
+        port_args.cleanup()

@@ -111,9 +111,9 @@ def test_closing_a_stream_early_aborts_it(engine: Engine) -> None:
 
     asyncio.run(go())
     deadline = time.monotonic() + 10
-    while engine.tokenizer_manager.rid_to_state and time.monotonic() < deadline:
+    while engine.tokenizer_manager.rid_to_id and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not engine.tokenizer_manager.rid_to_state
+    assert not engine.tokenizer_manager.rid_to_id
     assert engine.generate("y", {"max_new_tokens": 1})["meta_info"]["completion_tokens"] == 1
 
 

@@ -1,6 +1,9 @@
 """TokenizerManager in-process, with the scheduler and detokenizer played by raw ZMQ sockets:
-validation (400 material), tokenization, cumulative outputs with deltas, abort on close, and
-waiters ending when the runtime dies."""
+validation (400 material), tokenization, integer ids never reused, cumulative outputs with
+deltas, tails and final counts from `Finished`, abort by id on close, errors ending a request
+(with an abort to the scheduler), no abort for a stop string (also through the real
+DetokenizerManager: no part of a stop string reaches main), data-parallel replica bookkeeping,
+and waiters ending when the runtime dies."""
 
 from __future__ import annotations
 
@@ -8,14 +11,20 @@ import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import zmq
 
+from srt.managers.detokenizer_manager import DetokenizerManager
 from srt.managers.io_struct import (
     AbortReq,
     BatchStrOut,
+    BatchTokenIDOut,
+    DetokInit,
+    Finished,
     FinishReason,
-    TokenizedGenerateReqInput,
+    GenerateReq,
+    LogprobDelta,
     decode,
     encode,
 )
@@ -39,34 +48,50 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def arr(xs: list[int]) -> bytes:
+    return np.array(xs, dtype="<i8").tobytes()
+
+
 class Peers:
-    """The scheduler's PULL and the detokenizer's PUSH, as plain sockets."""
+    """Each replica's scheduler PULL and the detokenizer's PUSH, as plain sockets."""
 
     def __init__(self, port_args: PortArgs) -> None:
         self.ctx = zmq.Context()
-        self.sched = self.ctx.socket(zmq.PULL)
-        self.sched.bind(port_args.scheduler_ipc)
+        self.scheds = []
+        for ipc in port_args.scheduler_ipcs:
+            sock = self.ctx.socket(zmq.PULL)
+            sock.bind(ipc)
+            self.scheds.append(sock)
         self.detok = self.ctx.socket(zmq.PUSH)
         self.detok.connect(port_args.tokenizer_ipc)
 
-    def recv(self) -> object:
-        assert self.sched.poll(5000), "nothing reached the scheduler"
-        return decode(self.sched.recv())
+    def recv(self, replica: int = 0) -> object:
+        assert self.scheds[replica].poll(5000), "nothing reached the scheduler"
+        return decode(self.scheds[replica].recv())
 
-    def send(self, rid: str, text: str, ids: list[int], n: int, fin: FinishReason | None) -> None:
+    def idle(self, replica: int = 0) -> bool:
+        """Nothing more reaches the scheduler (within a short wait)."""
+        return not self.scheds[replica].poll(300)
+
+    def send(
+        self,
+        tokens: dict[int, int] | None = None,
+        texts: list[str] | None = None,
+        **kw: object,
+    ) -> None:
+        """One BatchStrOut: `tokens` maps id -> its token this step, `texts` aligned with it."""
+        tokens = tokens or {}
         out = BatchStrOut(
-            rids=[rid],
-            texts=[text],
-            new_ids=[ids],
-            finished=[fin],
-            prompt_tokens=[3],
-            completion_tokens=[n],
-            cached_tokens=[1],
+            ids=arr(list(tokens)),
+            tokens=arr(list(tokens.values())),
+            texts=texts if texts is not None else [""] * len(tokens),
+            **kw,  # type: ignore[arg-type]
         )
         self.detok.send(encode(out))
 
     def close(self) -> None:
-        self.sched.close(linger=0)
+        for sock in self.scheds:
+            sock.close(linger=0)
         self.detok.close(linger=0)
         self.ctx.term()
 
@@ -130,66 +155,122 @@ def test_max_new_tokens_defaults_and_caps(env) -> None:  # noqa: ANN001
 def test_stream_outputs_are_cumulative_with_deltas(env) -> None:  # noqa: ANN001
     tm, peers = env
 
-    async def go() -> list[dict]:
+    async def go() -> tuple[GenerateReq, list[dict]]:
         obj = GenerateReqInput(text="Hello", sampling_params={"max_new_tokens": 3}, stream=True)
         gen = tm.generate_request(obj)
         outs = []
         first = asyncio.ensure_future(gen.__anext__())
         req = await asyncio.to_thread(peers.recv)
-        assert isinstance(req, TokenizedGenerateReqInput) and req.stream
-        peers.send(req.rid, "He", [5], 1, None)
+        assert isinstance(req, GenerateReq)
+        peers.send({req.id: 5}, ["He"], cached=[(req.id, 1)])
         outs.append(await first)
-        peers.send(req.rid, "", [6], 2, None)  # held back by the detokenizer: no text yet
+        peers.send({req.id: 6})  # held back by the detokenizer: no text yet
         outs.append(await gen.__anext__())
-        peers.send(req.rid, "llo", [7], 3, FinishReason(type="length", length=3))
+        length = FinishReason(type="length", length=3)
+        peers.send({req.id: 7}, ["ll"], finished=[Finished(req.id, length, 3, 1)], tails=["o"])
         outs += [o async for o in gen]
-        return outs
+        return req, outs
 
-    outs = run(go())
+    req, outs = run(go())
+    assert req.id >= 1 and req.input_ids == tm.tokenizer.encode("Hello")
+    assert req.sampling_params.max_new_tokens == 3
     assert [o["text"] for o in outs] == ["He", "He", "Hello"]
     assert [o["delta"]["text"] for o in outs] == ["He", "", "llo"]
     assert [o["output_ids"] for o in outs] == [[5], [5, 6], [5, 6, 7]]
+    assert [o["delta"]["output_ids"] for o in outs] == [[5], [6], [7]]
+    assert [o["meta_info"]["completion_tokens"] for o in outs] == [1, 2, 3]
+    assert [o["meta_info"]["cached_tokens"] for o in outs] == [1, 1, 1]
     meta = outs[-1]["meta_info"]
     assert meta["finish_reason"] == {"type": "length", "length": 3}
-    assert meta["completion_tokens"] == 3 and meta["cached_tokens"] == 1
     assert meta["prompt_tokens"] == len(tm.tokenizer.encode("Hello"))
+    assert len(meta["id"]) == 32  # the client's rid, not the integer id
     assert all(o["meta_info"]["finish_reason"] is None for o in outs[:-1])
-    assert tm.rid_to_state == {}
+    assert tm.rid_to_id == {} and tm.id_to_state == {}
 
 
 def test_non_stream_yields_only_the_final_output(env) -> None:  # noqa: ANN001
     tm, peers = env
 
-    async def go() -> dict:
-        task = asyncio.ensure_future(final_output(tm.generate_request(GenerateReqInput(text="a"))))
+    async def go() -> list[dict]:
+        gen = tm.generate_request(GenerateReqInput(text="a"))
+        task = asyncio.ensure_future(asyncio.wait_for(collect(gen), 10))
         req = await asyncio.to_thread(peers.recv)
         for i in range(3):
-            peers.send(req.rid, "x", [i], i + 1, None)
-        peers.send(req.rid, "y", [9], 4, FinishReason(type="stop", matched=9))
+            peers.send({req.id: i}, ["x"])
+        stop = FinishReason(type="stop", matched=9)
+        peers.send({req.id: 9}, ["y"], finished=[Finished(req.id, stop, 4, 0)], tails=[""])
         return await task
 
-    out = run(go())
+    outs = run(go())
+    assert len(outs) == 1
+    out = outs[0]
     assert out["text"] == "xxxy" and out["output_ids"] == [0, 1, 2, 9]
     assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": 9}
+    assert out["meta_info"]["completion_tokens"] == 4
 
 
-def test_closing_the_stream_sends_abort(env) -> None:  # noqa: ANN001
+async def collect(gen) -> list[dict]:  # noqa: ANN001
+    return [o async for o in gen]
+
+
+def test_ids_are_fresh_and_never_reused(env) -> None:  # noqa: ANN001
+    tm, peers = env
+    done = FinishReason(type="length", length=1)
+
+    async def one(rid: str) -> tuple[int, dict]:
+        task = asyncio.ensure_future(
+            final_output(tm.generate_request(GenerateReqInput(text="a", rid=rid)))
+        )
+        req = await asyncio.to_thread(peers.recv)
+        assert isinstance(req, GenerateReq) and tm.rid_to_id == {rid: req.id}
+        peers.send({req.id: 3}, ["z"], finished=[Finished(req.id, done, 1, 0)], tails=[""])
+        return req.id, await task
+
+    async def go() -> list[tuple[int, dict]]:
+        # The same rid again once it ended, then another: every send gets a new id.
+        return [await one("same"), await one("same"), await one("other")]
+
+    results = run(go())
+    ids = [i for i, _ in results]
+    assert ids[0] >= 1 and ids == sorted(set(ids))
+    assert [out["meta_info"]["id"] for _, out in results] == ["same", "same", "other"]
+
+
+def test_closing_the_stream_sends_abort_by_id(env) -> None:  # noqa: ANN001
     tm, peers = env
 
-    async def go() -> str:
-        obj = GenerateReqInput(text="a", stream=True)
-        gen = tm.generate_request(obj)
+    async def go() -> int:
+        gen = tm.generate_request(GenerateReqInput(text="a", stream=True))
         first = asyncio.ensure_future(gen.__anext__())
         req = await asyncio.to_thread(peers.recv)
-        peers.send(req.rid, "x", [1], 1, None)
+        peers.send({req.id: 1}, ["x"])
         await first
         await gen.aclose()
-        return req.rid
+        return req.id
 
-    rid = run(go())
+    req_id = run(go())
     abort = peers.recv()
-    assert isinstance(abort, AbortReq) and abort.rid == rid
-    assert tm.rid_to_state == {}
+    assert isinstance(abort, AbortReq) and abort.id == req_id and not abort.abort_all
+    assert tm.rid_to_id == {} and tm.id_to_state == {}
+
+
+def test_abort_running_maps_the_rid(env) -> None:  # noqa: ANN001
+    tm, peers = env
+
+    async def go() -> tuple[int, dict]:
+        obj = GenerateReqInput(text="a", rid="mine")
+        task = asyncio.ensure_future(final_output(tm.generate_request(obj)))
+        req = await asyncio.to_thread(peers.recv)
+        assert tm.abort_running("mine", "stop it") and not tm.abort_running("nope", "x")
+        abort = await asyncio.to_thread(peers.recv)
+        assert isinstance(abort, AbortReq) and (abort.id, abort.message) == (req.id, "stop it")
+        # The waiter still gets the scheduler's final output.
+        fr = FinishReason(type="abort", message="stop it")
+        peers.send(finished=[Finished(req.id, fr, 0, 0)], tails=[""])
+        return req.id, await task
+
+    _, out = run(go())
+    assert out["meta_info"]["finish_reason"] == {"type": "abort", "message": "stop it"}
 
 
 def test_scheduler_abort_ends_the_waiter(env) -> None:  # noqa: ANN001
@@ -198,11 +279,48 @@ def test_scheduler_abort_ends_the_waiter(env) -> None:  # noqa: ANN001
     async def go() -> dict:
         task = asyncio.ensure_future(final_output(tm.generate_request(GenerateReqInput(text="a"))))
         req = await asyncio.to_thread(peers.recv)
-        peers.send(req.rid, "", [], 0, FinishReason(type="abort", message="out of memory"))
+        fr = FinishReason(type="abort", message="out of memory")
+        peers.send(finished=[Finished(req.id, fr, 0, 0)], tails=[""])
         return await task
 
     out = run(go())
     assert out["meta_info"]["finish_reason"]["type"] == "abort"
+    assert out["text"] == "" and out["meta_info"]["completion_tokens"] == 0
+
+
+def test_an_error_ends_the_request_and_aborts_it_in_the_scheduler(env) -> None:  # noqa: ANN001
+    tm, peers = env
+    message = "detokenization failed: invalid token"
+
+    async def go() -> tuple[int, int, list[dict], dict]:
+        gen = tm.generate_request(GenerateReqInput(text="a", stream=True))
+        task = asyncio.ensure_future(asyncio.wait_for(collect(gen), 10))
+        bad = await asyncio.to_thread(peers.recv)
+        other = asyncio.ensure_future(final_output(tm.generate_request(GenerateReqInput(text="b"))))
+        good = await asyncio.to_thread(peers.recv)
+        peers.send({bad.id: 1, good.id: 2}, ["x", "y"])
+        peers.send({bad.id: 3, good.id: 4}, ["", "z"], errors=[(bad.id, message)])
+        outs = await task
+        # The scheduler's Finished for it comes after main's abort; it is moot.
+        fr = FinishReason(type="abort", message=message)
+        done = FinishReason(type="length", length=2)
+        fins = [Finished(bad.id, fr, 2, 0), Finished(good.id, done, 2, 0)]
+        peers.send(finished=fins, tails=["", ""])
+        return bad.id, good.id, outs, await other
+
+    bad_id, good_id, outs, other = run(go())
+    assert outs[-1]["meta_info"]["finish_reason"] == {"type": "abort", "message": message}
+    assert outs[-1]["text"] == "x" and outs[-1]["output_ids"] == [1, 3]
+    abort = peers.recv()
+    assert isinstance(abort, AbortReq) and (abort.id, abort.message) == (bad_id, message)
+    assert peers.idle()  # one abort, not another for the moot Finished
+    assert other["text"] == "yz" and other["meta_info"]["finish_reason"]["type"] == "length"
+    assert good_id != bad_id and tm.rid_to_id == {} and tm.id_to_state == {}
+
+    from srt.entrypoints.openai.serving_base import abort_error
+
+    err = abort_error(outs[-1]["meta_info"]["finish_reason"])
+    assert err.status_code == 500 and message in err.message
 
 
 def test_runtime_death_ends_waiters_and_refuses_new_requests(env) -> None:  # noqa: ANN001
@@ -218,6 +336,7 @@ def test_runtime_death_ends_waiters_and_refuses_new_requests(env) -> None:  # no
             await final_output(tm.generate_request(GenerateReqInput(text="b")))
 
     run(go())
+    assert tm.rid_to_id == {} and tm.id_to_state == {}
 
 
 def test_chat_template_renders_a_generation_prompt(env) -> None:  # noqa: ANN001
@@ -226,16 +345,135 @@ def test_chat_template_renders_a_generation_prompt(env) -> None:  # noqa: ANN001
     assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 
-def test_stop_string_finish_tells_the_scheduler_to_stop(env) -> None:  # noqa: ANN001
+def test_logprobs_arrive_by_id(env) -> None:  # noqa: ANN001
     tm, peers = env
 
-    async def go() -> tuple[str, dict]:
+    async def go() -> dict:
+        obj = GenerateReqInput(text="a", return_logprob=True)
+        task = asyncio.ensure_future(final_output(tm.generate_request(obj)))
+        req = await asyncio.to_thread(peers.recv)
+        assert isinstance(req, GenerateReq) and req.return_logprob
+        lp = LogprobDelta(output_logprobs=[-0.25], output_ids=[5])
+        fr = FinishReason(type="length", length=1)
+        peers.send(
+            {req.id: 5},
+            ["x"],
+            logprobs=[(req.id, lp)],
+            finished=[Finished(req.id, fr, 1, 0)],
+            tails=[""],
+        )
+        return await task
+
+    out = run(go())
+    [entry] = out["meta_info"]["output_token_logprobs"]
+    assert entry[:2] == [-0.25, 5]
+
+
+def test_a_stop_finish_sends_no_abort(env) -> None:  # noqa: ANN001
+    """The scheduler decided the stop string; main only ends the request."""
+    tm, peers = env
+
+    async def go() -> dict:
         task = asyncio.ensure_future(final_output(tm.generate_request(GenerateReqInput(text="a"))))
         req = await asyncio.to_thread(peers.recv)
-        peers.send(req.rid, "ab", [1, 2], 2, FinishReason(type="stop", matched="c"))
-        return req.rid, await task
+        peers.send({req.id: 1}, ["a"])
+        stop = FinishReason(type="stop", matched="c")
+        peers.send({req.id: 2}, [""], finished=[Finished(req.id, stop, 2, 0)], tails=["b"])
+        return await task
 
-    rid, out = run(go())
+    out = run(go())
+    assert out["text"] == "ab"
     assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": "c"}
-    abort = peers.recv()
-    assert isinstance(abort, AbortReq) and abort.rid == rid
+    assert peers.idle()
+
+
+def test_stop_string_text_never_reaches_main(env, tokenizer_dir: Path) -> None:  # noqa: ANN001
+    """Through the real DetokenizerManager (Rust detokenizer): the scheduler sends the stop
+    string's last token with its Finished; no part of the stop string is ever in an output."""
+    from srt._native import Detokenizer
+
+    tm, peers = env
+    port_args = PortArgs.new()
+    dm = DetokenizerManager(ServerArgs(), port_args, detokenizer=Detokenizer(str(tokenizer_dir)))
+    tokens = tm.tokenizer.encode("Hello world, this is", add_special_tokens=False)
+
+    async def go() -> list[dict]:
+        obj = GenerateReqInput(text="a", stream=True, sampling_params={"stop": [" is"]})
+        gen = tm.generate_request(obj)
+        task = asyncio.ensure_future(asyncio.wait_for(collect(gen), 10))
+        req = await asyncio.to_thread(peers.recv)
+        assert isinstance(req, GenerateReq) and req.sampling_params.stop == [" is"]
+        init = DetokInit(id=req.id, prompt_tail=req.input_ids, stop=[" is"])
+        stop = FinishReason(type="stop", matched=" is")
+        for i, tok in enumerate(tokens):
+            last = i == len(tokens) - 1
+            step = BatchTokenIDOut(
+                ids=arr([req.id]),
+                tokens=arr([tok]),
+                inits=[init] if i == 0 else [],
+                finished=[Finished(req.id, stop, len(tokens), 0)] if last else [],
+            )
+            peers.detok.send(encode(dm.handle_batch(step)))
+        return await task
+
+    try:
+        outs = run(go())
+    finally:
+        dm.recv_sock.close(linger=0)
+        dm.send_sock.close(linger=0)
+        dm.ctx.term()
+        port_args.cleanup()
+    assert outs[-1]["text"] == "Hello world, this"
+    assert all(" is" not in o["delta"]["text"] for o in outs)
+    assert outs[-1]["output_ids"] == tokens
+    assert outs[-1]["meta_info"]["finish_reason"] == {"type": "stop", "matched": " is"}
+    assert peers.idle()
+
+
+def test_data_parallel_replicas_follow_each_request(tokenizer_dir: Path) -> None:
+    """With two replicas: copies of an n > 1 request go where the first went, an abort and an
+    error's abort go to the request's replica, and every end releases its load."""
+    args = ServerArgs(model_path=str(tokenizer_dir), dp_size=2, load_balance_method="round_robin")
+    port_args = PortArgs.new(args)
+    info = {"context_len": CONTEXT, "vocab_size": 512, "max_total_num_tokens": POOL}
+    tm = TokenizerManager(args, port_args, info)
+    peers = Peers(port_args)
+    assert tm.router is not None
+
+    async def recv_any() -> tuple[int, object]:
+        while True:
+            for replica, sock in enumerate(peers.scheds):
+                if sock.poll(0):
+                    return replica, decode(sock.recv())
+            await asyncio.sleep(0.01)
+
+    async def go() -> None:
+        first = await tm.tokenize_request(GenerateReqInput(text="a"))
+        reqs = tm.fan_out(first, 3)
+        tasks = [asyncio.ensure_future(final_output(tm.generate_tokenized(r))) for r in reqs]
+        got = [await asyncio.wait_for(recv_any(), 5) for _ in reqs]
+        replicas = {replica for replica, _ in got}
+        assert len(replicas) == 1
+        [replica] = replicas
+        assert tm.router.loads[replica] == 3
+        ids = [m.id for _, m in got if isinstance(m, GenerateReq)]
+        assert len(set(ids)) == 3
+        # One aborted by its client, one ended by an error, one finished.
+        tm.abort_request(reqs[0].rid)
+        peers.send(errors=[(ids[1], "detokenization failed: x")])
+        fr = FinishReason(type="length", length=1)
+        peers.send({ids[2]: 1}, ["q"], finished=[Finished(ids[2], fr, 1, 0)], tails=[""])
+        aborts = [await asyncio.wait_for(recv_any(), 5) for _ in range(2)]
+        assert [(r, m.id) for r, m in aborts] == [(replica, ids[0]), (replica, ids[1])]
+        results = await asyncio.gather(*tasks[1:])
+        assert [o["meta_info"]["finish_reason"]["type"] for o in results] == ["abort", "length"]
+        tasks[0].cancel()
+        await asyncio.gather(tasks[0], return_exceptions=True)
+        assert tm.router.loads == [0, 0]
+
+    try:
+        run(go())
+    finally:
+        tm.close()
+        peers.close()
+        port_args.cleanup()

@@ -1,5 +1,5 @@
 """Per-request sampling parameters: defined once, validated in the main process, carried to the
-scheduler inside `TokenizedGenerateReqInput`.
+scheduler inside `GenerateReq`.
 
 Validation raises `ValueError` with a message naming the parameter; the HTTP layer turns that
 into a 400 with an OpenAI-style error body.

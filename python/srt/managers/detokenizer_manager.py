@@ -1,13 +1,21 @@
-"""The detokenizer process: token ids in, text deltas out.
+"""The detokenizer process: token ids in, text out.
 
 In: `BatchTokenIDOut` from the scheduler (PULL on `detokenizer_ipc`). Out: `BatchStrOut` to the
-main process (PUSH to `tokenizer_ipc`). The incremental work (UTF-8 hold-back, stop strings,
-special tokens) is the Rust `srt._native.Detokenizer`; this module maps string rids to its
-integer ids and makes one `step_batch` call per incoming batch.
+main process (PUSH to `tokenizer_ipc`), only for batches that carry something. Requests are
+known by the integer id the scheduler's messages carry (main's id; the client's rid never gets
+here), which is also the Rust `srt._native.Detokenizer`'s key.
 
-A stop string found here ends the request for the client at once (finish_reason "stop" with the
-matched string), even if the scheduler only notices a step later; what the scheduler still sends
-for that rid is dropped, up to and including its own finishing output.
+Per batch: each `DetokInit` starts a request in the Rust detokenizer; the step's tokens (one per
+request, int64 arrays) go through a single `step_tokens` call; each `Finished` flushes what its
+request held back (`tails`). The token arrays, `cached`, `finished` and `logprobs` pass through
+unchanged. The incremental work (UTF-8 hold-back, special tokens, stop strings) is Rust.
+
+This process renders text, it never ends a request: the scheduler decides every finish, stop
+strings included, and sends it in the same message as the token that completed the stop string.
+Stop strings still come in `DetokInit`, so the Rust detokenizer holds back text that may start
+one and trims a match: no part of a stop string reaches a client. A request whose text cannot
+be rendered (its init or a step failed) is reported once in `errors` and forgotten here; main
+ends it and tells the scheduler, whose `Finished` for it then gets an empty tail.
 """
 
 from __future__ import annotations
@@ -16,12 +24,13 @@ import logging
 import multiprocessing.connection
 from typing import Any
 
+import numpy as np
 import zmq
 
 from srt.managers.io_struct import (
     BatchStrOut,
     BatchTokenIDOut,
-    FinishReason,
+    DetokInit,
     ProcessReady,
     decode,
     encode,
@@ -29,6 +38,9 @@ from srt.managers.io_struct import (
 from srt.server_args import PortArgs, ServerArgs
 
 logger = logging.getLogger(__name__)
+
+# What makes the Rust detokenizer's add/finish raise (unknown or duplicate id, bad input).
+_DETOK_ERRORS = (ValueError, RuntimeError, TypeError)
 
 
 class DetokenizerManager:
@@ -56,12 +68,9 @@ class DetokenizerManager:
         self.send_sock = self.ctx.socket(zmq.PUSH)
         self.send_sock.setsockopt(zmq.LINGER, 0)
         self.send_sock.connect(port_args.tokenizer_ipc)
-        self._ids: dict[str, int] = {}  # rid -> the Rust detokenizer's integer id
-        self._stops: dict[str, list[str]] = {}  # rid -> its stop strings
-        self._next_id = 0
-        # Rids already finished for the client (stop string, error) whose final output from the
-        # scheduler has not come yet; their outputs are dropped.
-        self._ended: set[str] = set()
+        # Ids reported in `errors` whose `Finished` has not come yet: the tokens the scheduler
+        # still sends them (until main's abort reaches it) fail again and are not re-reported.
+        self._failed: set[int] = set()
 
     def event_loop(self) -> None:
         while True:
@@ -70,133 +79,67 @@ class DetokenizerManager:
                 logger.error("unexpected message %s; ignored", type(msg).__name__)
                 continue
             out = self.handle_batch(msg)
-            if out.rids:
+            if out.ids or out.finished or out.errors or out.cached or out.logprobs:
                 self.send_sock.send(encode(out))
 
     def handle_batch(self, batch: BatchTokenIDOut) -> BatchStrOut:
-        out = BatchStrOut(
-            rids=[],
-            texts=[],
-            new_ids=[],
-            finished=[],
-            prompt_tokens=[],
-            completion_tokens=[],
-            cached_tokens=[],
+        """The batch with its text: inits first (they precede their requests' tokens), then
+        one `step_tokens` call for every token, then the finished requests' tails."""
+        errors: list[tuple[int, str]] = []
+        for init in batch.inits:
+            self._add(init, errors)
+        ids = np.frombuffer(batch.ids, dtype=np.int64)
+        tokens = np.frombuffer(batch.tokens, dtype=np.int64)
+        texts: list[str] = []
+        if len(ids):
+            texts, failures = self.detok.step_tokens(ids, tokens)
+            for index, message in failures:
+                self._fail(int(ids[index]), f"detokenization failed: {message}", errors)
+        tails = [self._finish(f.id) for f in batch.finished]
+        return BatchStrOut(
+            ids=batch.ids,
+            tokens=batch.tokens,
+            texts=texts,
+            cached=batch.cached,
+            finished=batch.finished,
+            tails=tails,
+            logprobs=batch.logprobs,
+            errors=errors,
         )
-        if batch.logprobs is not None:
-            out.logprobs = []
-        live: list[int] = []  # indices into `batch` that go through step_batch
-        for i, rid in enumerate(batch.rids):
-            if rid in self._ended:
-                if batch.finished[i] is not None:
-                    self._ended.discard(rid)
-                continue
-            init = batch.inits[i]
-            if init is not None and rid not in self._ids:
-                self._add(rid, i, batch)
-            if rid in self._ids:
-                live.append(i)
-            else:
-                # No decoder: e.g. aborted before its first token. Nothing to decode; pass on.
-                self._emit(out, batch, i, "", batch.finished[i])
 
-        if not live:
-            return out
-        rids = [batch.rids[i] for i in live]
-        results = self._step(rids, [batch.new_ids[i] for i in live])
-        for i, rid, res in zip(live, rids, results, strict=True):
-            finished = batch.finished[i]
-            if isinstance(res, str):  # this request's decoder failed: end it with the error
-                self._forget(rid)
-                if finished is None:
-                    self._ended.add(rid)
-                self._emit(out, batch, i, "", FinishReason(type="abort", message=res))
-                continue
-            text, stop_index = res
-            if stop_index is not None:
-                stops = self._stops.get(rid, [])
-                matched = stops[stop_index] if 0 <= stop_index < len(stops) else None
-                if finished is None or finished.type != "abort":
-                    finished = FinishReason(type="stop", matched=matched)
-                    if batch.finished[i] is None:
-                        self._ended.add(rid)
-            if finished is not None:
-                text += self._finish(rid)
-            self._emit(out, batch, i, text, finished)
-        return out
-
-    def _add(self, rid: str, i: int, batch: BatchTokenIDOut) -> None:
-        init = batch.inits[i]
-        assert init is not None
-        n = self._next_id
-        self._next_id += 1
+    def _add(self, init: DetokInit, errors: list[tuple[int, str]]) -> None:
         try:
             self.detok.add(
-                n,
+                init.id,
                 init.prompt_tail,
                 skip_special_tokens=init.skip_special_tokens,
                 spaces_between_special_tokens=init.spaces_between_special_tokens,
                 stop=list(init.stop) or None,
                 no_stop_trim=init.no_stop_trim,
             )
-        except (ValueError, RuntimeError, TypeError) as e:
-            logger.error("detokenizer add failed for %s: %s", rid, e)
+        except _DETOK_ERRORS as e:
+            self._fail(init.id, f"detokenization failed: {e}", errors)
+
+    def _fail(self, req_id: int, message: str, errors: list[tuple[int, str]]) -> None:
+        """Reports `req_id` in `errors` (once per request) and forgets its decoder."""
+        if req_id in self._failed:
             return
-        self._ids[rid] = n
-        self._stops[rid] = list(init.stop)
+        logger.error("request %d: %s", req_id, message)
+        errors.append((req_id, message))
+        self._failed.add(req_id)
+        self.detok.remove(req_id)
 
-    def _step(
-        self, rids: list[str], new_ids: list[list[int]]
-    ) -> list[tuple[str, int | None] | str]:
-        """One Rust call for the whole batch; on failure, one call per request so a bad
-        request ends alone (its entry becomes the error message)."""
-        ids = [self._ids[r] for r in rids]
-        try:
-            return list(self.detok.step_batch(ids, new_ids))
-        except (ValueError, RuntimeError, TypeError, OverflowError) as e:
-            logger.warning("step_batch failed (%s); retrying request by request", e)
-        results: list[tuple[str, int | None] | str] = []
-        for n, ids_i in zip(ids, new_ids, strict=True):
-            try:
-                results.append(self.detok.step_batch([n], [ids_i])[0])
-            except (ValueError, RuntimeError, TypeError, OverflowError) as e:
-                results.append(f"detokenization failed: {e}")
-        return results
-
-    def _finish(self, rid: str) -> str:
-        n = self._ids.pop(rid, None)
-        self._stops.pop(rid, None)
-        if n is None:
+    def _finish(self, req_id: int) -> str:
+        """The tail of a request that ended ("" if it has no decoder: it failed, or never had
+        an init, e.g. rejected at admission)."""
+        self._failed.discard(req_id)
+        if req_id not in self.detok:
             return ""
         try:
-            return self.detok.finish(n)
-        except (ValueError, RuntimeError) as e:
-            logger.error("detokenizer finish failed for %s: %s", rid, e)
+            return self.detok.finish(req_id)
+        except _DETOK_ERRORS as e:
+            logger.error("request %d: detokenizer finish failed: %s", req_id, e)
             return ""
-
-    def _forget(self, rid: str) -> None:
-        n = self._ids.pop(rid, None)
-        self._stops.pop(rid, None)
-        if n is not None:
-            self.detok.remove(n)
-
-    @staticmethod
-    def _emit(
-        out: BatchStrOut,
-        batch: BatchTokenIDOut,
-        i: int,
-        text: str,
-        finished: FinishReason | None,
-    ) -> None:
-        out.rids.append(batch.rids[i])
-        out.texts.append(text)
-        out.new_ids.append(batch.new_ids[i])
-        out.finished.append(finished)
-        out.prompt_tokens.append(batch.prompt_tokens[i])
-        out.completion_tokens.append(batch.completion_tokens[i])
-        out.cached_tokens.append(batch.cached_tokens[i])
-        if out.logprobs is not None:
-            out.logprobs.append(batch.logprobs[i] if batch.logprobs is not None else None)
 
 
 def run_detokenizer_process(

@@ -1,7 +1,9 @@
 """Every message that crosses a process boundary, as msgspec Structs (msgpack over ZMQ ipc).
 
-Flow: main --TokenizedGenerateReqInput/AbortReq--> scheduler --BatchTokenIDOut--> detokenizer
---BatchStrOut--> main. Children report startup through `ProcessReady` on a pipe.
+Flow: main --GenerateReq/AbortReq--> scheduler --BatchTokenIDOut--> detokenizer --BatchStrOut-->
+main. Children report startup through `ProcessReady` on a pipe. Past main, a request is known
+only by its integer id (assigned by main's TokenizerManager); per-step token arrays travel as
+little-endian int64 bytes, so no process builds per-request Python lists for them.
 
 Control: main --GetStatsReq/FlushCacheReq--> scheduler (the request socket) and the scheduler
 answers StatsResp/FlushCacheResp straight to main on a second PUSH socket connected to
@@ -36,7 +38,10 @@ class FinishReason(msgspec.Struct, kw_only=True, omit_defaults=True):
         return msgspec.to_builtins(self)
 
 
-class TokenizedGenerateReqInput(msgspec.Struct, tag=True, kw_only=True):
+class TokenizedGenerateReqInput(msgspec.Struct, kw_only=True):
+    """A validated, tokenized request inside the main process (never sent as is: the
+    scheduler gets a `GenerateReq`, which carries the integer id instead of `rid`)."""
+
     rid: str
     input_ids: list[int]
     sampling_params: SamplingParams
@@ -53,17 +58,35 @@ class TokenizedGenerateReqInput(msgspec.Struct, tag=True, kw_only=True):
     logprob_start_len: int = -1
 
 
-class AbortReq(msgspec.Struct, tag=True, kw_only=True):
-    """Abort one request (rid) or every request (abort_all)."""
+class GenerateReq(msgspec.Struct, tag=True, kw_only=True):
+    """Main -> scheduler: one request to generate. `id` is the request's integer id, assigned
+    by the main process and used by every process after it (the client's string rid stays in
+    main); ids are never reused while the server runs."""
 
-    rid: str = ""
+    id: int
+    input_ids: list[int]
+    sampling_params: SamplingParams
+    cache_salt: str = ""
+    created_time: float = 0.0
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    logprob_start_len: int = -1
+
+
+class AbortReq(msgspec.Struct, tag=True, kw_only=True):
+    """Abort one request (`id`) or every request (`abort_all`)."""
+
+    id: int = -1
     abort_all: bool = False
     message: str = "aborted"
 
 
 class DetokInit(msgspec.Struct, kw_only=True):
-    """Sent with a request's first output: what the detokenizer needs to start it."""
+    """Scheduler -> detokenizer, once per request, in the first message after it arrived and
+    before any of its tokens: what the detokenizer needs to render it. The scheduler decides
+    stop strings itself with the same settings; the detokenizer only trims them."""
 
+    id: int
     prompt_tail: list[int]
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
@@ -88,32 +111,49 @@ class LogprobDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
     output_top_ids: list[list[int]] = msgspec.field(default_factory=list)
 
 
-class BatchTokenIDOut(msgspec.Struct, tag=True, kw_only=True):
-    """Scheduler -> detokenizer: new token ids of many requests (parallel lists)."""
+class Finished(msgspec.Struct, array_like=True):
+    """A request that ended: why, and its final token counts."""
 
-    rids: list[str]
-    new_ids: list[list[int]]
-    finished: list[FinishReason | None]
-    inits: list[DetokInit | None]
-    prompt_tokens: list[int]
-    completion_tokens: list[int]
-    cached_tokens: list[int]
-    # Parallel to rids when some request in the batch asked for logprobs, else None.
-    logprobs: list[LogprobDelta | None] | None = None
+    id: int
+    reason: FinishReason
+    completion_tokens: int
+    cached_tokens: int
+
+
+class BatchTokenIDOut(msgspec.Struct, tag=True, kw_only=True):
+    """Scheduler -> detokenizer, once per step that has anything to say.
+
+    `ids` / `tokens`: the requests that got a token this step, one token each, as
+    little-endian int64 arrays (`np.frombuffer(out.ids, np.int64)`). `cached`: (id,
+    cached_tokens) of requests whose first token is in this message. `finished`: requests that
+    ended this step; a finished request's last token, if it got one, is in `ids` / `tokens`.
+    Every request ends with exactly one `Finished`, also when it never got a token (abort,
+    score-only, rejected at admission).
+    """
+
+    ids: bytes = b""
+    tokens: bytes = b""
+    inits: list[DetokInit] = msgspec.field(default_factory=list)
+    cached: list[tuple[int, int]] = msgspec.field(default_factory=list)
+    finished: list[Finished] = msgspec.field(default_factory=list)
+    # (id, logprobs new this step) of requests that asked for logprobs.
+    logprobs: list[tuple[int, LogprobDelta]] = msgspec.field(default_factory=list)
 
 
 class BatchStrOut(msgspec.Struct, tag=True, kw_only=True):
-    """Detokenizer -> main: text deltas of many requests (parallel lists)."""
+    """Detokenizer -> main: the same batch with text. `texts[i]` is the text that became final
+    with `tokens[i]` (often "", e.g. inside a multi-byte character or a possible stop string);
+    `tails[j]` is the rest of `finished[j]`'s text, flushed when it ended; `errors`: (id,
+    message) of requests whose text could not be rendered (main ends them with the error)."""
 
-    rids: list[str]
-    texts: list[str]
-    new_ids: list[list[int]]
-    finished: list[FinishReason | None]
-    prompt_tokens: list[int]
-    completion_tokens: list[int]
-    cached_tokens: list[int]
-    # Passed through from BatchTokenIDOut; token texts are decoded in the main process.
-    logprobs: list[LogprobDelta | None] | None = None
+    ids: bytes = b""
+    tokens: bytes = b""
+    texts: list[str] = msgspec.field(default_factory=list)
+    cached: list[tuple[int, int]] = msgspec.field(default_factory=list)
+    finished: list[Finished] = msgspec.field(default_factory=list)
+    tails: list[str] = msgspec.field(default_factory=list)
+    logprobs: list[tuple[int, LogprobDelta]] = msgspec.field(default_factory=list)
+    errors: list[tuple[int, str]] = msgspec.field(default_factory=list)
 
 
 class ProcessReady(msgspec.Struct, tag=True, kw_only=True):
@@ -152,7 +192,7 @@ class FlushCacheResp(msgspec.Struct, tag=True, kw_only=True):
 
 
 Message = (
-    TokenizedGenerateReqInput
+    GenerateReq
     | AbortReq
     | BatchTokenIDOut
     | BatchStrOut

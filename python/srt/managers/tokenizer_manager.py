@@ -1,13 +1,17 @@
 """TokenizerManager: the main process's side of every request.
 
 In: a `GenerateReqInput` (text or token ids + sampling params) from the HTTP server or the
-Engine. It applies the chat template (for chat requests), tokenizes, validates against the
-model's limits, sends `TokenizedGenerateReqInput` to the scheduler (PUSH `scheduler_ipc`), and
-keeps a `ReqState` per rid. With `--dp-size N` there is one PUSH socket per replica
-(`scheduler_ipcs`) and a `ReplicaRouter` (srt.managers.router) picks each request's replica by
-its token ids; the replica is remembered per rid until the request ends, so its abort goes to
-the same replica, and the copies of an n > 1 request follow the first. A background asyncio
-task receives `BatchStrOut` from the detokenizer (PULL `tokenizer_ipc`) and wakes the waiters.
+Engine. It applies the chat template (for chat requests), tokenizes and validates against the
+model's limits (a `TokenizedGenerateReqInput`, which keeps the client's string rid). Sending a
+request gives it a fresh integer id (counted from 1, never reused): the scheduler gets a
+`GenerateReq` with that id (PUSH `scheduler_ipc`), every process past main knows the request
+only by it, and main maps rid -> id -> `ReqState` at its edge. With `--dp-size N` there is one
+PUSH socket per replica (`scheduler_ipcs`) and a `ReplicaRouter` (srt.managers.router) picks
+each request's replica by its token ids; the replica is kept in the request's state until it
+ends, so its abort goes to the same replica, and the copies of an n > 1 request follow the
+first. A background asyncio task receives `BatchStrOut` from the detokenizer (PULL
+`tokenizer_ipc`): one token per request per step (int64 arrays) with the text it made final,
+then each finished request's flushed tail and final counts; it wakes the waiters.
 Out: SGLang-shaped dicts
 `{text, output_ids, meta_info{id, prompt_tokens, completion_tokens, cached_tokens, finish_reason,
 e2e_latency}}` (text and output_ids cumulative; with return_logprob also SGLang's
@@ -21,8 +25,11 @@ sockets and their answers come back on `tokenizer_ipc` straight from the schedul
 With `metrics` set (srt.metrics.Metrics), every output updates the latency histograms and
 token counters.
 
-Every request ends: with its finishing output, with an abort when the client goes away (an
-`AbortReq` is sent and the state dropped at once), or with an error when the runtime fails.
+Every request ends: with its finishing output (the scheduler decides every finish, stop
+strings included), with an abort when the client goes away (an `AbortReq` is sent and the state
+dropped at once), with finish_reason abort and the message when the detokenizer reports it in
+`errors` (its text cannot be rendered; main sends the scheduler an `AbortReq` for it), or with
+an error when the runtime fails.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import itertools
 import logging
 import time
 import uuid
@@ -39,6 +47,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 import msgspec
+import numpy as np
 import zmq
 import zmq.asyncio
 
@@ -48,6 +57,7 @@ from srt.managers.io_struct import (
     FinishReason,
     FlushCacheReq,
     FlushCacheResp,
+    GenerateReq,
     GetStatsReq,
     LogprobDelta,
     Message,
@@ -99,6 +109,9 @@ class GenerateReqInput:
 class ReqState:
     """What has arrived for one request and not yet been handed to its waiter."""
 
+    rid: str
+    # The replica that runs it (0 without data parallelism).
+    replica: int
     prompt_tokens: int
     created: float
     stream: bool
@@ -173,8 +186,6 @@ class TokenizerManager:
             sock.connect(ipc)
             self._send_socks.append(sock)
         self.dp_size = len(self._send_socks)
-        # The replica of every request in flight (0 without data parallelism).
-        self._rid_replica: dict[str, int] = {}
         self._fanout_first: OrderedDict[str, str] = OrderedDict()
         self.router: ReplicaRouter | None = None
         if self.dp_size > 1:
@@ -188,7 +199,11 @@ class TokenizerManager:
         self._recv_sock.setsockopt(zmq.LINGER, 0)
         self._recv_sock.bind(port_args.tokenizer_ipc)
 
-        self.rid_to_state: dict[str, ReqState] = {}
+        # Requests in flight: the client's rid -> the id every other process knows it by, and
+        # id -> its state. Ids count from 1 and are never reused.
+        self.rid_to_id: dict[str, int] = {}
+        self.id_to_state: dict[int, ReqState] = {}
+        self._ids = itertools.count(1)
         self._control_waiters: dict[int, asyncio.Future] = {}
         self._next_control_id = 0
         self.metrics: Any = None  # srt.metrics.Metrics when metrics are enabled
@@ -209,12 +224,10 @@ class TokenizerManager:
 
         Must run on the event loop's thread (use loop.call_soon_threadsafe otherwise)."""
         self.dead_reason = reason
-        for state in self.rid_to_state.values():
+        for state in list(self.id_to_state.values()):
+            self._forget(state)
             state.error = reason
             state.event.set()
-        self.rid_to_state.clear()
-        for rid in list(self._rid_replica):
-            self._end(rid)
         for fut in self._control_waiters.values():
             if not fut.done():
                 fut.set_exception(RuntimeDeadError(reason))
@@ -246,34 +259,62 @@ class TokenizerManager:
                 logger.error("bad message from the detokenizer: %s", e)
 
     def _handle_batch(self, batch: BatchStrOut) -> None:
-        for i, rid in enumerate(batch.rids):
-            state = self.rid_to_state.get(rid)
-            if state is None:  # aborted by its client; the rest of its outputs are moot
+        """Applies one step's outputs: tokens and texts, cached counts, logprobs, then the
+        requests that failed and the ones that finished. Ids with no state here ended already
+        (client abort, error); what still comes for them is moot."""
+        states = self.id_to_state
+        ids = np.frombuffer(batch.ids, dtype=np.int64).tolist()
+        tokens = np.frombuffer(batch.tokens, dtype=np.int64).tolist()
+        for req_id, token, text in zip(ids, tokens, batch.texts, strict=True):
+            state = states.get(req_id)
+            if state is None:
                 continue
-            if batch.texts[i]:
-                state.text_parts.append(batch.texts[i])
-                state.pending_text.append(batch.texts[i])
-            state.output_ids.extend(batch.new_ids[i])
-            state.pending_ids.extend(batch.new_ids[i])
-            state.completion_tokens = batch.completion_tokens[i]
-            state.cached_tokens = batch.cached_tokens[i]
-            if batch.logprobs is not None and batch.logprobs[i] is not None:
-                _extend_logprobs(state, batch.logprobs[i])
-            fr = batch.finished[i]
+            state.output_ids.append(token)
+            state.pending_ids.append(token)
+            if text:
+                state.text_parts.append(text)
+                state.pending_text.append(text)
+            state.completion_tokens += 1
             if self.metrics is not None:
-                self.metrics.on_output(state, len(batch.new_ids[i]), fr)
-            if fr is not None:
-                state.finish_reason = fr
-                state.finished = True
-                del self.rid_to_state[rid]
-                replica = self._end(rid)
-                if fr.type == "stop" and isinstance(fr.matched, str):
-                    # The detokenizer may have matched the stop string before the scheduler
-                    # did; stop the scheduler spending steps on it (a no-op if it is done).
-                    self._send(replica, AbortReq(rid=rid, message="stop string"))
+                self.metrics.on_output(state, 1, None)
             # A non-stream waiter only needs the end; waking it per token would be wasted work.
-            if state.stream or state.finished:
+            if state.stream:
                 state.event.set()
+        for req_id, cached_tokens in batch.cached:
+            state = states.get(req_id)
+            if state is not None:
+                state.cached_tokens = cached_tokens
+        for req_id, delta in batch.logprobs:
+            state = states.get(req_id)
+            if state is not None:
+                _extend_logprobs(state, delta)
+        for req_id, message in batch.errors:
+            state = states.get(req_id)
+            if state is None:
+                continue
+            self._finish(state, FinishReason(type="abort", message=message))
+            # NOTE: the only abort main sends on its own: the scheduler would otherwise keep
+            # generating tokens nobody can read (it still ends the request with a `Finished`).
+            self._send(state.replica, AbortReq(id=req_id, message=message))
+        for fin, tail in zip(batch.finished, batch.tails, strict=True):
+            state = states.get(fin.id)
+            if state is None:
+                continue
+            if tail:
+                state.text_parts.append(tail)
+                state.pending_text.append(tail)
+            state.completion_tokens = fin.completion_tokens
+            state.cached_tokens = fin.cached_tokens
+            self._finish(state, fin.reason)
+
+    def _finish(self, state: ReqState, reason: FinishReason) -> None:
+        """Ends a request with its final output: forgotten here, its waiter woken."""
+        self._forget(state)
+        state.finish_reason = reason
+        state.finished = True
+        if self.metrics is not None:
+            self.metrics.on_output(state, 0, reason)
+        state.event.set()
 
     # ---- tokenization and validation ------------------------------------------------------
 
@@ -369,7 +410,7 @@ class TokenizerManager:
                 f"{n_prompt} tokens"
             )
         rid = obj.rid or uuid.uuid4().hex
-        if rid in self.rid_to_state:
+        if rid in self.rid_to_id:
             raise ValueError(f"request id {rid!r} is already in use")
         return TokenizedGenerateReqInput(
             rid=rid,
@@ -411,15 +452,35 @@ class TokenizerManager:
             raise RuntimeDeadError(self.dead_reason)
         self.start()
         rid = req.rid
+        # NOTE: tokenize_request checked the rid, but another request may have taken it since;
+        # two requests under one rid would corrupt the rid -> id map.
+        if rid in self.rid_to_id:
+            raise ValueError(f"request id {rid!r} is already in use")
         state = ReqState(
-            prompt_tokens=len(req.input_ids), created=req.created_time, stream=req.stream
+            rid=rid,
+            replica=self._route(req),
+            prompt_tokens=len(req.input_ids),
+            created=req.created_time,
+            stream=req.stream,
         )
         if req.return_logprob:
             state.logprobs = LogprobDelta()
-        replica = self._route(req)
-        self._rid_replica[rid] = replica
-        self.rid_to_state[rid] = state
-        self._send(replica, req)
+        req_id = next(self._ids)
+        self.rid_to_id[rid] = req_id
+        self.id_to_state[req_id] = state
+        self._send(
+            state.replica,
+            GenerateReq(
+                id=req_id,
+                input_ids=req.input_ids,
+                sampling_params=req.sampling_params,
+                cache_salt=req.cache_salt,
+                created_time=req.created_time,
+                return_logprob=req.return_logprob,
+                top_logprobs_num=req.top_logprobs_num,
+                logprob_start_len=req.logprob_start_len,
+            ),
+        )
         try:
             while True:
                 await self._wait(state, request)
@@ -434,7 +495,8 @@ class TokenizerManager:
                     return
         finally:
             if not state.finished:
-                self.abort_request(rid)
+                # NOTE: by id: once this request was dropped here, its rid may name a newer one.
+                self._abort(req_id, "aborted by the client")
 
     async def _wait(self, state: ReqState, request: Disconnectable | None) -> None:
         if request is None:
@@ -457,13 +519,20 @@ class TokenizerManager:
 
     def abort_request(self, rid: str, message: str = "aborted by the client") -> None:
         """Forgets `rid` here and tells the scheduler to stop it (no-op if it is done)."""
-        if self.rid_to_state.pop(rid, None) is None:
+        req_id = self.rid_to_id.get(rid)
+        if req_id is not None:
+            self._abort(req_id, message)
+
+    def _abort(self, req_id: int, message: str) -> None:
+        """`abort_request` by id (no-op if the request ended)."""
+        state = self.id_to_state.get(req_id)
+        if state is None:
             return
-        replica = self._end(rid)
+        self._forget(state)
         if self.metrics is not None:
             self.metrics.on_client_abort()
         if self.dead_reason is None:
-            self._send(replica, AbortReq(rid=rid, message=message))
+            self._send(state.replica, AbortReq(id=req_id, message=message))
 
     def token_texts(self, ids: list[int]) -> list[str]:
         """Each token's own text (SGLang's per-token decode)."""
@@ -503,9 +572,11 @@ class TokenizerManager:
         if self.dead_reason is not None:
             raise RuntimeDeadError(self.dead_reason)
         if rid is not None:
-            if rid not in self.rid_to_state:
+            req_id = self.rid_to_id.get(rid)
+            if req_id is None:
                 return False
-            self._send(self._rid_replica.get(rid, 0), AbortReq(rid=rid, message=message))
+            replica = self.id_to_state[req_id].replica
+            self._send(replica, AbortReq(id=req_id, message=message))
             return True
         for replica in range(self.dp_size):
             self._send(replica, AbortReq(abort_all=True, message=message))
@@ -585,20 +656,18 @@ class TokenizerManager:
         if self.router is None:
             return 0
         first = self._fanout_first.pop(req.rid, None)
-        replica = self._rid_replica.get(first) if first is not None else None
-        if replica is not None:
+        first_id = self.rid_to_id.get(first) if first is not None else None
+        if first_id is not None:
+            replica = self.id_to_state[first_id].replica
             self.router.assign(replica)
             return replica
         return self.router.choose(req.input_ids, req.cache_salt)
 
-    def _end(self, rid: str) -> int:
-        """Forgets the replica of a request that ended (its load is released); returns it."""
-        replica = self._rid_replica.pop(rid, None)
-        if replica is None:
-            return 0
+    def _forget(self, state: ReqState) -> None:
+        """Drops a request that ended from the maps and releases its load on its replica."""
+        del self.id_to_state[self.rid_to_id.pop(state.rid)]
         if self.router is not None:
-            self.router.release(replica)
-        return replica
+            self.router.release(state.replica)
 
     def abort_all(self, message: str = "aborted") -> None:
         """Tells the scheduler to end every request it holds with finish_reason abort

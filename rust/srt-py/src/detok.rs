@@ -3,11 +3,15 @@
 
 use std::path::Path;
 
+use numpy::PyReadonlyArray1;
 use pyo3::exceptions::{PyFileNotFoundError, PyValueError};
 use pyo3::prelude::*;
 use srt_core::detok::{DecodeParams, Detokenizer as CoreDetokenizer, StepOutput};
 
 use crate::errors::detok_error;
+
+/// Text per token, and (index, message) of the tokens that failed.
+type StepTexts = (Vec<String>, Vec<(usize, String)>);
 
 /// Incremental detokenizer over a `tokenizer.json`: per-request state keyed by request id.
 #[pyclass(module = "srt._native", name = "Detokenizer")]
@@ -102,6 +106,46 @@ impl Detokenizer {
             .collect()
     }
 
+    /// One new token for each of many requests (`ids[i]` gets `tokens[i]`; int64 arrays, read
+    /// without a copy), without the GIL. Returns the text that became final for each, and
+    /// `(index, message)` for each request that could not be stepped (unknown id, decode
+    /// failure; its text is "" and the others are unaffected). Stop strings are trimmed; a
+    /// match is not reported (the scheduler decides when a request ends).
+    fn step_tokens(
+        &mut self,
+        py: Python<'_>,
+        ids: PyReadonlyArray1<'_, i64>,
+        tokens: PyReadonlyArray1<'_, i64>,
+    ) -> PyResult<StepTexts> {
+        let (ids, tokens) = (ids.as_slice()?, tokens.as_slice()?);
+        if ids.len() != tokens.len() {
+            return Err(PyValueError::new_err(format!(
+                "step_tokens: {} ids but {} tokens",
+                ids.len(),
+                tokens.len()
+            )));
+        }
+        let inner = &mut self.inner;
+        Ok(py.detach(move || {
+            let mut texts = Vec::with_capacity(ids.len());
+            let mut errors = Vec::new();
+            for (i, (&id, &tok)) in ids.iter().zip(tokens).enumerate() {
+                let stepped = match (u64::try_from(id), u32::try_from(tok)) {
+                    (Ok(id), Ok(tok)) => inner.step(id, &[tok]).map_err(|e| e.to_string()),
+                    _ => Err(format!("id {id} / token {tok} out of range")),
+                };
+                match stepped {
+                    Ok(out) => texts.push(out.text),
+                    Err(e) => {
+                        texts.push(String::new());
+                        errors.push((i, e));
+                    }
+                }
+            }
+            (texts, errors)
+        }))
+    }
+
     /// Flushes what was held back and forgets the request.
     fn finish(&mut self, rid: u64) -> PyResult<String> {
         self.inner.finish(rid).map_err(detok_error)
@@ -114,6 +158,15 @@ impl Detokenizer {
 
     fn num_requests(&self) -> usize {
         self.inner.num_requests()
+    }
+
+    /// Whether a request with this id is live.
+    fn contains(&self, rid: u64) -> bool {
+        self.inner.contains(rid)
+    }
+
+    fn __contains__(&self, rid: u64) -> bool {
+        self.inner.contains(rid)
     }
 
     #[pyo3(signature = (ids, skip_special_tokens = true))]
