@@ -1,13 +1,21 @@
-"""Where a decode step of the Scheduler spends its time: the model (GPU) or the host.
+"""Where a decode step of the Scheduler spends its time: the model's forward, or the host.
 
 Runs a Scheduler in this process (no server, no detokenizer: its output socket is drained
-here), fills it with `--batch` requests of `--input-len` random tokens, then profiles
-`--steps` decode steps with cProfile and reports per step: the wall time, the time inside
-`ModelRunner.forward` up to the device being done (timed with a synchronize), and the rest
-(host: planning, batch building, sampling bookkeeping, output messages).
+here), fills it with `--batch` requests of `--input-len` random tokens, lets them reach decode,
+then times `--steps` decode steps and reports per step: the wall time, the time inside
+`ModelRunner.forward` up to the device being done (timed with a synchronize), and the rest,
+the host time: planning, building the step's tensors, sampling, committing the tokens, the
+output message. Steps run without overlap so the split is exact (with overlap, host work runs
+beside the forward; `--overlap` times that too). Without `--model-path` it builds the nearly
+free model the step-path goal is measured on: a 1-layer, 64-wide llama (random weights).
 
-    python benches/profile_scheduler.py --model-path /tmp/llama8b --load-format dummy \
-        --batch 256 --input-len 256 --steps 60
+It drives the scheduler of whichever tree is on the path, the current one or the one before
+the step-path rework (its `TokenizedGenerateReqInput` API), so `benches/step_path.py` runs it
+against both in one run.
+
+    python benches/profile_scheduler.py --batch 1 64 256
+    python benches/profile_scheduler.py --model-path /tmp/llama8b --load-format dummy \\
+        --dtype bfloat16 --batch 256 --input-len 256 --steps 60 --cprofile
 """
 
 from __future__ import annotations
@@ -15,41 +23,49 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
+import random
+import tempfile
 import time
+from typing import Any
 
 import torch
 import zmq
 
-from srt.managers.io_struct import TokenizedGenerateReqInput
+from srt.managers import io_struct
 from srt.managers.scheduler import Scheduler
 from srt.sampling_params import SamplingParams
 from srt.server_args import PortArgs, ServerArgs
 
+# The rework replaced TokenizedGenerateReqInput (string rid) by GenerateReq (integer id).
+NEW_API = hasattr(io_struct, "GenerateReq")
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--input-len", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--top", type=int, default=25)
-    ServerArgs.add_cli_args(parser)
-    args = parser.parse_args()
-    server_args = ServerArgs.from_cli_args(args)
+
+def request(i: int, ids: list[int], params: SamplingParams) -> Any:
+    if NEW_API:
+        return io_struct.GenerateReq(id=i + 1, input_ids=ids, sampling_params=params)
+    return io_struct.TokenizedGenerateReqInput(rid=f"r{i}", input_ids=ids, sampling_params=params)
+
+
+def decoding(sched: Scheduler) -> bool:
+    return sched.run_step() == "decode"
+
+
+def measure(args: argparse.Namespace, batch: int, overlap: bool) -> dict[str, float]:
+    fields = {"disable_overlap_schedule": not overlap} if NEW_API else {}
+    server_args = ServerArgs.from_cli_args(args).replace(**fields)
     port_args = PortArgs.new()
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)
     pull.bind(port_args.detokenizer_ipc)
     sched = Scheduler(server_args, port_args)
-    gen = torch.Generator().manual_seed(0)
+    rng = random.Random(0)
     n_out = args.steps + 8
-    for i in range(args.batch):
-        ids = torch.randint(
-            3, min(1000, sched.vocab_size), (args.input_len,), generator=gen
-        ).tolist()
+    vocab = min(1000, sched.vocab_size)
+    for i in range(batch):
+        ids = [rng.randrange(3, vocab) for _ in range(args.input_len)]
+        # Default sampling (temperature 1.0, no filters): a sampled, not a greedy, step.
         params = SamplingParams(max_new_tokens=n_out, min_new_tokens=n_out, ignore_eos=True)
-        sched.add_request(
-            TokenizedGenerateReqInput(rid=f"r{i}", input_ids=ids, sampling_params=params)
-        )
+        sched.add_request(request(i, ids, params))
 
     def drain() -> None:
         while True:
@@ -58,7 +74,7 @@ def main() -> None:
             except zmq.Again:
                 return
 
-    while sched.run_step() != "decode":  # prefill everything
+    while not decoding(sched):  # prefill everything
         drain()
     for _ in range(3):
         sched.run_step()
@@ -68,35 +84,65 @@ def main() -> None:
     forward = runner.forward
     in_forward = [0.0]
 
-    def timed_forward(batch):  # noqa: ANN001, ANN202
+    def timed_forward(fb: Any) -> torch.Tensor:
         t = time.perf_counter()
-        out = forward(batch)
+        out = forward(fb)
         if out.is_cuda:
             torch.cuda.synchronize()
         in_forward[0] += time.perf_counter() - t
         return out
 
     runner.forward = timed_forward  # type: ignore[method-assign]
-    prof = cProfile.Profile()
+    prof = cProfile.Profile() if args.cprofile else None
     t0 = time.perf_counter()
-    prof.enable()
+    if prof is not None:
+        prof.enable()
     for _ in range(args.steps):
         kind = sched.run_step()
         assert kind == "decode", kind
         drain()
-    prof.disable()
+    if prof is not None:
+        prof.disable()
     wall = (time.perf_counter() - t0) / args.steps * 1e3
-    fwd = in_forward[0] / args.steps * 1e3
-    print(
-        f"batch {args.batch}: step {wall:.2f} ms = forward (to device done) {fwd:.2f} ms + "
-        f"host {wall - fwd:.2f} ms  [{args.batch / wall * 1e3:.0f} tok/s]"
-    )
-    pstats.Stats(prof).sort_stats("tottime").print_stats(args.top)
-    pstats.Stats(prof).sort_stats("cumtime").print_stats(args.top)
+    if prof is not None:
+        pstats.Stats(prof).sort_stats("tottime").print_stats(args.top)
     sched.close()
     pull.close(linger=0)
     ctx.term()
     port_args.cleanup()
+    return {"step": wall, "forward": in_forward[0] / args.steps * 1e3}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 64, 256])
+    parser.add_argument("--input-len", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument(
+        "--overlap", action="store_true", help="Also time the steps with overlap scheduling."
+    )
+    parser.add_argument("--cprofile", action="store_true", help="Print a cProfile listing.")
+    parser.add_argument("--top", type=int, default=25)
+    ServerArgs.add_cli_args(parser)
+    args = parser.parse_args()
+    if args.model_path is None:
+        from srt.testing.tiny_model import make_tiny_model
+
+        args.model_path = make_tiny_model(
+            tempfile.mkdtemp(prefix="srt-profile-"), "llama", num_layers=1, hidden_size=64
+        )
+    for batch in args.batch:
+        m = measure(args, batch, overlap=False)
+        host = m["step"] - m["forward"]
+        line = (
+            f"batch {batch}: step {m['step']:.2f} ms = forward (to device done) "
+            f"{m['forward']:.2f} ms + host {host:.2f} ms  [{batch / m['step'] * 1e3:.0f} tok/s]"
+        )
+        if args.overlap and NEW_API:
+            line += f"; with overlap: step {measure(args, batch, overlap=True)['step']:.2f} ms"
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -381,9 +381,9 @@ def test_scheduler_control_path_and_client_abort(tiny_model_paths: dict[str, str
         BatchTokenIDOut,
         FlushCacheReq,
         FlushCacheResp,
+        GenerateReq,
         GetStatsReq,
         StatsResp,
-        TokenizedGenerateReqInput,
         decode,
         encode,
     )
@@ -417,21 +417,19 @@ def test_scheduler_control_path_and_client_abort(tiny_model_paths: dict[str, str
 
     try:
         # A request that can never fit in the KV pool: aborted as the client's fault (400).
-        big = TokenizedGenerateReqInput(
-            rid="big", input_ids=list(range(3, 43)), sampling_params=SamplingParams()
-        )
+        big = GenerateReq(id=1, input_ids=list(range(3, 43)), sampling_params=SamplingParams())
         big.sampling_params.max_new_tokens = 100
         sched.add_request(big)
         sched.run_step()
         (out,) = outputs()
-        fr = out.finished[0]
-        assert out.rids == ["big"] and fr.type == "abort" and fr.status_code == 400
+        fr = out.finished[0].reason
+        assert out.finished[0].id == 1 and fr.type == "abort" and fr.status_code == 400
         err = abort_error(fr.to_json())
         assert err.status_code == 400 and "KV cache" in err.message
         assert abort_error({"type": "abort", "message": "x"}).status_code == 500
 
-        ok = TokenizedGenerateReqInput(
-            rid="ok",
+        ok = GenerateReq(
+            id=2,
             input_ids=list(range(3, 13)),
             sampling_params=SamplingParams(max_new_tokens=3, ignore_eos=True),
         )
@@ -442,7 +440,7 @@ def test_scheduler_control_path_and_client_abort(tiny_model_paths: dict[str, str
         running = control(GetStatsReq(req_id=8))
         assert isinstance(running, StatsResp) and running.stats["num_running"] == 1
         assert running.stats["used_tokens"] > 0 and running.stats["token_usage"] > 0
-        while sched.reqs:
+        while sched.has_work():
             sched.run_step()
         stats = control(GetStatsReq(req_id=9)).stats
         assert stats["num_running"] == 0 and stats["evictable"] > 0

@@ -200,7 +200,9 @@ def _stop(live: Live) -> None:
 
 @pytest.fixture(scope="module")
 def dp2(tiny_model_paths: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
-    live = _start(tiny_model_paths, tmp_path_factory.mktemp("dp2"), "dp2", ["--dp-size", "2"])
+    # NOTE: with overlap scheduling, dp1 without: their outputs are compared.
+    flags = ["--dp-size", "2", "--enable-overlap-on-cpu"]
+    live = _start(tiny_model_paths, tmp_path_factory.mktemp("dp2"), "dp2", flags)
     yield live
     _stop(live)
 

@@ -100,8 +100,8 @@ class Sched:
         self.reqs: list[Req] = []
 
     def new_req(self) -> Req:
-        row = self.runner.req_to_token_pool.alloc()
-        assert row is not None
+        row = len(self.reqs)
+        assert row < self.runner.req_to_token_pool.pad_row
         self.reqs.append(Req(row))
         return self.reqs[-1]
 
@@ -124,7 +124,7 @@ class Sched:
         out_loc: list[int] = []
         for r, n in zip(reqs, lens, strict=True):
             s = self._slots_for(r, n)
-            self.runner.req_to_token_pool.write([r.row], [len(r.slots)], s, [n])
+            self.runner.req_to_token_pool.write_runs([r.row], [len(r.slots)], s, [n])
             r.slots += s
             out_loc += s
         flat = [t for ids in new_ids for t in ids]
@@ -135,7 +135,7 @@ class Sched:
         out_loc = []
         for r in reqs:
             s = self._slots_for(r, 1)
-            self.runner.req_to_token_pool.write([r.row], [len(r.slots)], s)
+            self.runner.req_to_token_pool.write_runs([r.row], [len(r.slots)], s)
             r.slots += s
             out_loc += s
         seq_lens = [len(r.slots) for r in reqs]
@@ -143,8 +143,7 @@ class Sched:
         return self.runner.forward(batch).clone()
 
     def close(self) -> None:
-        for r in self.reqs:
-            self.runner.req_to_token_pool.free(r.row)
+        self.reqs.clear()
 
 
 def prompt(n: int, seed: int) -> list[int]:
@@ -275,9 +274,10 @@ def test_scheduler_end_to_end_with_graphs(gpu_models: dict[str, str]) -> None:
 
     path = gpu_models["qwen3"]
     outs = {}
-    for graphs in (True, False):
+    for graphs, overlap in ((True, True), (False, True), (True, False)):
         h = Harness(
             path,
+            overlap,
             device="cuda",
             dtype="bfloat16",
             attention_backend="flashinfer",
@@ -292,13 +292,13 @@ def test_scheduler_end_to_end_with_graphs(gpu_models: dict[str, str]) -> None:
                 h.submit(f"r{i}", prompt(4 + 13 * i, seed=i), max_new_tokens=6 + i, ignore_eos=True)
             h.run()
             assert all(len(h.outputs[f"r{i}"]) == 6 + i for i in range(10))
-            outs[graphs] = h.outputs
-            stats = h.sched.plan.stats()
-            assert stats["request_owned"] == 0 and stats["num_running"] == 0
+            outs[graphs, overlap] = h.outputs
+            h.assert_pool_returned()
         finally:
             h.close()
-    # The scheduler's decode batches shrink as requests finish: padded replays included.
-    assert outs[True] == outs[False]
+    # The scheduler's decode batches shrink as requests finish: padded replays included;
+    # overlap (a second step prepared while one runs) changes no token.
+    assert outs[True, True] == outs[False, True] == outs[True, False]
 
 
 def test_auto_picks_flashinfer_on_cuda(gpu_models: dict[str, str]) -> None:

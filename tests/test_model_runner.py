@@ -36,13 +36,15 @@ class Sched:
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
         self.next_slot = runner.page_size
+        self.next_row = 0
 
     def new_req(self, shared_prefix: list[int] | None = None) -> Req:
-        row = self.runner.req_to_token_pool.alloc()
-        assert row is not None
+        row = self.next_row
+        self.next_row += 1
+        assert row < self.runner.req_to_token_pool.pad_row
         req = Req(row, list(shared_prefix or []))
         if req.slots:
-            self.runner.req_to_token_pool.write([row], [0], req.slots, [len(req.slots)])
+            self.runner.req_to_token_pool.write_runs([row], [0], req.slots, [len(req.slots)])
         return req
 
     def _alloc(self, n: int) -> list[int]:
@@ -55,7 +57,7 @@ class Sched:
         prefix = [len(r.slots) for r in reqs]
         lens = [len(ids) for ids in new_ids]
         out_loc = self._alloc(sum(lens))
-        self.runner.req_to_token_pool.write([r.row for r in reqs], prefix, out_loc, lens)
+        self.runner.req_to_token_pool.write_runs([r.row for r in reqs], prefix, out_loc, lens)
         start = 0
         for r, n in zip(reqs, lens, strict=True):
             r.slots += out_loc[start : start + n]
@@ -66,7 +68,7 @@ class Sched:
 
     def decode(self, reqs: list[Req], tokens: list[int]) -> torch.Tensor:
         out_loc = self._alloc(len(reqs))
-        self.runner.req_to_token_pool.write(
+        self.runner.req_to_token_pool.write_runs(
             [r.row for r in reqs], [len(r.slots) for r in reqs], out_loc
         )
         for r, s in zip(reqs, out_loc, strict=True):
@@ -175,7 +177,6 @@ def test_mixed_batch_equals_each_alone(arch: str, runners: dict[str, ModelRunner
         for _ in range(4):
             steps.append(alone_sched.decode([req], [int(steps[-1].argmax())])[0])
         alone.append(steps)
-        runner.req_to_token_pool.free(req.row)
 
     sched = Sched(runner)
     reqs = [sched.new_req() for _ in prompts]
@@ -188,8 +189,6 @@ def test_mixed_batch_equals_each_alone(arch: str, runners: dict[str, ModelRunner
             torch.testing.assert_close(logits[i], alone[i][step], atol=ATOL, rtol=0)
         if step < 4:
             logits = sched.decode(reqs, [int(x.argmax()) for x in logits])
-    for r in reqs:
-        runner.req_to_token_pool.free(r.row)
 
 
 def test_tied_word_embeddings_match_hf(tmp_path: Path) -> None:
@@ -279,20 +278,18 @@ def test_kv_pool_sizing(tiny_model_paths: dict[str, str]) -> None:
 
 def test_req_to_token_pool() -> None:
     pool = ReqToTokenPool(3, 10, "cpu")
-    rows = [pool.alloc(), pool.alloc(), pool.alloc()]
-    assert sorted(rows) == [0, 1, 2] and pool.alloc() is None
-    pool.free(1)
-    with pytest.raises(ValueError):
-        pool.free(1)
-    assert pool.alloc() == 1
-    pool.write([0, 2], [3, 0], [7, 8, 9, 10, 11], [2, 3])
+    assert pool.pad_row == 2
+    pool.write_runs([0, 2], [3, 0], [7, 8, 9, 10, 11], [2, 3])
     assert pool.req_to_token[0, 3:5].tolist() == [7, 8]
     assert pool.req_to_token[2, :3].tolist() == [9, 10, 11]
-    pool.write([0, 2], [5, 3], [12, 13])  # one slot per row (decode)
+    pool.write_runs([0, 2], [5, 3], [12, 13])  # one slot per row (decode)
     assert pool.req_to_token[0, :6].tolist() == [0, 0, 0, 7, 8, 12]
     assert pool.req_to_token[2, :4].tolist() == [9, 10, 11, 13]
     with pytest.raises(ValueError):
-        pool.write([0], [9], [1, 2], [2])  # past max_context_len
+        pool.write_runs([0], [9], [1, 2], [2])  # past max_context_len
+    # A step's writes: (row, column, slot) triples.
+    pool.apply(torch.tensor([1, 1]), torch.tensor([0, 4]), torch.tensor([5, 6]))
+    assert pool.req_to_token[1, :5].tolist() == [5, 0, 0, 0, 6]
 
 
 def test_model_config(

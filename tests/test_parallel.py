@@ -84,10 +84,13 @@ def test_parallel_greedy_equals_hf(
 def test_tp4_pp2_tied_replicated_kv_heads_and_logprobs(tmp_path: Path) -> None:
     """tp 4 over a model of 2 KV heads (each held by two ranks) times 2 stages (8 ranks), with
     tied embeddings (the last stage holds its own copy for the lm_head); prompt and output
-    logprobs cross the pipeline's micro-batches intact."""
+    logprobs cross the pipeline's micro-batches intact. With overlap scheduling (off by
+    default on CPU, which the other tests here run): rank 0 plans a step while the ranks run
+    the one before."""
     path = make_tiny_model(tmp_path / "tied", "llama", tie_word_embeddings=True)
+    flags = ["--tp-size", "4", "--pp-size", "2", "--enable-overlap-on-cpu"]
     proc, base = start_server(
-        ["--model-path", path, "--max-total-tokens", "1024", "--tp-size", "4", "--pp-size", "2"],
+        ["--model-path", path, "--max-total-tokens", "1024", *flags],
         tmp_path / "log",
         tmp_path,
         timeout=240,
@@ -222,31 +225,33 @@ def test_bad_split_is_a_startup_error(
 
 def test_step_split_keeps_logit_rows_in_order() -> None:
     """Micro-batches of an extend step: tokens, sequences and prompt-logprob rows partition
-    the step, and last-rows-then-extras of each concatenate to the step's own layout."""
-    step = StepInput(
-        decode=False,
+    the step, and last-rows-then-extras of each concatenate to the step's own layout; the
+    wire form a rank receives rebuilds the same step."""
+    step = StepInput.build(
+        False,
         input_ids=list(range(10)),
         out_cache_loc=list(range(100, 110)),
-        req_pool_indices=[0, 1, 2],
+        rows=[0, 1, 2],
         seq_lens=[4, 3, 5],
         prefix_lens=[0, 1, 2],
         extend_lens=[4, 2, 4],
-        extra_logit_indices=[1, 2, 7, 8],
     )
+    step.extra_logit_indices = [1, 2, 7, 8]
     parts = step.split(2)
-    assert [p.req_pool_indices for p in parts] == [[0], [1, 2]]
-    assert [p.input_ids for p in parts] == [[0, 1, 2, 3], [4, 5, 6, 7, 8, 9]]
+    assert [p.section("rows").tolist() for p in parts] == [[0], [1, 2]]
+    assert [p.section("input_ids").tolist() for p in parts] == [[0, 1, 2, 3], [4, 5, 6, 7, 8, 9]]
+    assert [p.section("positions").tolist() for p in parts] == [[0, 1, 2, 3], [1, 2, 2, 3, 4, 5]]
     assert [p.extra_logit_indices for p in parts] == [[1, 2], [3, 4]]
     assert [p.num_logit_rows for p in parts] == [3, 4]
-    assert step.split(5) == step.split(3)  # never more parts than sequences
-    decode = StepInput(
-        decode=True,
-        input_ids=[1, 2, 3],
-        out_cache_loc=[7, 8, 9],
-        req_pool_indices=[0, 1, 2],
-        seq_lens=[5, 6, 7],
+    assert len(step.split(5)) == len(step.split(3)) == 3  # never more parts than sequences
+    wire = StepInput.decode_bytes(step.encode())
+    assert wire.decode is False and wire.extra_logit_indices == [1, 2, 7, 8]
+    assert wire.ints.tolist() == step.ints.tolist() and wire.offsets == step.offsets
+    decode = StepInput.build(
+        True, input_ids=[1, 2, 3], out_cache_loc=[7, 8, 9], rows=[0, 1, 2], seq_lens=[5, 6, 7]
     )
-    assert [p.seq_lens for p in decode.split(2)] == [[5], [6, 7]]
+    assert [p.section("seq_lens").tolist() for p in decode.split(2)] == [[5], [6, 7]]
+    assert decode.section("positions").tolist() == [4, 5, 6]
 
 
 def test_one_batch_refuses_parallel_flags(

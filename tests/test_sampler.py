@@ -1,16 +1,49 @@
-"""Tests of srt.layers.sampler: filters, penalties, seeded batch-invariant draws."""
+"""Tests of srt.layers.sampler: persistent per-row state, filters, penalties, seeded
+batch-invariant draws. Rows are admitted the way the step worker admits them: a Rust
+`BatchScheduler` plans the step (its admission sections carry each request's parameters) and
+`SamplingState.admit` writes them; output history is replayed through `SamplingState.record`."""
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 
-from srt.layers.sampler import Sampler, SamplingBatchInfo, seeded_uniforms, splitmix64
+from srt._native import (
+    FLAG_GREEDY,
+    FLAG_LOGIT_BIAS,
+    FLAG_OUTPUT_PENALTY,
+    FLAG_REPETITION_PENALTY,
+    FLAG_SAMPLED,
+    BatchScheduler,
+)
+from srt.layers.sampler import SamplingState, _inverse_cdf, seeded_uniforms, splitmix64
+from srt.model_executor.forward_batch import ForwardBatch, StepInput
 from srt.sampling_params import SamplingParams as SP
 
-sampler = Sampler()
+
+@dataclass
+class Batch:
+    state: SamplingState
+    rows: torch.Tensor
+    flags: int
+    top_k_max: int
+
+    def sample(
+        self,
+        logits: torch.Tensor,
+        steps: list[int] | None = None,
+        masks: list[tuple[int, int]] = (),  # type: ignore[assignment]
+    ) -> torch.Tensor:
+        n = logits.shape[0]
+        s = torch.tensor(steps if steps is not None else [0] * n)
+        ms = torch.tensor([m[0] for m in masks], dtype=torch.int64)
+        mt = torch.tensor([m[1] for m in masks], dtype=torch.int64)
+        return self.state.sample(
+            logits, self.rows, s, self.flags, ms if masks else None, mt, self.top_k_max
+        )
 
 
 def build(
@@ -18,30 +51,44 @@ def build(
     vocab: int,
     *,
     seeds: list[int] | None = None,
-    steps: list[int] | None = None,
     prompts: list[list[int]] | None = None,
     outputs: list[list[int]] | None = None,
-    stops: list[set[int]] | None = None,
-) -> SamplingBatchInfo:
+) -> Batch:
+    """Admits one row per request through a real scheduler step, then replays its outputs."""
     n = len(params)
-    outputs = outputs if outputs is not None else [[] for _ in range(n)]
-    return SamplingBatchInfo.build(
-        params,
-        seeds if seeds is not None else list(range(n)),
-        steps if steps is not None else [len(o) for o in outputs],
-        prompts if prompts is not None else [[] for _ in range(n)],
-        outputs,
-        stops if stops is not None else [set() for _ in range(n)],
-        vocab,
-        "cpu",
-    )
+    core = BatchScheduler(pool_size=8192, max_running_requests=n)
+    for i, p in enumerate(params):
+        core.add_request(
+            i + 1,
+            (prompts[i] if prompts else None) or [1],
+            4,
+            temperature=p.temperature,
+            top_p=p.top_p,
+            top_k=p.top_k,
+            min_p=p.min_p,
+            repetition_penalty=p.repetition_penalty,
+            frequency_penalty=p.frequency_penalty,
+            presence_penalty=p.presence_penalty,
+            seed=seeds[i] if seeds is not None else i,
+            logit_bias=list((p.logit_bias or {}).items()),
+        )
+    native = core.schedule()
+    step = StepInput.from_native(native)
+    state = SamplingState(n + 1, vocab, "cpu")
+    state.admit(ForwardBatch.from_step(step, "cpu"))
+    rows = torch.from_numpy(step.section("sample_rows").copy())
+    for i, out in enumerate(outputs or []):
+        for tok in out:
+            state.record(rows[i : i + 1], torch.tensor([tok]), native.flags)
+    return Batch(state, rows, native.flags, native.top_k_max)
 
 
 def draws(logits_row: torch.Tensor, p: SP, n: int, seed: int = 1234) -> torch.Tensor:
-    """n draws from one distribution: one row per step, same seed."""
+    """n draws of one request from one distribution: its row n times, steps 0..n-1."""
     logits = logits_row.expand(n, -1).contiguous()
-    info = build([p] * n, logits.shape[1], seeds=[seed] * n, steps=list(range(n)))
-    return sampler(logits, info)
+    batch = build([p], logits.shape[1], seeds=[seed])
+    batch.rows = batch.rows.expand(n).contiguous()
+    return batch.sample(logits, list(range(n)))
 
 
 def chi_square(samples: torch.Tensor, probs: torch.Tensor) -> float:
@@ -89,16 +136,18 @@ def test_uniforms_in_unit_interval_and_spread() -> None:
 def test_greedy_is_argmax() -> None:
     torch.manual_seed(0)
     logits = torch.randn(8, 1000)
-    info = build([SP(temperature=0.0)] * 8, 1000)
-    assert info.all_greedy
-    assert torch.equal(sampler(logits, info), logits.argmax(-1))
+    logits[0, 10] = logits[0, 20] = 100.0  # ties: the first maximum, as argmax
+    batch = build([SP(temperature=0.0)] * 8, 1000)
+    assert batch.flags == FLAG_GREEDY
+    assert torch.equal(batch.sample(logits), logits.argmax(-1))
 
 
 def test_top_k_1_is_greedy() -> None:
     torch.manual_seed(1)
     logits = torch.randn(8, 1000)
-    info = build([SP(temperature=1.5, top_k=1)] * 8, 1000)
-    assert torch.equal(sampler(logits, info), logits.argmax(-1))
+    batch = build([SP(temperature=1.5, top_k=1)] * 8, 1000)
+    assert not batch.flags & FLAG_SAMPLED
+    assert torch.equal(batch.sample(logits), logits.argmax(-1))
 
 
 def test_mixed_greedy_and_sampled_rows() -> None:
@@ -110,11 +159,11 @@ def test_mixed_greedy_and_sampled_rows() -> None:
         SP(min_p=0.3),
     ]
     seeds = [11, 12, 13, 14, 15, 16]
-    out = sampler(logits, build(params, V, seeds=seeds))
+    out = build(params, V, seeds=seeds).sample(logits)
     for i in (0, 2, 4):
         assert out[i] == logits[i].argmax()
     for i in (1, 3, 5):  # a sampled row draws as it would alone
-        alone = sampler(logits[i : i + 1], build([params[i]], V, seeds=[seeds[i]]))
+        alone = build([params[i]], V, seeds=[seeds[i]]).sample(logits[i : i + 1])
         assert out[i] == alone[0]
     # The sampled rows really sample: over many steps they leave the argmax.
     many = draws(logits[1], SP(temperature=1.0), 200)
@@ -175,9 +224,9 @@ def test_all_filters_together_on_many_rows() -> None:
         )
         for _ in range(n)
     ]
+    batch = build(params, V, seeds=list(range(n)))
     for step in range(20):
-        info = build(params, V, seeds=list(range(n)), steps=[step] * n)
-        out = sampler(logits, info)
+        out = batch.sample(logits, [step] * n)
         for i, p in enumerate(params):
             probs = torch.softmax(logits[i] / p.temperature, -1)
             sp, order = probs.sort(descending=True, stable=True)
@@ -207,15 +256,16 @@ def test_same_seed_same_tokens_whatever_the_batch() -> None:
     p = SP(temperature=0.9)
     others_params = [SP(top_k=20), SP(temperature=0.0), SP(repetition_penalty=1.5, top_p=0.8)]
     alone, batched, reversed_ = [], [], []
+    params = others_params[:2] + [p] + others_params[2:]
+    single = build([p], V, seeds=[42])
+    mixed = build(params, V, seeds=[1, 2, 42, 3], prompts=[[1, 2]] * 4)
+    backwards = build(params[::-1], V, seeds=[3, 42, 2, 1])
     for step in range(30):
-        alone.append(int(sampler(mine[None], build([p], V, seeds=[42], steps=[step]))[0]))
+        alone.append(int(single.sample(mine[None], [step])[0]))
         others = torch.randn(3, V)
         logits = torch.cat([others[:2], mine[None], others[2:]])
-        params = others_params[:2] + [p] + others_params[2:]
-        info = build(params, V, seeds=[1, 2, 42, 3], steps=[5, 0, step, 9], prompts=[[1, 2]] * 4)
-        batched.append(int(sampler(logits, info)[2]))
-        info = build(params[::-1], V, seeds=[3, 42, 2, 1], steps=[9, step, 0, 5])
-        reversed_.append(int(sampler(logits.flip(0), info)[1]))
+        batched.append(int(mixed.sample(logits, [5, 0, step, 9])[2]))
+        reversed_.append(int(backwards.sample(logits.flip(0), [9, step, 0, 5])[1]))
     assert alone == batched == reversed_
     assert len(set(alone)) > 5  # really sampled
 
@@ -255,10 +305,10 @@ def test_penalties_match_reference() -> None:
     ]
     prompts = [[1, 2, 3, 3], [4], [5, 6], [7, 8, 9, 10]]
     outputs = [[3, 11, 11], [4, 4], [5, 12, 12, 12, 13], [8, 8, 20, 21, 8]]
-    info = build(params, V, prompts=prompts, outputs=outputs)
-    assert info.penalty_rows is not None and info.penalty_rows.tolist() == [0, 2, 3]
+    batch = build(params, V, prompts=prompts, outputs=outputs)
+    assert batch.flags & FLAG_REPETITION_PENALTY and batch.flags & FLAG_OUTPUT_PENALTY
     before = logits.clone()
-    got = sampler.process_logits(logits, info)
+    got = batch.state.process_logits(logits, batch.rows, batch.flags)
     assert torch.equal(logits, before), "the caller's logits must not change"
     for i, p in enumerate(params):
         want = reference_penalties(logits[i], p, prompts[i], outputs[i])
@@ -275,56 +325,70 @@ def test_logit_bias_forces_and_forbids() -> None:
         SP(temperature=1.0, logit_bias={7: 100.0}),
         SP(temperature=0.0, logit_bias={top: -100.0}),
     ]
+    batch = build(params, V)
+    assert batch.flags & FLAG_LOGIT_BIAS
     for step in range(10):
-        out = sampler(logits, build(params, V, steps=[step, step]))
+        out = batch.sample(logits, [step, step])
         assert out[0] == 7
         assert out[1] != top and out[1] == logits[1].sort(descending=True).indices[1]
 
 
-def test_min_new_tokens_blocks_stop_ids_until_reached() -> None:
+def test_min_new_tokens_masks_block_stop_ids() -> None:
+    """The planner sends (sample, token) masks while a row's output is shorter than its
+    min_new_tokens (srt-core tests when); the sampler never draws a masked token."""
     V = 100
     eos, stop = 5, 9
     logits = torch.zeros(3, V)
     logits[:, eos] = 10.0
     logits[:, stop] = 9.0
-    params = [SP(temperature=0.0, min_new_tokens=3), SP(min_new_tokens=3), SP(temperature=0.0)]
-    stops = [{eos, stop}, {eos, stop}, {eos}]
+    batch = build([SP(temperature=0.0), SP(), SP(temperature=0.0)], V)
+    masks = [(0, eos), (0, stop), (1, eos), (1, stop)]
     for step in range(5):
-        outputs = [[1] * step] * 3
-        out = sampler(logits, build(params, V, outputs=outputs, stops=stops)).tolist()
-        if step < 3:
-            assert out[0] not in (eos, stop) and out[1] not in (eos, stop)
-        else:
-            assert out[0] == eos
-        assert out[2] == eos  # no min_new_tokens: EOS as usual
+        out = batch.sample(logits, [step] * 3, masks).tolist()
+        assert out[0] not in (eos, stop) and out[1] not in (eos, stop)
+        assert out[2] == eos  # no mask: EOS as usual
+    assert batch.sample(logits).tolist()[0] == eos
 
 
 def test_plain_batch_takes_the_fast_path() -> None:
-    info = build([SP(temperature=0.8), SP(temperature=0.0)], 100)
-    assert not info.need_sort and not info.need_min_p and not info.all_greedy
-    assert info.bias_flat is None and info.penalty_rows is None and info.min_tokens_flat is None
+    batch = build([SP(temperature=0.8), SP(temperature=0.0)], 100)
+    assert batch.flags == FLAG_SAMPLED | FLAG_GREEDY and batch.top_k_max == 0
+    assert batch.state.counts is None and batch.state.bias is None and batch.state.seen is None
     logits = torch.randn(2, 100)
-    assert sampler.process_logits(logits, info) is logits
+    assert batch.state.process_logits(logits, batch.rows, batch.flags) is logits
+    with pytest.raises(ValueError, match="vocabulary size"):
+        batch.sample(torch.randn(2, 99))
 
 
-def test_out_of_vocab_ids_are_dropped_and_shapes_checked() -> None:
-    info = build([SP(logit_bias={150: 5.0}, min_new_tokens=2)], 100, stops=[{3, 100}])
-    assert info.bias_flat is None
-    assert info.min_tokens_flat is not None and info.min_tokens_flat.tolist() == [3]
-    with pytest.raises(ValueError, match="vocab_size"):
-        sampler(torch.randn(1, 99), info)
+def test_a_readmitted_row_forgets_its_previous_owner() -> None:
+    """Row state is overwritten at admission: a new request in a row that held a penalized,
+    biased request samples as if the row were fresh."""
+    V = 50
+    torch.manual_seed(9)
+    logits = torch.randn(1, V)
+    old = build([SP(frequency_penalty=2.0, logit_bias={3: 50.0})], V, outputs=[[1, 1, 2]])
+    fresh = build([SP(temperature=0.0)], V)
+    # Admit the fresh request into the old one's row (row 0 of the same state).
+    core = BatchScheduler(pool_size=64, max_running_requests=1)
+    core.add_request(1, [1], 4)
+    step = StepInput.from_native(core.schedule())
+    old.state.admit(ForwardBatch.from_step(step, "cpu"))
+    got = old.state.sample(logits, old.rows, torch.zeros(1, dtype=torch.int64), FLAG_GREEDY)
+    assert torch.equal(got, fresh.sample(logits))
+    # Even in a step whose other rows have a bias, this row has none.
+    assert torch.equal(
+        old.state.process_logits(logits, old.rows, FLAG_LOGIT_BIAS | FLAG_OUTPUT_PENALTY),
+        logits,
+    )
 
 
 def test_filtered_mass_edge_never_draws_zero_probability() -> None:
     # u close to 1 must not run past the last kept token into filtered ones.
     V = 64
-    row = torch.full((V,), -math.inf)
-    row[[3, 10]] = 0.0
-    info = build([SP(temperature=1.0)], V)
-    info.uniforms = torch.tensor([1.0 - 2.0**-24])
-    assert sampler(row[None], info).item() == 10
-    info.uniforms = torch.tensor([0.0])
-    assert sampler(row[None], info).item() == 3
+    probs = torch.zeros(1, V)
+    probs[0, [3, 10]] = 0.5
+    assert _inverse_cdf(probs, torch.tensor([1.0 - 2.0**-24])).item() == 10
+    assert _inverse_cdf(probs, torch.tensor([0.0])).item() == 3
 
 
 def test_top_k_ties_keep_the_lowest_ids() -> None:
@@ -333,3 +397,50 @@ def test_top_k_ties_keep_the_lowest_ids() -> None:
     row[[2, 5, 8, 11]] = 3.0
     out = draws(row, SP(top_k=2), 500)
     assert set(out.tolist()) == {2, 5}
+    # top_p cutting inside a run of ties: 3 of 4 equal tokens reach p = 0.6.
+    out = draws(row, SP(top_p=0.6), 500)
+    assert set(out.tolist()) == {2, 5, 8}
+
+
+def test_filters_match_a_sorting_reference_on_random_rows() -> None:
+    """The value-threshold filter keeps exactly the prefix a stable sort would keep, rows of
+    every kind mixed (top-k only, top-p only, both, neither, greedy), ties included."""
+    gen = torch.Generator().manual_seed(10)
+    V, n = 97, 48
+    logits = torch.randn(n, V, generator=gen)
+    logits[::3] = logits[::3].round()  # many exact ties
+    kinds = [
+        SP(top_k=int(torch.randint(2, 40, (1,), generator=gen)))
+        if i % 4 == 0
+        else SP(top_p=float(torch.rand(1, generator=gen)) * 0.9 + 0.05)
+        if i % 4 == 1
+        else SP(top_k=10, top_p=0.5)
+        if i % 4 == 2
+        else SP()
+        for i in range(n)
+    ]
+    kinds[-1] = SP(temperature=0.0)
+    batch = build(kinds, V)
+    for step in range(30):
+        out = batch.sample(logits, [step] * n)
+        for i, p in enumerate(kinds):
+            if p.is_greedy:
+                assert out[i] == logits[i].argmax()
+                continue
+            probs = torch.softmax(logits[i] / p.temperature, -1)
+            sp, order = probs.sort(descending=True, stable=True)
+            k = p.top_k if p.top_k > 0 else V
+            sp = sp[:k]
+            cum = sp.cumsum(0)
+            keep = (cum - sp) <= p.top_p * cum[-1]
+            assert int(out[i]) in set(order[:k][keep].tolist()), (i, p)
+
+
+def test_cpu_value_sort_matches_torch() -> None:
+    from srt.layers.sampler import _sorted_values
+
+    probs = torch.softmax(torch.randn(5, 33), -1)
+    asc, top = _sorted_values(probs, 7)
+    assert torch.equal(asc, probs.sort(-1).values)
+    assert torch.equal(top, probs.sort(-1, descending=True).values[:, :7])
+    assert np.shares_memory(asc.numpy(), asc.numpy())

@@ -1,50 +1,84 @@
 """Typed stubs of `srt._native`, the PyO3 bindings of the Rust core (rust/srt-py)."""
 
+import numpy as np
+import numpy.typing as npt
+
 __version__: str
 
 # --- sched ---
 
-class PrefillEntry:
-    """One request's part of a prefill step.
+STEP_SECTIONS: tuple[str, ...]
+"""Names of a Step's int64 sections, in storage order (see srt_core::sched::step::Section)."""
+STEP_FLOAT_SECTIONS: tuple[str, ...]
+ADMIT_FLOATS: int
+"""Floats per admitted row: temperature, top_p, min_p, repetition, frequency, presence."""
+PROMPT_TAIL: int
+"""Prompt tokens decoded as context before the first output token (stop strings, text)."""
+FLAG_SAMPLED: int
+FLAG_TOP_K_P: int
+FLAG_MIN_P: int
+FLAG_OUTPUT_PENALTY: int
+FLAG_REPETITION_PENALTY: int
+FLAG_LOGIT_BIAS: int
+FLAG_MIN_TOKENS: int
+FLAG_GREEDY: int
+FLAG_PRESENCE_PENALTY: int
+USER_FLAG_SHIFT: int
+"""Bits from here up in a request's flags are the caller's (`add_request(user_flags=...)`)."""
 
-    Computes `tokens[prefix_len : prefix_len + extend_len]`; `slots` are the KV slots of
-    `tokens[slots_from : prefix_len + extend_len]` (the last `extend_len` are written).
-    """
-
-    @property
-    def rid(self) -> int: ...
-    @property
-    def prefix_len(self) -> int: ...
-    @property
-    def extend_len(self) -> int: ...
-    @property
-    def cached_len(self) -> int: ...
-    @property
-    def slots_from(self) -> int: ...
-    @property
-    def slots(self) -> list[int]: ...
-    @property
-    def is_last_chunk(self) -> bool: ...
-
-class Plan:
-    """The next step: kind "idle", "prefill" (entries) or "decode" (ids, slots, retracted)."""
+class Step:
+    """One planned step as arrays that share the Rust buffers: section i of `ints` is
+    `ints[offsets[i]:offsets[i + 1]]` (names in STEP_SECTIONS), likewise `floats`."""
 
     @property
-    def kind(self) -> str: ...
+    def kind(self) -> str:
+        """ "idle", "prefill" or "decode"."""
     @property
-    def entries(self) -> list[PrefillEntry]: ...
+    def ints(self) -> npt.NDArray[np.int64]: ...
     @property
-    def ids(self) -> list[int]: ...
+    def offsets(self) -> npt.NDArray[np.int64]: ...
     @property
-    def slots(self) -> list[int]: ...
+    def floats(self) -> npt.NDArray[np.float32]: ...
     @property
-    def retracted(self) -> list[int]: ...
+    def float_offsets(self) -> npt.NDArray[np.int64]: ...
+    @property
+    def flags(self) -> int:
+        """OR of the sampling sequences' flags."""
+    @property
+    def all_flags(self) -> int:
+        """OR of every sequence's flags."""
+    @property
+    def top_k_max(self) -> int:
+        """Largest top-k of the sampling rows that filter (0: none; 2**64 - 1: top-p alone)."""
+    @property
+    def num_seqs(self) -> int: ...
+    @property
+    def num_tokens(self) -> int: ...
+    @property
+    def num_samples(self) -> int: ...
+
+class CommitResult:
+    """A commit's decisions: `ids` / `tokens` of the requests that took a token; `first`
+    (id, cached tokens) of first tokens; `finished` (id, kind, value, completion_tokens,
+    cached_tokens) with kind "stop" (value: stop id or string) or "length" (value: length)."""
+
+    @property
+    def ids(self) -> npt.NDArray[np.int64]: ...
+    @property
+    def tokens(self) -> npt.NDArray[np.int64]: ...
+    @property
+    def first(self) -> list[tuple[int, int]]: ...
+    @property
+    def finished(self) -> list[tuple[int, str, int | str | None, int, int]]: ...
 
 class BatchScheduler:
-    """Waiting queue, prefix cache, KV slot allocator and batch assembly.
+    """The scheduler process's request table: waiting queue, prefix cache, KV slot
+    allocator, table rows, batch assembly and finish decisions.
 
-    Per step: add_request(...) for new requests, schedule() -> Plan, commit() the token of
-    every request that sampled, finish() requests that ended (in any state).
+    Per step: add_request(...) for new requests, schedule() -> Step, commit(tokens) with the
+    token of every sampling sequence of the oldest uncommitted step (or abandon() if it
+    failed), finish(id) for requests ended from outside (in any state). One step may stay
+    uncommitted while the next is planned (overlap).
     """
 
     def __init__(
@@ -57,26 +91,65 @@ class BatchScheduler:
         max_running_requests: int = 256,
         enable_radix_cache: bool = True,
         seed: int = 0,
+        context_len: int | None = None,
         init_new_token_ratio: float = 0.7,
         min_new_token_ratio: float = 0.1,
         new_token_ratio_decay: float = 0.001,
         clip_max_new_tokens: int = 4096,
+        tokenizer_path: str | None = None,
     ) -> None: ...
     def add_request(
-        self, rid: int, tokens: list[int], max_new_tokens: int, namespace: str = ""
-    ) -> None: ...
-    def schedule(self) -> Plan: ...
-    def commit(self, rids: list[int], tokens: list[int]) -> None: ...
-    def finish(self, rid: int) -> None: ...
-    def contains(self, rid: int) -> bool: ...
-    def __contains__(self, rid: int) -> bool: ...
-    def stats(self) -> dict[str, int | float]: ...
+        self,
+        id: int,
+        tokens: list[int],
+        max_new_tokens: int,
+        *,
+        min_new_tokens: int = 0,
+        stop_ids: list[int] = ...,
+        stop: list[str] | None = None,
+        skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = True,
+        no_stop_trim: bool = False,
+        namespace: str = "",
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = -1,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
+        seed: int = 0,
+        logit_bias: list[tuple[int, float]] = ...,
+        user_flags: int = 0,
+        arrival: float = 0.0,
+    ) -> None:
+        """Adds a request to the waiting queue (ValueError: duplicate id, empty prompt, stop
+        strings without a tokenizer)."""
+    def schedule(self) -> Step: ...
+    def commit(self, tokens: npt.NDArray[np.int64]) -> CommitResult: ...
+    def abandon(self) -> list[tuple[int, str, None, int, int]]:
+        """Drops the oldest uncommitted step (it failed); its requests still present end."""
+    def finish(self, id: int) -> tuple[int, int]:
+        """Ends a request in any state: (completion_tokens, cached_tokens)."""
+    def requeue(self, id: int) -> None:
+        """Back to the waiting queue without its KV; its samples in flight are dropped."""
+    def expired(self, now: float, limit: float) -> list[int]: ...
+    def contains(self, id: int) -> bool: ...
+    def __contains__(self, id: int) -> bool: ...
+    def request_ids(self) -> list[int]: ...
+    def tokens(self, id: int) -> list[int] | None: ...
+    def set_admission_paused(self, paused: bool) -> None: ...
+    def stats(self) -> dict[str, int | float | bool]: ...
     def flush_cache(self) -> None: ...
     def check_invariants(self) -> None: ...
+    @property
+    def num_requests(self) -> int: ...
     @property
     def num_waiting(self) -> int: ...
     @property
     def num_running(self) -> int: ...
+    @property
+    def in_flight(self) -> int: ...
 
 # --- end sched ---
 
@@ -203,6 +276,11 @@ class Detokenizer:
     def step(self, rid: int, new_ids: list[int]) -> tuple[str, int | None]:
         """Text that became final, and the index of the matched stop string (set from the
         step it matched on)."""
+    def step_tokens(
+        self, ids: npt.NDArray[np.int64], tokens: npt.NDArray[np.int64]
+    ) -> tuple[list[str], list[tuple[int, str]]]:
+        """One new token per request (`ids[i]` gets `tokens[i]`), without the GIL: the text
+        that became final for each, and (index, message) of those that failed (text "")."""
     def step_batch(self, rids: list[int], new_ids: list[list[int]]) -> list[tuple[str, int | None]]:
         """`step` for many requests at once, without the GIL; every rid is checked first, so
         a ValueError (unknown rid) leaves all requests untouched."""
@@ -211,5 +289,7 @@ class Detokenizer:
     def remove(self, rid: int) -> bool:
         """Forget a request without flushing (abort); False if it was unknown."""
     def num_requests(self) -> int: ...
+    def contains(self, rid: int) -> bool: ...
+    def __contains__(self, rid: int) -> bool: ...
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """Plain full decode."""

@@ -86,6 +86,17 @@ class ServerArgs:
         "Largest decode batch captured in a CUDA graph (default: min(256, "
         "--max-running-requests)); larger batches run eagerly.",
     )
+    disable_overlap_schedule: bool = _f(
+        False,
+        "Plan and prepare each step only after the previous one finished, instead of while it "
+        "runs (overlap scheduling: on by default on GPU).",
+    )
+    enable_overlap_on_cpu: bool = _f(
+        False,
+        "Overlap scheduling on CPU too (the forward runs on a worker thread). Off by default: "
+        "the CPU forward holds the GIL between its ops and its OpenMP threads use every core, "
+        "so a second thread costs more than it hides (benches/RESULTS.md).",
+    )
     random_seed: int = _f(0, "Seed for the random schedule policy and unseeded sampling.")
     log_level: str = _f("info", "Logging level.", ("debug", "info", "warning", "error", "critical"))
     tokenizer_worker_threads: int = _f(1, "Threads used to tokenize requests in main.")

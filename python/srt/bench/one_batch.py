@@ -69,63 +69,56 @@ def run_once(
             f"{seq_len} tokens per sequence exceed the context length "
             f"{pool.req_to_token.shape[1]} (pass --context-length)"
         )
-    rows: list[int] = []
-    try:
-        for _ in range(batch_size):
-            row = pool.alloc()
-            if row is None:
-                raise ValueError(
-                    f"batch {batch_size} exceeds the ReqToTokenPool (raise --max-running-requests)"
-                )
-            rows.append(row)
-        slots = [
-            list(range(first_slot + i * stride, first_slot + i * stride + seq_len))
-            for i in range(batch_size)
-        ]
-        dev = pool.req_to_token.device
-        for row, s in zip(rows, slots, strict=True):
-            pool.req_to_token[row, :seq_len] = torch.tensor(s, dtype=torch.int32, device=dev)
-        gen = torch.Generator().manual_seed(seed)
-        vocab = bench.model_config.vocab_size
-        input_ids = torch.randint(0, vocab, (batch_size * input_len,), generator=gen).tolist()
+    if batch_size > pool.pad_row:
+        raise ValueError(
+            f"batch {batch_size} exceeds the ReqToTokenPool (raise --max-running-requests)"
+        )
+    rows = list(range(batch_size))
+    slots = [
+        list(range(first_slot + i * stride, first_slot + i * stride + seq_len))
+        for i in range(batch_size)
+    ]
+    dev = pool.req_to_token.device
+    for row, s in zip(rows, slots, strict=True):
+        pool.req_to_token[row, :seq_len] = torch.tensor(s, dtype=torch.int32, device=dev)
+    gen = torch.Generator().manual_seed(seed)
+    vocab = bench.model_config.vocab_size
+    input_ids = torch.randint(0, vocab, (batch_size * input_len,), generator=gen).tolist()
 
-        with torch.inference_mode():
-            _sync(runner.device)
-            t0 = time.perf_counter()
-            batch = ForwardBatch.extend(
-                input_ids,
-                [x for s in slots for x in s[:input_len]],
+    with torch.inference_mode():
+        _sync(runner.device)
+        t0 = time.perf_counter()
+        batch = ForwardBatch.extend(
+            input_ids,
+            [x for s in slots for x in s[:input_len]],
+            rows,
+            [0] * batch_size,
+            [input_len] * batch_size,
+            device=runner.device,
+        )
+        next_ids = runner.forward(batch).argmax(dim=-1).tolist()
+        _sync(runner.device)
+        prefill = time.perf_counter() - t0
+
+        steps: list[float] = []
+        for step in tqdm(
+            range(output_len - 1),
+            disable=not show_progress,
+            leave=False,
+            desc=f"decode bs={batch_size}",
+        ):
+            pos = input_len + step  # position of the token fed in this step
+            t1 = time.perf_counter()
+            batch = ForwardBatch.decode(
+                next_ids,
+                [s[pos] for s in slots],
                 rows,
-                [0] * batch_size,
-                [input_len] * batch_size,
+                [pos + 1] * batch_size,
                 device=runner.device,
             )
             next_ids = runner.forward(batch).argmax(dim=-1).tolist()
             _sync(runner.device)
-            prefill = time.perf_counter() - t0
-
-            steps: list[float] = []
-            for step in tqdm(
-                range(output_len - 1),
-                disable=not show_progress,
-                leave=False,
-                desc=f"decode bs={batch_size}",
-            ):
-                pos = input_len + step  # position of the token fed in this step
-                t1 = time.perf_counter()
-                batch = ForwardBatch.decode(
-                    next_ids,
-                    [s[pos] for s in slots],
-                    rows,
-                    [pos + 1] * batch_size,
-                    device=runner.device,
-                )
-                next_ids = runner.forward(batch).argmax(dim=-1).tolist()
-                _sync(runner.device)
-                steps.append(time.perf_counter() - t1)
-    finally:
-        for row in rows:
-            pool.free(row)
+            steps.append(time.perf_counter() - t1)
 
     total = prefill + sum(steps)
     median = statistics.median(steps) if steps else None

@@ -3,10 +3,12 @@
 Main process: `check_grammar(params)` parses a request's `json_schema` / `regex` without a
 tokenizer and raises ValueError (a 400) when it is invalid, before anything is sent.
 Scheduler process: `GrammarBackend` compiles a grammar once per distinct spec against the
-tokenizer (cached), `new_matcher` gives each request its own `GrammarMatcher`; every step
-`apply_masks` fills one token bitmask for the constrained rows of the batch and masks their
-logits, and the scheduler feeds the sampled token back with `matcher.accept_token`. A request
-ends when its matcher terminates (the grammar is complete and a stop token was accepted).
+tokenizer (cached), `new_matcher` gives each request its own `GrammarMatcher`; for every step
+with constrained rows the scheduler fills one token bitmask on the host (`fill_bitmask`, from
+the matchers' states after the previous token) and the step worker masks those rows' logits
+with it (`apply_bitmask`); the scheduler feeds the sampled token back with
+`matcher.accept_token`. A request ends when its matcher terminates (the grammar is complete and
+a stop token was accepted).
 
 JSON is generated compact (no free whitespace between tokens, `any_whitespace=False`): still
 valid JSON, and a weak model cannot spend its whole budget on whitespace.
@@ -94,13 +96,18 @@ class GrammarBackend:
         """A fresh matcher for one request. ValueError if the grammar is invalid."""
         return self._xgr.GrammarMatcher(self.compile(key))
 
-    def apply_masks(
-        self, logits: torch.Tensor, rows: Sequence[int], matchers: Sequence[Any]
-    ) -> None:
-        """Masks (in place, -inf) the tokens each row's grammar forbids at this step."""
-        bitmask = self._xgr.allocate_token_bitmask(len(rows), self.vocab_size)
+    def fill_bitmask(self, matchers: Sequence[Any]) -> torch.Tensor:
+        """The host bitmask of the tokens each matcher allows next (one row per matcher; a
+        terminated matcher's row allows everything, its sample is dropped anyway)."""
+        bitmask = self._xgr.allocate_token_bitmask(len(matchers), self.vocab_size)
         for i, m in enumerate(matchers):
-            m.fill_next_token_bitmask(bitmask, i)
-        sub = logits[list(rows)]
-        self._xgr.apply_token_bitmask_inplace(sub, bitmask.to(logits.device))
-        logits[list(rows)] = sub
+            if not m.is_terminated():
+                m.fill_next_token_bitmask(bitmask, i)
+        return bitmask
+
+    def apply_bitmask(self, logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+        """Masks (in place, -inf) the tokens `bitmask` forbids, row by row."""
+        if logits.device.type != "cpu":
+            # NOTE: from pinned memory, so the copy does not wait for the device.
+            bitmask = bitmask.pin_memory().to(logits.device, non_blocking=True)
+        self._xgr.apply_token_bitmask_inplace(logits, bitmask)

@@ -1,14 +1,14 @@
 """KV cache tensors of the scheduler process: the request-to-token table and the paged KV pool.
 
 - `ReqToTokenPool`: one int32 row per running request; row r, column p holds the KV slot of
-  position p of that request. The scheduler writes it before each forward; the attention
-  backend reads it to find a sequence's keys and values.
+  position p of that request. Each step's table writes (planned by the Rust scheduler, which
+  hands out the rows) are applied before its forward; the attention backend reads it to find a
+  sequence's keys and values. The last row is never handed out: padded batches use it.
 - `KVPool`: per-layer K and V tensors indexed by KV slot. Slots come from the Rust allocator
   (`srt._native`), which hands out `page_size .. page_size + size`; page 0 (slots
   `0 .. page_size`) is a padding sink, so the tensors have `size + page_size` rows.
 
-Both only hold tensors; which slots and rows are free is bookkeeping done elsewhere (rows here,
-slots in Rust).
+Both only hold tensors; which slots and rows are free is the Rust scheduler's bookkeeping.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 
 
 class ReqToTokenPool:
-    """`size` rows of `max_context_len` KV slot indices, with a free list of rows."""
+    """`size` rows of `max_context_len` KV slot indices."""
 
     def __init__(self, size: int, max_context_len: int, device: torch.device | str) -> None:
         if size < 1 or max_context_len < 1:
@@ -35,30 +35,18 @@ class ReqToTokenPool:
         self.req_to_token = torch.zeros(
             (size, max_context_len), dtype=torch.int32, device=self.device
         )
-        # Popping from the end hands out low rows first, which keeps tests readable.
-        self._free_rows = list(range(size - 1, -1, -1))
-        self._is_free = [True] * size
 
-    def available(self) -> int:
-        return len(self._free_rows)
+    @property
+    def pad_row(self) -> int:
+        """The row no request holds (padded batches point their padding here)."""
+        return self.size - 1
 
-    def alloc(self) -> int | None:
-        """A free row, or None when every row is in use."""
-        if not self._free_rows:
-            return None
-        row = self._free_rows.pop()
-        self._is_free[row] = False
-        return row
+    def apply(self, rows: torch.Tensor, cols: torch.Tensor, slots: torch.Tensor) -> None:
+        """`table[rows[i], cols[i]] = slots[i]`: a step's writes, already on the device."""
+        if rows.numel():
+            self.req_to_token[rows, cols] = slots.to(torch.int32)
 
-    def free(self, row: int) -> None:
-        if not 0 <= row < self.size:
-            raise ValueError(f"row {row} is outside the ReqToTokenPool of {self.size} rows")
-        if self._is_free[row]:
-            raise ValueError(f"row {row} is already free")
-        self._is_free[row] = True
-        self._free_rows.append(row)
-
-    def write(
+    def write_runs(
         self,
         rows: Sequence[int] | torch.Tensor,
         start_positions: Sequence[int] | torch.Tensor,
@@ -66,17 +54,16 @@ class ReqToTokenPool:
         lengths: Sequence[int] | None = None,
     ) -> None:
         """Writes `slots` (flat, concatenated per row) at positions `start_positions[i] ..
-        start_positions[i] + lengths[i]` of `rows[i]`, in one indexed store.
+        start_positions[i] + lengths[i]` of `rows[i]`, in one indexed store (tests and
+        benchmarks that drive the runner without the scheduler).
 
-        `lengths` defaults to one slot per row (the decode step).
+        `lengths` defaults to one slot per row.
         """
         n_rows = len(rows)
         if lengths is None:
             lengths = [1] * n_rows
         if len(start_positions) != n_rows or len(lengths) != n_rows:
             raise ValueError("rows, start_positions and lengths must have the same length")
-        # NOTE: index arithmetic in numpy: torch's CPU ops cost ~1 ms each here (thread pool),
-        # which made this the largest host cost of a batch-256 decode step.
         lens = np.asarray(lengths, dtype=np.int64)
         total = int(lens.sum())
         if len(slots) != total:
@@ -92,10 +79,9 @@ class ReqToTokenPool:
         col_idx = np.repeat(_np_int64(start_positions), lens) + offsets
         if int(col_idx.max()) >= self.max_context_len or int(col_idx.min()) < 0:
             raise ValueError(f"position out of range [0, {self.max_context_len})")
-        # One host-to-device copy, not waited for (the table is only read by later kernels).
         packed = torch.from_numpy(np.stack((row_idx, col_idx, _np_int64(slots))))
-        packed = packed.to(self.device, non_blocking=True)
-        self.req_to_token[packed[0], packed[1]] = packed[2].to(torch.int32)
+        packed = packed.to(self.device)
+        self.apply(packed[0], packed[1], packed[2])
 
 
 def _np_int64(values: Sequence[int] | torch.Tensor) -> np.ndarray:

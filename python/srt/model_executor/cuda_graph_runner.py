@@ -20,6 +20,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from srt.model_executor.forward_batch import ForwardBatch, ForwardMode
@@ -52,7 +53,7 @@ class CudaGraphRunner:
         pool = runner.req_to_token_pool
         # NOTE: padding rows read only column 0 of this row (one-token sequences) and write KV
         # only to slot 0; whatever they compute stays in their own rows, which are dropped.
-        self.pad_row = pool.size - 1
+        self.pad_row = pool.pad_row
         self.backend.init_cuda_graph_state(self.max_bs, pool.max_context_len)
         n = self.max_bs
         with torch.inference_mode():
@@ -99,7 +100,7 @@ class CudaGraphRunner:
 
     # ---- capture -------------------------------------------------------------------------
 
-    def _batch(self, bs: int, seq_lens_cpu: list[int]) -> ForwardBatch:
+    def _batch(self, bs: int, seq_lens_cpu: np.ndarray) -> ForwardBatch:
         return ForwardBatch(
             mode=ForwardMode.DECODE,
             batch_size=bs,
@@ -116,7 +117,8 @@ class CudaGraphRunner:
         return self.model.compute_logits(hidden, batch)
 
     def _capture(self, bs: int) -> None:
-        batch = self._batch(bs, [1] * bs)  # all padding: the captured values do not matter
+        # All padding: the captured values do not matter.
+        batch = self._batch(bs, np.ones(bs, dtype=np.int64))
         self.backend.init_forward_metadata_cuda_graph(batch)
         # Warm up outside the capture (cuBLAS handles, lazy kernel loading, allocator).
         stream = torch.cuda.Stream(self.device)
@@ -155,10 +157,12 @@ class CudaGraphRunner:
             self.out_cache_loc[bs:pbs].zero_()
             self.req_pool_indices[bs:pbs].fill_(self.pad_row)
             self.seq_lens[bs:pbs].fill_(1)
-        seq_lens_cpu = batch.seq_lens_cpu or batch.seq_lens.tolist()
-        self.backend.init_forward_metadata_cuda_graph(
-            self._batch(pbs, list(seq_lens_cpu) + [1] * (pbs - bs))
-        )
+        seq_lens_cpu = batch.seq_lens_cpu
+        if seq_lens_cpu is None:
+            seq_lens_cpu = batch.seq_lens.cpu().numpy()
+        padded = np.ones(pbs, dtype=np.int64)
+        padded[:bs] = seq_lens_cpu
+        self.backend.init_forward_metadata_cuda_graph(self._batch(pbs, padded))
         self.graphs[pbs].replay()
         return self.outputs[pbs][:bs]
 

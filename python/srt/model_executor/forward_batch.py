@@ -1,89 +1,271 @@
-"""ForwardBatch: the tensors of one model step, built in the scheduler process from the Rust
-batch plan and read by the ModelRunner, the attention backend and the sampler.
+"""StepInput and ForwardBatch: one model step, on the host and on the device.
+
+`StepInput` is a step as the Rust planner hands it over (`srt._native.Step`): one int64
+buffer cut into named sections (`srt._native.STEP_SECTIONS`: request ids, rows, sequence
+lengths, input ids, positions, KV slots, table writes, sampling rows, admissions, ...) and one
+float32 buffer, read without a copy. `ForwardBatch` is the same step on the model's device:
+one host-to-device copy of the int buffer (from pinned memory on CUDA, so it never waits for
+the device), its sections as tensor views, and host copies of the lengths for the attention
+backends' planning.
 
 Layout (T = tokens computed this step, B = sequences):
 - EXTEND (prefill, possibly on top of a cached prefix or earlier chunks): sequence i computes
-  `extend_seq_lens[i]` new tokens after `extend_prefix_lens[i]` tokens already in KV.
-- DECODE: every sequence computes one token (T == B).
+  `extend_lens[i]` new tokens after `prefix_lens[i]` tokens already in KV.
+- DECODE: every sequence computes one token (T == B). An input id of -1 is a token still being
+  sampled by the previous step; the step worker reads it from that step's output on the device.
 KV slots of sequence i for positions [0, seq_lens[i]) are
-`req_to_token[req_pool_indices[i], :seq_lens[i]]` (the ReqToTokenPool, written before the
-forward); the new tokens' KV is written to `out_cache_loc` (aligned with input_ids).
+`req_to_token[rows[i], :seq_lens[i]]`; the step's table writes bring those rows up to date
+before the forward, and the new tokens' KV is written to `out_loc`.
 
-Every ForwardBatch made by `extend` / `decode` keeps its host-side inputs as a `StepInput`,
-which also carries the step's req_to_token writes (`set_table_writes`). Under tensor or
-pipeline parallel the ModelRunner of rank 0 broadcasts that StepInput and every rank rebuilds
-the same batch from it (`from_step`) and applies the same writes to its own table; a pipeline
-stage runs micro-batches of it (`split`).
+Tensor / pipeline parallel: rank 0 broadcasts the StepInput (`encode` / `decode`); every rank
+rebuilds the same ForwardBatch and applies the same table writes; a pipeline stage runs
+micro-batches of it (`split`).
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import msgspec
+import numpy as np
 import torch
 
+from srt._native import STEP_FLOAT_SECTIONS, STEP_SECTIONS
 
-class StepInput(msgspec.Struct, kw_only=True):
-    """The host-side inputs of one forward (what a ForwardBatch is built from)."""
+_INDEX = {name: i for i, name in enumerate(STEP_SECTIONS)}
+_FLOAT_INDEX = {name: i for i, name in enumerate(STEP_FLOAT_SECTIONS)}
 
+
+class _Wire(msgspec.Struct, array_like=True):
     decode: bool
-    input_ids: list[int]
-    out_cache_loc: list[int]
-    req_pool_indices: list[int]
-    seq_lens: list[int]
-    prefix_lens: list[int] = []  # EXTEND only
-    extend_lens: list[int] = []  # EXTEND only
-    extra_logit_indices: list[int] = []  # EXTEND only
-    # req_to_token writes of the step: table[rows[i], starts[i] : starts[i] + lens[i]] = the
-    # next lens[i] values of slots.
-    table_rows: list[int] = []
-    table_starts: list[int] = []
-    table_lens: list[int] = []
-    table_slots: list[int] = []
+    ints: bytes
+    offsets: list[int]
+    extra_logit_indices: list[int]
+
+
+_PER_SEQ = ("ids", "rows", "seq_lens", "prefix_lens", "extend_lens", "seq_flags")
+_PER_TOKEN = ("input_ids", "positions", "out_loc")
+_EMPTY = np.zeros(0, dtype=np.int64)
+_ENCODER = msgspec.msgpack.Encoder()
+_DECODER = msgspec.msgpack.Decoder(_Wire)
+
+
+class StepInput:
+    """The host arrays of one step (see the module docstring)."""
+
+    __slots__ = (
+        "decode",
+        "ints",
+        "offsets",
+        "floats",
+        "float_offsets",
+        "flags",
+        "all_flags",
+        "top_k_max",
+        "extra_logit_indices",
+    )
+
+    def __init__(
+        self,
+        decode: bool,
+        ints: np.ndarray,
+        offsets: Sequence[int],
+        floats: np.ndarray | None = None,
+        float_offsets: Sequence[int] | None = None,
+        flags: int = 0,
+        all_flags: int = 0,
+        top_k_max: int = 0,
+    ) -> None:
+        self.decode = decode
+        self.ints = ints
+        self.offsets = [int(o) for o in offsets]
+        self.floats = floats if floats is not None else np.zeros(0, dtype=np.float32)
+        self.float_offsets = (
+            [int(o) for o in float_offsets]
+            if float_offsets is not None
+            else [0] * (len(STEP_FLOAT_SECTIONS) + 1)
+        )
+        self.flags = flags
+        self.all_flags = all_flags
+        self.top_k_max = top_k_max
+        # EXTEND only, optional: token indices whose logits are wanted too (prompt logprobs);
+        # their rows follow the B last-token rows in the forward's output.
+        self.extra_logit_indices: list[int] = []
+
+    @classmethod
+    def from_native(cls, step: object) -> StepInput:
+        """Wraps an `srt._native.Step` (its arrays are shared, not copied)."""
+        return cls(
+            decode=step.kind == "decode",  # type: ignore[attr-defined]
+            ints=step.ints,  # type: ignore[attr-defined]
+            offsets=step.offsets.tolist(),  # type: ignore[attr-defined]
+            floats=step.floats,  # type: ignore[attr-defined]
+            float_offsets=step.float_offsets.tolist(),  # type: ignore[attr-defined]
+            flags=step.flags,  # type: ignore[attr-defined]
+            all_flags=step.all_flags,  # type: ignore[attr-defined]
+            top_k_max=step.top_k_max,  # type: ignore[attr-defined]
+        )
+
+    @classmethod
+    def build(
+        cls,
+        decode: bool,
+        input_ids: Sequence[int],
+        out_cache_loc: Sequence[int],
+        rows: Sequence[int],
+        seq_lens: Sequence[int],
+        prefix_lens: Sequence[int] = (),
+        extend_lens: Sequence[int] = (),
+        positions: Sequence[int] | None = None,
+        table: tuple[Sequence[int], Sequence[int], Sequence[int]] | None = None,
+        ids: Sequence[int] | None = None,
+    ) -> StepInput:
+        """A step from Python lists (tests, benchmarks, micro-batches). Positions default to
+        each sequence's new positions; nothing samples."""
+        if positions is None:
+            if decode:
+                positions = [n - 1 for n in seq_lens]
+            else:
+                positions = [
+                    p
+                    for pre, n in zip(prefix_lens, extend_lens, strict=True)
+                    for p in range(pre, pre + n)
+                ]
+        t_rows, t_cols, t_slots = table if table is not None else ((), (), ())
+        parts = {
+            "ids": list(ids) if ids is not None else list(range(len(rows))),
+            "rows": rows,
+            "seq_lens": seq_lens,
+            "prefix_lens": prefix_lens,
+            "extend_lens": extend_lens,
+            "seq_flags": [0] * len(rows),
+            "input_ids": input_ids,
+            "positions": positions,
+            "out_loc": out_cache_loc,
+            "table_rows": t_rows,
+            "table_cols": t_cols,
+            "table_slots": t_slots,
+        }
+        return cls.pack(decode, parts)
+
+    @classmethod
+    def pack(cls, decode: bool, parts: dict[str, Sequence[int] | np.ndarray]) -> StepInput:
+        """A step from named sections (missing ones are empty)."""
+        arrays = [np.asarray(parts.get(name, ()), dtype=np.int64) for name in STEP_SECTIONS]
+        offsets = np.cumsum([0] + [len(a) for a in arrays]).tolist()
+        return cls(decode, np.concatenate(arrays), offsets)
+
+    def section(self, name: str) -> np.ndarray:
+        i = _INDEX[name]
+        return self.ints[self.offsets[i] : self.offsets[i + 1]]
+
+    def float_section(self, name: str) -> np.ndarray:
+        i = _FLOAT_INDEX[name]
+        return self.floats[self.float_offsets[i] : self.float_offsets[i + 1]]
+
+    @property
+    def num_seqs(self) -> int:
+        i = _INDEX["ids"]
+        return self.offsets[i + 1] - self.offsets[i]
+
+    @property
+    def num_tokens(self) -> int:
+        i = _INDEX["input_ids"]
+        return self.offsets[i + 1] - self.offsets[i]
+
+    @property
+    def num_logit_rows(self) -> int:
+        return self.num_seqs + len(self.extra_logit_indices)
+
+    def encode(self) -> bytes:
+        """The forward's part of the step, for the other ranks (sampling stays on rank 0)."""
+        return _ENCODER.encode(
+            _Wire(
+                decode=self.decode,
+                ints=self.ints.tobytes(),
+                offsets=self.offsets,
+                extra_logit_indices=self.extra_logit_indices,
+            )
+        )
+
+    @classmethod
+    def decode_bytes(cls, data: bytes) -> StepInput:
+        w = _DECODER.decode(data)
+        step = cls(w.decode, np.frombuffer(bytearray(w.ints), dtype=np.int64), w.offsets)
+        step.extra_logit_indices = list(w.extra_logit_indices)
+        return step
+
+    def select(self, keep: np.ndarray) -> tuple[StepInput, np.ndarray]:
+        """The same step with only the sequences at batch positions `keep` (ascending), and
+        the indices of its samples among this step's. Table writes and admissions stay whole
+        (writing them again is harmless)."""
+        keep = np.asarray(keep, dtype=np.int64)
+        if self.decode:
+            tokens = keep
+        else:
+            lens = self.section("extend_lens")
+            starts = np.concatenate(([0], np.cumsum(lens)))
+            tokens = np.concatenate(
+                [np.arange(starts[i], starts[i + 1]) for i in keep.tolist()] or [_EMPTY]
+            )
+        parts: dict[str, np.ndarray] = {}
+        for name in STEP_SECTIONS:
+            arr = self.section(name)
+            if name in _PER_SEQ:
+                parts[name] = arr[keep] if len(arr) else arr
+            elif name in _PER_TOKEN:
+                parts[name] = arr[tokens]
+            else:
+                parts[name] = arr
+        new_pos = np.full(self.num_seqs, -1, dtype=np.int64)
+        new_pos[keep] = np.arange(len(keep))
+        sample_pos = self.section("sample_pos")
+        kept = np.nonzero(new_pos[sample_pos] >= 0)[0]
+        parts["sample_pos"] = new_pos[sample_pos[kept]]
+        parts["sample_rows"] = self.section("sample_rows")[kept]
+        parts["sample_steps"] = self.section("sample_steps")[kept]
+        new_sample = np.full(len(sample_pos), -1, dtype=np.int64)
+        new_sample[kept] = np.arange(len(kept))
+        mask_sample = new_sample[self.section("mask_sample")]
+        parts["mask_sample"] = mask_sample[mask_sample >= 0]
+        parts["mask_tokens"] = self.section("mask_tokens")[mask_sample >= 0]
+        sub = StepInput.pack(self.decode, parts)
+        sub.floats, sub.float_offsets = self.floats, self.float_offsets
+        seq_flags = sub.section("seq_flags")
+        sub.all_flags = int(np.bitwise_or.reduce(seq_flags)) if len(seq_flags) else 0
+        sampled = seq_flags[sub.section("sample_pos")]
+        sub.flags = int(np.bitwise_or.reduce(sampled)) if len(sampled) else 0
+        sub.top_k_max = self.top_k_max
+        return sub, kept
 
     def split(self, n: int) -> list[StepInput]:
         """Up to `n` micro-batches of consecutive sequences (the table writes stay with the
         whole step). Their logits, last rows of each then extra rows of each, concatenate to
         this step's layout."""
-        b = len(self.req_pool_indices)
+        b = self.num_seqs
         n = max(1, min(n, b))
+        if n == 1:
+            return [self]
         bounds = [i * b // n for i in range(n + 1)]
         if self.decode:
-            return [
-                StepInput(
-                    decode=True,
-                    input_ids=self.input_ids[lo:hi],
-                    out_cache_loc=self.out_cache_loc[lo:hi],
-                    req_pool_indices=self.req_pool_indices[lo:hi],
-                    seq_lens=self.seq_lens[lo:hi],
-                )
-                for lo, hi in zip(bounds, bounds[1:], strict=False)
-            ]
-        token_start = [0]
-        for length in self.extend_lens:
-            token_start.append(token_start[-1] + length)
+            token_start = list(range(b + 1))
+        else:
+            token_start = [0, *np.cumsum(self.section("extend_lens")).tolist()]
         parts = []
         for lo, hi in zip(bounds, bounds[1:], strict=False):
             t0, t1 = token_start[lo], token_start[hi]
-            parts.append(
-                StepInput(
-                    decode=False,
-                    input_ids=self.input_ids[t0:t1],
-                    out_cache_loc=self.out_cache_loc[t0:t1],
-                    req_pool_indices=self.req_pool_indices[lo:hi],
-                    seq_lens=self.seq_lens[lo:hi],
-                    prefix_lens=self.prefix_lens[lo:hi],
-                    extend_lens=self.extend_lens[lo:hi],
-                    extra_logit_indices=[i - t0 for i in self.extra_logit_indices if t0 <= i < t1],
-                )
-            )
+            sections: dict[str, np.ndarray] = {}
+            for name in _PER_SEQ:
+                arr = self.section(name)
+                sections[name] = arr[lo:hi] if len(arr) else arr
+            for name in _PER_TOKEN:
+                sections[name] = self.section(name)[t0:t1]
+            part = StepInput.pack(self.decode, sections)
+            part.extra_logit_indices = [i - t0 for i in self.extra_logit_indices if t0 <= i < t1]
+            parts.append(part)
         return parts
-
-    @property
-    def num_logit_rows(self) -> int:
-        return len(self.req_pool_indices) + len(self.extra_logit_indices)
 
 
 class ForwardMode(enum.Enum):
@@ -102,52 +284,87 @@ class ForwardBatch:
     seq_lens: torch.Tensor  # [B] int64, KV length after this step
     extend_prefix_lens: torch.Tensor | None = None  # [B] int64 (EXTEND only)
     extend_seq_lens: torch.Tensor | None = None  # [B] int64 (EXTEND only)
-    # Python copies for host-side loops (same values as the tensors above).
-    seq_lens_cpu: list[int] | None = None
-    extend_prefix_lens_cpu: list[int] | None = None
-    extend_seq_lens_cpu: list[int] | None = None
+    # Host copies for host-side planning (same values as the tensors above).
+    seq_lens_cpu: np.ndarray | None = None
+    extend_prefix_lens_cpu: np.ndarray | None = None
+    extend_seq_lens_cpu: np.ndarray | None = None
     # EXTEND only, optional: indices into the T tokens whose logits are wanted too (prompt
     # logprobs); their rows follow the B last-token rows in the forward's output.
     extra_logit_indices: torch.Tensor | None = None
-    # Host-side inputs (and table writes) this batch was built from.
+    # The step this batch was built from, and its whole int buffer on the device (table
+    # writes and sampling sections are views of it).
     step: StepInput | None = None
-
-    def set_extra_logit_indices(self, indices: list[int]) -> None:
-        """EXTEND only: token positions whose logits are wanted after the B last rows."""
-        assert self.step is not None and not self.is_decode
-        self.step.extra_logit_indices = list(indices)
-        device = self.input_ids.device
-        self.extra_logit_indices = _t(indices, device) if indices else None
-
-    def set_table_writes(
-        self, rows: list[int], starts: list[int], lens: list[int], slots: list[int]
-    ) -> None:
-        """req_to_token writes the ModelRunner applies (on every rank) before the forward."""
-        assert self.step is not None
-        self.step.table_rows, self.step.table_starts = rows, starts
-        self.step.table_lens, self.step.table_slots = lens, slots
+    device_ints: torch.Tensor | None = None
 
     @classmethod
     def from_step(cls, step: StepInput, device: torch.device | str) -> ForwardBatch:
-        if step.decode:
-            batch = cls.decode(
-                step.input_ids, step.out_cache_loc, step.req_pool_indices, step.seq_lens, device
-            )
-        else:
-            batch = cls.extend(
-                step.input_ids,
-                step.out_cache_loc,
-                step.req_pool_indices,
-                step.prefix_lens,
-                step.extend_lens,
-                device,
-            )
+        dev = to_device(step.ints, torch.device(device))
+        o = step.offsets
+
+        def view(name: str) -> torch.Tensor:
+            i = _INDEX[name]
+            return dev[o[i] : o[i + 1]]
+
+        decode = step.decode
+        seq_lens = step.section("seq_lens")
+        batch = cls(
+            mode=ForwardMode.DECODE if decode else ForwardMode.EXTEND,
+            batch_size=step.num_seqs,
+            input_ids=view("input_ids"),
+            positions=view("positions"),
+            out_cache_loc=view("out_loc"),
+            req_pool_indices=view("rows"),
+            seq_lens=view("seq_lens"),
+            seq_lens_cpu=seq_lens,
+            step=step,
+            device_ints=dev,
+        )
+        if not decode:
+            batch.extend_prefix_lens = view("prefix_lens")
+            batch.extend_seq_lens = view("extend_lens")
+            batch.extend_prefix_lens_cpu = step.section("prefix_lens")
+            batch.extend_seq_lens_cpu = step.section("extend_lens")
             if step.extra_logit_indices:
-                batch.set_extra_logit_indices(step.extra_logit_indices)
-        assert batch.step is not None
-        batch.step.table_rows, batch.step.table_starts = step.table_rows, step.table_starts
-        batch.step.table_lens, batch.step.table_slots = step.table_lens, step.table_slots
+                batch.extra_logit_indices = to_device(
+                    np.asarray(step.extra_logit_indices, dtype=np.int64), batch.input_ids.device
+                )
         return batch
+
+    @classmethod
+    def extend(
+        cls,
+        input_ids: Sequence[int],
+        out_cache_loc: Sequence[int],
+        req_pool_indices: Sequence[int],
+        prefix_lens: Sequence[int],
+        extend_lens: Sequence[int],
+        device: torch.device | str,
+    ) -> ForwardBatch:
+        """An extend batch from lists (tests, benchmarks); the table is written by the caller."""
+        seq_lens = [p + n for p, n in zip(prefix_lens, extend_lens, strict=True)]
+        step = StepInput.build(
+            False, input_ids, out_cache_loc, req_pool_indices, seq_lens, prefix_lens, extend_lens
+        )
+        return cls.from_step(step, device)
+
+    @classmethod
+    def decode(
+        cls,
+        input_ids: Sequence[int],
+        out_cache_loc: Sequence[int],
+        req_pool_indices: Sequence[int],
+        seq_lens: Sequence[int],
+        device: torch.device | str,
+    ) -> ForwardBatch:
+        """A decode batch from lists (tests, benchmarks); the table is written by the caller."""
+        step = StepInput.build(True, input_ids, out_cache_loc, req_pool_indices, seq_lens)
+        return cls.from_step(step, device)
+
+    def section(self, name: str) -> torch.Tensor:
+        """A section of the step's int buffer on the device."""
+        assert self.step is not None and self.device_ints is not None
+        i = _INDEX[name]
+        return self.device_ints[self.step.offsets[i] : self.step.offsets[i + 1]]
 
     @property
     def is_decode(self) -> bool:
@@ -157,73 +374,14 @@ class ForwardBatch:
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[0])
 
-    @classmethod
-    def extend(
-        cls,
-        input_ids: list[int],
-        out_cache_loc: list[int],
-        req_pool_indices: list[int],
-        prefix_lens: list[int],
-        extend_lens: list[int],
-        device: torch.device | str,
-    ) -> ForwardBatch:
-        positions = [
-            p for pre, n in zip(prefix_lens, extend_lens, strict=True) for p in range(pre, pre + n)
-        ]
-        seq_lens = [pre + n for pre, n in zip(prefix_lens, extend_lens, strict=True)]
-        return cls(
-            mode=ForwardMode.EXTEND,
-            batch_size=len(req_pool_indices),
-            input_ids=_t(input_ids, device),
-            positions=_t(positions, device),
-            out_cache_loc=_t(out_cache_loc, device),
-            req_pool_indices=_t(req_pool_indices, device),
-            seq_lens=_t(seq_lens, device),
-            extend_prefix_lens=_t(prefix_lens, device),
-            extend_seq_lens=_t(extend_lens, device),
-            seq_lens_cpu=seq_lens,
-            extend_prefix_lens_cpu=prefix_lens,
-            extend_seq_lens_cpu=extend_lens,
-            step=StepInput(
-                decode=False,
-                input_ids=input_ids,
-                out_cache_loc=out_cache_loc,
-                req_pool_indices=req_pool_indices,
-                seq_lens=seq_lens,
-                prefix_lens=prefix_lens,
-                extend_lens=extend_lens,
-            ),
-        )
 
-    @classmethod
-    def decode(
-        cls,
-        input_ids: list[int],
-        out_cache_loc: list[int],
-        req_pool_indices: list[int],
-        seq_lens: list[int],
-        device: torch.device | str,
-    ) -> ForwardBatch:
-        return cls(
-            mode=ForwardMode.DECODE,
-            batch_size=len(req_pool_indices),
-            input_ids=_t(input_ids, device),
-            positions=_t([n - 1 for n in seq_lens], device),
-            out_cache_loc=_t(out_cache_loc, device),
-            req_pool_indices=_t(req_pool_indices, device),
-            seq_lens=_t(seq_lens, device),
-            seq_lens_cpu=seq_lens,
-            step=StepInput(
-                decode=True,
-                input_ids=input_ids,
-                out_cache_loc=out_cache_loc,
-                req_pool_indices=req_pool_indices,
-                seq_lens=seq_lens,
-            ),
-        )
-
-
-def _t(values: list[int], device: torch.device | str) -> torch.Tensor:
-    # NOTE: built on the host, then copied without waiting for the device (a tensor made
-    # directly on the GPU from a list would synchronize the stream).
-    return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
+def to_device(arr: np.ndarray, device: torch.device) -> torch.Tensor:
+    """`arr` as a tensor on `device` (shared on the CPU; copied without waiting elsewhere)."""
+    host = torch.from_numpy(arr)
+    if device.type == "cpu":
+        return host  # NOTE: shares the buffer; nothing here writes to it
+    # NOTE: staged through pinned memory: a copy from pageable memory would wait for the
+    # device's stream to drain, which is what overlap scheduling must avoid.
+    pinned = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+    pinned.copy_(host)
+    return pinned.to(device, non_blocking=True)

@@ -2,9 +2,9 @@
 
 Construction builds the model on the device in the configured dtype, loads the weights (or
 dummy ones), sizes the KV pool (from --max-total-tokens or from memory) and allocates it, then
-binds the attention backend to the pools. `forward(ForwardBatch)` applies the batch's
+binds the attention backend to the pools. `forward(ForwardBatch)` applies the step's
 req_to_token writes, runs one step and returns fp32 logits [B, vocab] of each sequence's last
-token. The scheduler owns slot and row bookkeeping.
+token. The Rust scheduler owns slot and row bookkeeping; sampling is the step worker's.
 
 Tensor / pipeline parallel (srt.distributed, initialized before the runner is built): every rank
 builds its shard of the model and a KV pool of its heads and layers, all of the same size (the
@@ -22,7 +22,6 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import msgspec
 import torch
 from torch import nn
 
@@ -171,7 +170,7 @@ class ModelRunner:
             assert self.parallel.rank == 0, "only rank 0 plans steps"
             assert batch.step is not None, "a parallel step needs the batch's StepInput"
             try:
-                broadcast_bytes(_STEP_ENCODER.encode(batch.step))
+                broadcast_bytes(batch.step.encode())
                 logits = self._run(batch)
             except Exception as e:
                 # NOTE: the other ranks may be inside the step's collectives or gone; the step
@@ -187,7 +186,7 @@ class ModelRunner:
             data = broadcast_bytes(None)
             if not data:
                 return
-            step = _STEP_DECODER.decode(data)
+            step = StepInput.decode_bytes(data)
             self._run(ForwardBatch.from_step(step, self.device))
 
     def stop_workers(self) -> None:
@@ -197,9 +196,11 @@ class ModelRunner:
 
     def _run(self, batch: ForwardBatch) -> torch.Tensor | None:
         step = batch.step
-        if step is not None and step.table_rows:
-            self.req_to_token_pool.write(
-                step.table_rows, step.table_starts, step.table_slots, step.table_lens
+        if step is not None and batch.device_ints is not None:
+            self.req_to_token_pool.apply(
+                batch.section("table_rows"),
+                batch.section("table_cols"),
+                batch.section("table_slots"),
             )
         if self.parallel.pp_size > 1:
             assert step is not None, "a pipeline step needs the batch's StepInput"
@@ -249,8 +250,8 @@ class ModelRunner:
                 )
                 recv([t], src=last_stage_rank)
                 received.append(t)
-            lasts = [t[: len(p.req_pool_indices)] for t, p in zip(received, parts, strict=True)]
-            extras = [t[len(p.req_pool_indices) :] for t, p in zip(received, parts, strict=True)]
+            lasts = [t[: p.num_seqs] for t, p in zip(received, parts, strict=True)]
+            extras = [t[p.num_seqs :] for t, p in zip(received, parts, strict=True)]
             result = torch.cat(lasts + extras)
         for w in works:
             w.wait()
@@ -259,10 +260,6 @@ class ModelRunner:
 
 class RankFailure(RuntimeError):
     """A step of a multi-rank replica failed: the ranks are out of step, the replica is lost."""
-
-
-_STEP_ENCODER = msgspec.msgpack.Encoder()
-_STEP_DECODER = msgspec.msgpack.Decoder(StepInput)
 
 
 @contextmanager

@@ -24,9 +24,9 @@ flashinfer is imported when the backend is built, never at module import: CPU in
 
 from __future__ import annotations
 
-import itertools
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from srt.layers.attention.base import AttentionBackend
@@ -45,20 +45,21 @@ def page_table(
     req_to_token: torch.Tensor,
     req_pool_indices: torch.Tensor,
     seq_lens: torch.Tensor,
-    seq_lens_cpu: list[int],
+    seq_lens_cpu: np.ndarray,
     page_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """FlashInfer's paged-KV description of sequences `seq_lens` long:
     (indptr [B + 1] int32 on the host, page indices [indptr[-1]] int32 on req_to_token's device,
     last_page_len [B] int32 on the host).
 
-    Pure torch with no device-to-host copy: the host parts come from `seq_lens_cpu` (equal to
-    `seq_lens`, which is on the device).
+    No device-to-host copy: the host parts come from `seq_lens_cpu` (equal to `seq_lens`,
+    which is on the device).
     """
     P = page_size
-    pages = [-(-n // P) for n in seq_lens_cpu]
-    indptr = torch.tensor([0, *itertools.accumulate(pages)], dtype=torch.int32)
-    last = torch.tensor([n - (p - 1) * P for n, p in zip(seq_lens_cpu, pages, strict=True)])
+    lens = np.asarray(seq_lens_cpu, dtype=np.int64)
+    pages = -(-lens // P)
+    indptr = torch.from_numpy(np.concatenate(([0], np.cumsum(pages))).astype(np.int32))
+    last = torch.from_numpy((lens - (pages - 1) * P).astype(np.int32))
     total = int(indptr[-1])
     dev = req_to_token.device
     num_pages = (seq_lens.to(dev) + (P - 1)) // P
@@ -72,7 +73,7 @@ def page_table(
         col = col * P
     slots = req_to_token[req_pool_indices.to(dev)[seq], col]
     indices = slots // P if P > 1 else slots
-    return indptr, indices.to(torch.int32), last.to(torch.int32)
+    return indptr, indices.to(torch.int32), last
 
 
 class FlashInferAttnBackend(AttentionBackend):
@@ -132,9 +133,11 @@ class FlashInferAttnBackend(AttentionBackend):
 
     def _pages(self, fb: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         assert self.req_to_token_pool is not None and self.kv_pool is not None
-        # NOTE: the ForwardBatch constructors set seq_lens_cpu; .tolist() is a fallback that
-        # waits for the GPU.
-        seq_lens_cpu = fb.seq_lens_cpu or fb.seq_lens.tolist()
+        # NOTE: ForwardBatch.from_step sets seq_lens_cpu; reading the device tensor is a
+        # fallback that waits for the GPU.
+        seq_lens_cpu = fb.seq_lens_cpu
+        if seq_lens_cpu is None:
+            seq_lens_cpu = fb.seq_lens.cpu().numpy()
         return page_table(
             self.req_to_token_pool.req_to_token,
             fb.req_pool_indices,
@@ -165,8 +168,8 @@ class FlashInferAttnBackend(AttentionBackend):
         extend_lens = forward_batch.extend_seq_lens_cpu
         if extend_lens is None:
             assert forward_batch.extend_seq_lens is not None
-            extend_lens = forward_batch.extend_seq_lens.tolist()
-        qo_indptr = torch.tensor([0, *itertools.accumulate(extend_lens)], dtype=torch.int32)
+            extend_lens = forward_batch.extend_seq_lens.cpu().numpy()
+        qo_indptr = torch.from_numpy(np.concatenate(([0], np.cumsum(extend_lens))).astype(np.int32))
         self.prefill_wrapper.plan(
             qo_indptr,
             indptr,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -32,28 +33,32 @@ class TorchNativeAttnBackend(AttentionBackend):
     def __init__(self) -> None:
         super().__init__()
         self._extend: list[_ExtendSeq] = []
-        self._decode_slots: torch.Tensor | None = None  # [B, max_len]
+        self._decode_slots: torch.Tensor | None = None  # [B * max_len]
         self._decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_len]
 
     def init_forward_metadata(self, forward_batch: ForwardBatch) -> None:
         assert self.req_to_token_pool is not None, "bind_pools() must be called first"
         table = self.req_to_token_pool.req_to_token
-        seq_lens = forward_batch.seq_lens_cpu or forward_batch.seq_lens.tolist()
+        seq_lens = forward_batch.seq_lens_cpu
+        if seq_lens is None:
+            seq_lens = forward_batch.seq_lens.cpu().numpy()
         if forward_batch.is_decode:
-            max_len = max(seq_lens)
+            max_len = int(seq_lens.max())
             device = table.device
             lens = forward_batch.seq_lens.to(device)
             valid = torch.arange(max_len, device=device)[None, :] < lens[:, None]
-            slots = table[forward_batch.req_pool_indices.to(device), :max_len].long()
+            rows = forward_batch.req_pool_indices.to(device)
+            slots = table[:, :max_len].index_select(0, rows).long()
             # Stale entries past a sequence's end point at page 0 (finite, masked out).
-            self._decode_slots = slots.masked_fill(~valid, 0)
+            self._decode_slots = slots.masked_fill_(~valid, 0).view(-1)
             self._decode_mask = valid[:, None, None, :]
             return
         prefix_lens = forward_batch.extend_prefix_lens_cpu
         if prefix_lens is None:
             assert forward_batch.extend_prefix_lens is not None
-            prefix_lens = forward_batch.extend_prefix_lens.tolist()
+            prefix_lens = forward_batch.extend_prefix_lens.cpu().numpy()
         rows = forward_batch.req_pool_indices.tolist()
+        seq_lens, prefix_lens = seq_lens.tolist(), np.asarray(prefix_lens).tolist()
         self._extend = []
         start = 0
         for row, seq_len, prefix_len in zip(rows, seq_lens, prefix_lens, strict=True):
@@ -108,9 +113,14 @@ class TorchNativeAttnBackend(AttentionBackend):
         forward_batch: ForwardBatch,
     ) -> torch.Tensor:
         assert self.kv_pool is not None and self._decode_slots is not None
+        assert self._decode_mask is not None
         k_buf, v_buf = self.kv_pool.get_kv(layer.layer_id)
-        keys = k_buf[self._decode_slots].transpose(1, 2).to(q.dtype)  # [B, Hkv, L, D]
-        values = v_buf[self._decode_slots].transpose(1, 2).to(q.dtype)
+        shape = (q.shape[0], self._decode_mask.shape[-1], *k_buf.shape[1:])
+        # NOTE: index_select, not advanced indexing: ~3x faster for whole-row gathers on CPU.
+        keys = k_buf.index_select(0, self._decode_slots).view(shape)
+        values = v_buf.index_select(0, self._decode_slots).view(shape)
+        keys = keys.transpose(1, 2).to(q.dtype)  # [B, Hkv, L, D]
+        values = values.transpose(1, 2).to(q.dtype)
         o = F.scaled_dot_product_attention(
             q.unsqueeze(2),  # [B, Hq, 1, D]
             keys,
