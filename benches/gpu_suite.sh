@@ -12,7 +12,8 @@
 #   env       nvidia-smi, versions, imports
 #   tests     pytest tests/test_gpu.py tests/test_attention_backends.py (compiles FlashInfer's
 #             kernels on first use); the JIT cache is then saved to $OUT/ficache.tar.xz
-#   profile   benches/profile_scheduler.py: host vs device time of a batch-256 decode step
+#   profile   benches/profile_scheduler.py: host vs device time of a batch-256 decode step, and
+#             the step with overlap scheduling
 #   onebatch  python -m srt.bench one-batch, Llama-3.1-8B shape, bs 1 8 32 128, in 512, out 256
 #   offline   python -m srt.bench offline, 1000 x 256 in / 256 out, all at once
 #   serving   python -m srt serve + python -m srt.bench serving, same dataset, rate inf
@@ -65,8 +66,8 @@ stage_tests() {
 
 stage_profile() {
     model
-    $PY "$SRC/benches/profile_scheduler.py" $COMMON --batch ${PROFILE_BS:-256} --input-len 256 \
-        --steps 60 --mem-fraction-static 0.85
+    $PY "$SRC/benches/profile_scheduler.py" $COMMON --batch ${PROFILE_BS:-1 256} --input-len 256 \
+        --steps 60 --mem-fraction-static 0.85 --overlap
 }
 
 model() {

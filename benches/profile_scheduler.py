@@ -51,7 +51,9 @@ def decoding(sched: Scheduler) -> bool:
 
 
 def measure(args: argparse.Namespace, batch: int, overlap: bool) -> dict[str, float]:
-    fields = {"disable_overlap_schedule": not overlap} if NEW_API else {}
+    fields = {}
+    if NEW_API:
+        fields = {"disable_overlap_schedule": not overlap, "enable_overlap_on_cpu": overlap}
     server_args = ServerArgs.from_cli_args(args).replace(**fields)
     port_args = PortArgs.new()
     ctx = zmq.Context()

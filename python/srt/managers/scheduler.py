@@ -11,10 +11,12 @@ same integer id: grammar matchers and logprob accumulators (`host_requests`).
 
 Each iteration: receive requests -> plan step N + 1 (`core.schedule()`) -> submit it to the
 `StepWorker` -> process step N: wait for its sampled ids, `core.commit` them, apply the host
-decisions, send the outputs (`scheduler_output.Outbox`). With overlap (the default) step N + 1
-is planned and submitted while step N runs, so its finish checks land one step late: a request
-that stops at step N has had one more token planned, which its commit drops. A step with
-constrained (grammar) rows needs step N's tokens for its masks, so step N is processed first.
+decisions, send the outputs (`scheduler_output.Outbox`). With overlap scheduling (on by default
+on GPU; `--enable-overlap-on-cpu`) step N + 1 is planned and submitted while step N runs, so its
+finish checks land one step late: a request that stops at step N has had one more token
+planned, which its commit drops. A step with constrained (grammar) rows needs step N's tokens
+for its masks, so step N is processed first. Without overlap each step is processed at once.
+Requests are admitted by `admission.Admission`, which returns what to add.
 """
 
 from __future__ import annotations
@@ -266,6 +268,8 @@ class Scheduler:
         if decisions is not None:
             for rid, reason in decisions.finish:
                 self.finish(rid, reason)
+        # NOTE: one message per commit, so a message holds at most one token per request.
+        self.outbox.send(self.send_sock)
 
     def retry_without_ended(
         self, launched: Launched, error: Exception

@@ -4,8 +4,9 @@ cache hits, finishes, logprob deltas) and sends it as one `BatchTokenIDOut`.
 
 In: the Rust commit's result (`srt._native.CommitResult`: token arrays and the finishes it
 decided), the host decisions for flagged requests, and the finishes the scheduler makes itself
-(aborts, timeouts, failures). Out: at most one message per iteration. A step's tokens go on as
-the commit's own int64 arrays (bytes): no per-request Python for the common request.
+(aborts, timeouts, failures). Out: a message after each commit (so at most one token per
+request in it) and one for whatever else an iteration produced. A step's tokens go on as the
+commit's own int64 arrays (bytes): no per-request Python for the common request.
 """
 
 from __future__ import annotations
@@ -24,14 +25,13 @@ from srt.managers.io_struct import (
 )
 
 
-def finish_reason(kind: str, value: Any, message: str | None = None) -> FinishReason:
-    """A FinishReason from the Rust commit's (kind, value): "stop" with the stop token id or
-    string, "length" with the length, "abort" with `message`."""
+def finish_reason(kind: str, value: Any) -> FinishReason:
+    """A FinishReason from a Rust commit's (kind, value): "stop" with the stop token id or
+    string, or "length" with the length."""
     if kind == "stop":
         return FinishReason(type="stop", matched=value)
-    if kind == "length":
-        return FinishReason(type="length", length=value)
-    return FinishReason(type="abort", message=message or "aborted")
+    assert kind == "length", kind
+    return FinishReason(type="length", length=value)
 
 
 class Outbox:
@@ -39,21 +39,20 @@ class Outbox:
         self._reset()
 
     def _reset(self) -> None:
-        self._ids: list[np.ndarray] = []
-        self._tokens: list[np.ndarray] = []
+        self._ids: np.ndarray = _EMPTY
+        self._tokens: np.ndarray = _EMPTY
         self.inits: list[DetokInit] = []
         self.cached: list[tuple[int, int]] = []
         self.finished: list[Finished] = []
         self.logprobs: list[tuple[int, LogprobDelta]] = []
 
     def __bool__(self) -> bool:
-        return bool(self._ids or self.inits or self.cached or self.finished or self.logprobs)
+        return bool(len(self._ids) or self.inits or self.cached or self.finished or self.logprobs)
 
     def add_tokens(self, ids: np.ndarray, tokens: np.ndarray) -> None:
-        """One token for each of `ids` (int64 arrays, aligned)."""
-        if len(ids):
-            self._ids.append(ids)
-            self._tokens.append(tokens)
+        """One token for each of `ids` (int64 arrays, aligned; one commit's)."""
+        assert not len(self._ids), "one commit per message"
+        self._ids, self._tokens = ids, tokens
 
     def add_finished(
         self, rid: int, reason: FinishReason, completion_tokens: int, cached_tokens: int
@@ -62,13 +61,9 @@ class Outbox:
 
     def message(self) -> BatchTokenIDOut:
         """The collected outputs as one message; the outbox starts over empty."""
-        ids = self._ids[0] if len(self._ids) == 1 else np.concatenate(self._ids or [_EMPTY])
-        tokens = (
-            self._tokens[0] if len(self._tokens) == 1 else np.concatenate(self._tokens or [_EMPTY])
-        )
         msg = BatchTokenIDOut(
-            ids=ids.astype(np.int64, copy=False).tobytes(),
-            tokens=tokens.astype(np.int64, copy=False).tobytes(),
+            ids=self._ids.astype(np.int64, copy=False).tobytes(),
+            tokens=self._tokens.astype(np.int64, copy=False).tobytes(),
             inits=self.inits,
             cached=self.cached,
             finished=self.finished,

@@ -32,7 +32,7 @@ import msgspec
 import numpy as np
 import torch
 
-from srt._native import STEP_FLOAT_SECTIONS, STEP_SECTIONS
+from srt._native import STEP_FLOAT_SECTIONS, STEP_SECTIONS, Step
 
 _INDEX = {name: i for i, name in enumerate(STEP_SECTIONS)}
 _FLOAT_INDEX = {name: i for i, name in enumerate(STEP_FLOAT_SECTIONS)}
@@ -95,17 +95,17 @@ class StepInput:
         self.extra_logit_indices: list[int] = []
 
     @classmethod
-    def from_native(cls, step: object) -> StepInput:
+    def from_native(cls, step: Step) -> StepInput:
         """Wraps an `srt._native.Step` (its arrays are shared, not copied)."""
         return cls(
-            decode=step.kind == "decode",  # type: ignore[attr-defined]
-            ints=step.ints,  # type: ignore[attr-defined]
-            offsets=step.offsets.tolist(),  # type: ignore[attr-defined]
-            floats=step.floats,  # type: ignore[attr-defined]
-            float_offsets=step.float_offsets.tolist(),  # type: ignore[attr-defined]
-            flags=step.flags,  # type: ignore[attr-defined]
-            all_flags=step.all_flags,  # type: ignore[attr-defined]
-            top_k_max=step.top_k_max,  # type: ignore[attr-defined]
+            decode=step.kind == "decode",
+            ints=step.ints,
+            offsets=step.offsets.tolist(),
+            floats=step.floats,
+            float_offsets=step.float_offsets.tolist(),
+            flags=step.flags,
+            all_flags=step.all_flags,
+            top_k_max=step.top_k_max,
         )
 
     @classmethod
@@ -118,24 +118,19 @@ class StepInput:
         seq_lens: Sequence[int],
         prefix_lens: Sequence[int] = (),
         extend_lens: Sequence[int] = (),
-        positions: Sequence[int] | None = None,
-        table: tuple[Sequence[int], Sequence[int], Sequence[int]] | None = None,
-        ids: Sequence[int] | None = None,
     ) -> StepInput:
-        """A step from Python lists (tests, benchmarks, micro-batches). Positions default to
-        each sequence's new positions; nothing samples."""
-        if positions is None:
-            if decode:
-                positions = [n - 1 for n in seq_lens]
-            else:
-                positions = [
-                    p
-                    for pre, n in zip(prefix_lens, extend_lens, strict=True)
-                    for p in range(pre, pre + n)
-                ]
-        t_rows, t_cols, t_slots = table if table is not None else ((), (), ())
+        """A step from Python lists (tests, benchmarks): each sequence's new positions, no
+        table writes (the caller writes the table), nothing sampled."""
+        if decode:
+            positions = [n - 1 for n in seq_lens]
+        else:
+            positions = [
+                p
+                for pre, n in zip(prefix_lens, extend_lens, strict=True)
+                for p in range(pre, pre + n)
+            ]
         parts = {
-            "ids": list(ids) if ids is not None else list(range(len(rows))),
+            "ids": list(range(len(rows))),
             "rows": rows,
             "seq_lens": seq_lens,
             "prefix_lens": prefix_lens,
@@ -144,9 +139,6 @@ class StepInput:
             "input_ids": input_ids,
             "positions": positions,
             "out_loc": out_cache_loc,
-            "table_rows": t_rows,
-            "table_cols": t_cols,
-            "table_slots": t_slots,
         }
         return cls.pack(decode, parts)
 

@@ -8,10 +8,11 @@ forward, samples, records the tokens, and starts the copy of the ids to the host
 Out: a `PendingStep` whose `result()` is the step's `StepOutput` (ids as a numpy array, and the
 logprobs that were asked for).
 
-Overlap (the default): steps run on one worker thread, so the scheduler plans step N + 1 and
-processes step N's output while N + 1 runs (torch releases the GIL inside its kernels on the
-CPU; on a GPU the thread launches kernels and records an event per step, and `result()` waits
-for that event). Every device-side effect of a step happens on this one thread in plan order,
+Overlap (on by default on GPU): steps run on one worker thread, so the scheduler plans step
+N + 1 and processes step N's output while N + 1 runs (on a GPU the thread launches kernels and
+records an event per step, and `result()` waits for that event; on the CPU torch releases the
+GIL inside its kernels, but the forward's Python between them holds it, which is why overlap
+is opt-in there). Every device-side effect of a step happens on this one thread in plan order,
 which is what lets the planner reuse a slot or a row as soon as it frees it: a later step never
 runs before an earlier one. Without overlap `submit` runs the step inline.
 """

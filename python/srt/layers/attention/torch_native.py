@@ -1,10 +1,13 @@
 """Torch-native attention over the paged KV pool (CPU, and a GPU fallback), via SDPA.
 
-- extend: per sequence, the queries of its new tokens attend causally to its prefix plus the new
-  keys, gathered from the pool through `req_to_token[row, :seq_len]`.
+- extend: the queries of each sequence's new tokens attend causally to its prefix plus the new
+  keys, read from the pool through `req_to_token[row, :seq_len]`. A batch of many short
+  sequences runs as one SDPA over queries and keys padded to the longest (`_PaddedExtend`,
+  when the padded mask stays small and padding wastes little); otherwise one SDPA per sequence.
 - decode: one batched SDPA over the sequences' keys padded to the longest; padded positions
   point at the padding page and are masked out.
-GQA is handled by SDPA's `enable_gqa` (no materialized repeat of K/V).
+GQA is handled by SDPA's `enable_gqa`, or by folding a KV head's query heads into its query
+rows (no materialized repeat of K/V).
 """
 
 from __future__ import annotations
@@ -18,6 +21,22 @@ import torch.nn.functional as F
 from srt.layers.attention.base import AttentionBackend
 from srt.layers.attention.layer import AttentionLayer
 from srt.model_executor.forward_batch import ForwardBatch
+
+# The padded extend path's mask holds at most this many elements (bytes) ...
+_PADDED_MASK_MAX = 1 << 24
+# ... and pads at most this factor more (query, key) pairs than the sequences have.
+_PADDED_WASTE_MAX = 4
+
+
+@dataclass
+class _PaddedExtend:
+    """One SDPA for a whole extend batch: sequences padded to the longest."""
+
+    query_index: torch.Tensor  # [B * Tmax] token of each padded query row (0 for padding)
+    out_index: torch.Tensor  # [T] padded row of each token
+    slots: torch.Tensor  # [B * Smax] KV slot of each padded key (0, the padding page, past an end)
+    mask: torch.Tensor  # [B, 1, Tmax, Smax] bool: causal within each sequence, no padding keys
+    shape: tuple[int, int, int]  # B, Tmax, Smax
 
 
 @dataclass
@@ -33,6 +52,7 @@ class TorchNativeAttnBackend(AttentionBackend):
     def __init__(self) -> None:
         super().__init__()
         self._extend: list[_ExtendSeq] = []
+        self._padded: _PaddedExtend | None = None
         self._decode_slots: torch.Tensor | None = None  # [B * max_len]
         self._decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_len]
 
@@ -57,6 +77,11 @@ class TorchNativeAttnBackend(AttentionBackend):
         if prefix_lens is None:
             assert forward_batch.extend_prefix_lens is not None
             prefix_lens = forward_batch.extend_prefix_lens.cpu().numpy()
+        self._padded = self._plan_padded(
+            forward_batch, np.asarray(seq_lens), np.asarray(prefix_lens)
+        )
+        if self._padded is not None:
+            return
         rows = forward_batch.req_pool_indices.tolist()
         seq_lens, prefix_lens = seq_lens.tolist(), np.asarray(prefix_lens).tolist()
         self._extend = []
@@ -72,6 +97,41 @@ class TorchNativeAttnBackend(AttentionBackend):
             self._extend.append(_ExtendSeq(start, num_new, prefix_len, slots, mask))
             start += num_new
 
+    def _plan_padded(
+        self, forward_batch: ForwardBatch, seq_lens: np.ndarray, prefix_lens: np.ndarray
+    ) -> _PaddedExtend | None:
+        """The padded plan of an extend batch of several sequences, or None when one SDPA per
+        sequence is cheaper (a mask too large, or lengths too uneven)."""
+        b = len(seq_lens)
+        ext = seq_lens - prefix_lens
+        t_max, s_max = int(ext.max()), int(seq_lens.max())
+        padded = b * t_max * s_max
+        if b < 2 or padded > _PADDED_MASK_MAX or padded > _PADDED_WASTE_MAX * int(ext @ seq_lens):
+            return None
+        assert self.req_to_token_pool is not None
+        table = self.req_to_token_pool.req_to_token
+        device = table.device
+        # Host-side indices (the lengths are on the host), one copy each to the device.
+        j = np.arange(t_max)
+        q_valid = j[None, :] < ext[:, None]
+        starts = np.concatenate(([0], np.cumsum(ext)[:-1]))
+        query_index = np.where(q_valid, starts[:, None] + j[None, :], 0).reshape(-1)
+        out_index = np.nonzero(q_valid.reshape(-1))[0]
+        q_pos = torch.from_numpy(prefix_lens[:, None] + j[None, :]).to(device)
+        lens = forward_batch.seq_lens.to(device)
+        key_pos = torch.arange(s_max, device=device)
+        key_valid = key_pos[None, :] < lens[:, None]
+        rows = forward_batch.req_pool_indices.to(device)
+        slots = table[:, :s_max].index_select(0, rows).long().masked_fill_(~key_valid, 0)
+        mask = (key_pos[None, None, :] <= q_pos[:, :, None]) & key_valid[:, None, :]
+        return _PaddedExtend(
+            query_index=torch.from_numpy(query_index).to(device),
+            out_index=torch.from_numpy(out_index).to(device),
+            slots=slots.view(-1),
+            mask=mask[:, None],
+            shape=(b, t_max, s_max),
+        )
+
     def forward_extend(
         self,
         q: torch.Tensor,
@@ -82,6 +142,8 @@ class TorchNativeAttnBackend(AttentionBackend):
     ) -> torch.Tensor:
         assert self.kv_pool is not None
         k_buf, v_buf = self.kv_pool.get_kv(layer.layer_id)
+        if self._padded is not None:
+            return self._forward_padded(q, k_buf, v_buf, layer, self._padded)
         out = torch.empty(
             (q.shape[0], layer.num_heads * layer.head_dim), dtype=q.dtype, device=q.device
         )
@@ -104,6 +166,26 @@ class TorchNativeAttnBackend(AttentionBackend):
             out[rows] = o.transpose(0, 1).reshape(seq.num_new, -1)
         return out
 
+    @staticmethod
+    def _forward_padded(
+        q: torch.Tensor,
+        k_buf: torch.Tensor,
+        v_buf: torch.Tensor,
+        layer: AttentionLayer,
+        plan: _PaddedExtend,
+    ) -> torch.Tensor:
+        b, t_max, s_max = plan.shape
+        qp = q.index_select(0, plan.query_index).view(b, t_max, *q.shape[1:]).transpose(1, 2)
+        kv_shape = (b, s_max, *k_buf.shape[1:])
+        keys = k_buf.index_select(0, plan.slots).view(kv_shape).transpose(1, 2).to(q.dtype)
+        values = v_buf.index_select(0, plan.slots).view(kv_shape).transpose(1, 2).to(q.dtype)
+        # NOTE: padding query rows see no key and come out NaN; they are dropped below.
+        o = F.scaled_dot_product_attention(
+            qp, keys, values, attn_mask=plan.mask, scale=layer.scaling, enable_gqa=True
+        )
+        o = o.transpose(1, 2).reshape(b * t_max, -1)
+        return o.index_select(0, plan.out_index)
+
     def forward_decode(
         self,
         q: torch.Tensor,
@@ -121,12 +203,14 @@ class TorchNativeAttnBackend(AttentionBackend):
         values = v_buf.index_select(0, self._decode_slots).view(shape)
         keys = keys.transpose(1, 2).to(q.dtype)  # [B, Hkv, L, D]
         values = values.transpose(1, 2).to(q.dtype)
+        b, h_kv = q.shape[0], keys.shape[1]
+        # NOTE: the query heads sharing a KV head are that head's query rows ([B, Hkv, G, D]):
+        # the same attention as GQA over [B, Hq, 1, D], at ~0.8x of its cost on the CPU.
         o = F.scaled_dot_product_attention(
-            q.unsqueeze(2),  # [B, Hq, 1, D]
+            q.view(b, h_kv, -1, q.shape[-1]),
             keys,
             values,
             attn_mask=self._decode_mask,
             scale=layer.scaling,
-            enable_gqa=True,
         )
-        return o.reshape(q.shape[0], -1)
+        return o.reshape(b, -1)
