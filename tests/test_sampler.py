@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import msgspec
 import numpy as np
 import pytest
 import torch
@@ -20,6 +21,9 @@ from srt._native import (
     BatchScheduler,
 )
 from srt.layers.sampler import SamplingState, _inverse_cdf, seeded_uniforms, splitmix64
+from srt.managers.admission import Admission, Admitted
+from srt.managers.host_requests import HostRequests
+from srt.managers.io_struct import GenerateReq
 from srt.model_executor.forward_batch import ForwardBatch, StepInput
 from srt.sampling_params import SamplingParams as SP
 
@@ -54,24 +58,18 @@ def build(
     prompts: list[list[int]] | None = None,
     outputs: list[list[int]] | None = None,
 ) -> Batch:
-    """Admits one row per request through a real scheduler step, then replays its outputs."""
+    """Admits one row per request the way the scheduler does (Admission's arguments for the
+    Rust record, one planned step), then replays its outputs."""
     n = len(params)
     core = BatchScheduler(pool_size=8192, max_running_requests=n)
+    host = HostRequests("", vocab, set())
+    admission = Admission(4096, vocab, 8192, set(), host, seed=0)
     for i, p in enumerate(params):
-        core.add_request(
-            i + 1,
-            (prompts[i] if prompts else None) or [1],
-            4,
-            temperature=p.temperature,
-            top_p=p.top_p,
-            top_k=p.top_k,
-            min_p=p.min_p,
-            repetition_penalty=p.repetition_penalty,
-            frequency_penalty=p.frequency_penalty,
-            presence_penalty=p.presence_penalty,
-            seed=seeds[i] if seeds is not None else i,
-            logit_bias=list((p.logit_bias or {}).items()),
-        )
+        p = msgspec.structs.replace(p, max_new_tokens=4, seed=seeds[i] if seeds else i)
+        prompt = (prompts[i] if prompts else None) or [1]
+        decision = admission.admit(GenerateReq(id=i + 1, input_ids=prompt, sampling_params=p))
+        assert isinstance(decision, Admitted)
+        core.add_request(**decision.core_args)
     native = core.schedule()
     step = StepInput.from_native(native)
     state = SamplingState(n + 1, vocab, "cpu")

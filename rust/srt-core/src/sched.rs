@@ -334,21 +334,8 @@ impl BatchScheduler {
     /// tokens stay; the tokens of its samples in flight are dropped at their commits. A waiting
     /// request is left as it is.
     pub fn requeue(&mut self, id: u64) -> Result<(), SchedError> {
-        let state = self
-            .reqs
-            .get(&id)
-            .ok_or(SchedError::UnknownRequest(id))?
-            .state;
-        match state {
-            State::Waiting => return Ok(()),
-            State::MidChunk => {
-                self.release_kv(id)?;
-                self.chunked = None;
-            }
-            State::Running => {
-                self.release_kv(id)?;
-                self.running.retain(|&r| r != id);
-            }
+        if self.unadmit(id)? == State::Waiting {
+            return Ok(());
         }
         let r = self
             .reqs
@@ -356,10 +343,7 @@ impl BatchScheduler {
             .ok_or(SchedError::UnknownRequest(id))?;
         r.discard += r.pending;
         r.pending = 0;
-        r.state = State::Waiting;
-        let at = self.waiting.partition_point(|&(seq, _)| seq < r.seq);
-        self.waiting.insert(at, (r.seq, id));
-        Ok(())
+        self.enqueue_waiting(id)
     }
 
     /// Requests (in any state) that arrived more than `limit` seconds before `now`.
@@ -459,21 +443,8 @@ impl BatchScheduler {
 
     /// Removes a request from wherever it is and releases what it holds.
     fn end(&mut self, id: u64, kind: FinishKind) -> Result<Finished, SchedError> {
-        let state = self
-            .reqs
-            .get(&id)
-            .ok_or(SchedError::UnknownRequest(id))?
-            .state;
-        match state {
-            State::Waiting => self.waiting.retain(|&(_, w)| w != id),
-            State::MidChunk => {
-                self.release_kv(id)?;
-                self.chunked = None;
-            }
-            State::Running => {
-                self.release_kv(id)?;
-                self.running.retain(|&r| r != id);
-            }
+        if self.unadmit(id)? == State::Waiting {
+            self.waiting.retain(|&(_, w)| w != id);
         }
         let r = self
             .reqs
@@ -493,6 +464,35 @@ impl BatchScheduler {
             output_len,
             cached_len: r.cached_len,
         })
+    }
+
+    /// Takes an admitted request off the running list (or the mid-chunk slot) and releases
+    /// its KV and row; returns the state it was in (a waiting request is left as it is).
+    fn unadmit(&mut self, id: u64) -> Result<State, SchedError> {
+        let state = self
+            .reqs
+            .get(&id)
+            .ok_or(SchedError::UnknownRequest(id))?
+            .state;
+        match state {
+            State::Waiting => return Ok(state),
+            State::MidChunk => self.chunked = None,
+            State::Running => self.running.retain(|&r| r != id),
+        }
+        self.release_kv(id)?;
+        Ok(state)
+    }
+
+    /// Puts a request that holds no KV back in the waiting queue, at its arrival position.
+    fn enqueue_waiting(&mut self, id: u64) -> Result<(), SchedError> {
+        let r = self
+            .reqs
+            .get_mut(&id)
+            .ok_or(SchedError::UnknownRequest(id))?;
+        r.state = State::Waiting;
+        let at = self.waiting.partition_point(|&(seq, _)| seq < r.seq);
+        self.waiting.insert(at, (r.seq, id));
+        Ok(())
     }
 
     // ---- memory -------------------------------------------------------------------------

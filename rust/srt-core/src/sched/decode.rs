@@ -2,7 +2,7 @@
 //! requests back to the waiting queue when the KV pool cannot hold that growth.
 
 use super::step::{Section, Step, StepBuilder, StepKind};
-use super::{BatchScheduler, SchedError, State};
+use super::{BatchScheduler, SchedError};
 use std::cmp::Reverse;
 
 /// Retraction resets the ratio as if every remaining request will need this many more steps
@@ -90,16 +90,8 @@ impl BatchScheduler {
     /// Moves a running request back to the waiting queue; its KV goes into the tree and its
     /// row is freed. A sample of it still in flight is committed while it waits.
     fn retract(&mut self, id: u64) -> Result<(), SchedError> {
-        self.release_kv(id)?;
-        self.running.retain(|&r| r != id);
+        self.unadmit(id)?;
         self.retracted_total += 1;
-        let r = self
-            .reqs
-            .get_mut(&id)
-            .ok_or(SchedError::UnknownRequest(id))?;
-        r.state = State::Waiting;
-        let at = self.waiting.partition_point(|&(seq, _)| seq < r.seq);
-        self.waiting.insert(at, (r.seq, id));
-        Ok(())
+        self.enqueue_waiting(id)
     }
 }
