@@ -96,9 +96,6 @@ class HostRequests:
         """Masks the logits of constrained rows (the step worker calls it)."""
         self._grammar.apply_bitmask(logits, bitmask)
 
-    def __contains__(self, rid: int) -> bool:
-        return rid in self.reqs
-
     def add(self, rid: int, req: HostRequest) -> None:
         self.reqs[rid] = req
 
