@@ -99,3 +99,94 @@ def test_capture_batch_sizes() -> None:
     sizes = capture_batch_sizes(256)
     assert sizes[:5] == [1, 2, 4, 8, 16] and sizes[-1] == 256 and len(sizes) == 35
     assert all(b - a == 8 for a, b in zip(sizes[4:], sizes[5:], strict=False))
+
+
+def _decode_case(dtype: torch.dtype, hq: int, hkv: int, d: int, seed: int) -> tuple:
+    """A torch-native backend bound to pools holding random K/V, and a decode batch over rows
+    in scattered order whose slots interleave (as decode tokens of many requests do)."""
+    from srt.mem_cache.memory_pool import KVPool, ReqToTokenPool
+    from srt.model_executor.forward_batch import ForwardBatch
+
+    g = torch.Generator().manual_seed(seed)
+    pool = KVPool(512, 1, 1, hkv, d, dtype, "cpu")
+    table = ReqToTokenPool(8, 64, "cpu")
+    for buf in (*pool.k_buffers, *pool.v_buffers):
+        buf[1:] = torch.randn(buf[1:].shape, generator=g).to(dtype)
+    rows, lens = [5, 0, 3, 6], [1, 17, 40, 63]
+    free = (torch.randperm(500, generator=g) + 1).tolist()
+    for row, n in zip(rows, lens, strict=True):
+        table.req_to_token[row, : n - 1] = torch.tensor([free.pop() for _ in range(n - 1)])
+    new_slots = [free.pop() for _ in rows]
+    for row, n, slot in zip(rows, lens, new_slots, strict=True):
+        table.req_to_token[row, n - 1] = slot
+    backend = TorchNativeAttnBackend()
+    backend.bind_pools(table, pool)
+    batch = ForwardBatch.decode([1] * len(rows), new_slots, rows, lens, "cpu")
+    q = torch.randn(len(rows), hq, d, generator=g).to(dtype)
+    kv = torch.randn(2, len(rows), hkv, d, generator=g).to(dtype)
+    return backend, batch, q, kv[0], kv[1]
+
+
+def _reference_decode(backend: TorchNativeAttnBackend, batch, q, scaling: float) -> torch.Tensor:
+    """Each sequence on its own: its keys by table lookup, softmax in float64."""
+    assert backend.kv_pool is not None and backend.req_to_token_pool is not None
+    k_buf, v_buf = backend.kv_pool.get_kv(0)
+    outs = []
+    for b, (row, n) in enumerate(zip(batch.req_pool_indices.tolist(), batch.seq_lens.tolist())):
+        slots = backend.req_to_token_pool.req_to_token[row, :n].long()
+        keys, values = k_buf[slots].double(), v_buf[slots].double()  # [n, Hkv, D]
+        group = q.shape[1] // keys.shape[1]
+        keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+        scores = torch.einsum("hd,nhd->hn", q[b].double(), keys) * scaling
+        outs.append(torch.einsum("hn,nhd->hd", scores.softmax(-1), values).reshape(-1))
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("hq", "hkv", "d"), [(4, 4, 16), (6, 2, 32), (8, 1, 64), (4, 2, 12)])
+def test_torch_native_decode_kernels_match_reference(
+    dtype: torch.dtype, hq: int, hkv: int, d: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The native kernel (CPU, fp32 / bf16 pools) and the gathered-SDPA path both against a
+    # per-sequence float64 reference, with the new tokens' K/V stored by the step itself.
+    from srt.layers.attention.layer import AttentionLayer
+
+    backend, batch, q, k, v = _decode_case(dtype, hq, hkv, d, seed=hq * d)
+    layer = AttentionLayer(backend, 0, hq, hkv, d, scaling=d**-0.5)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    outs = {}
+    for native in (True, False):
+        monkeypatch.setattr(TorchNativeAttnBackend, "_native_decode", lambda self, n=native: n)
+        backend.init_forward_metadata(batch)
+        assert (backend._native is not None) == native
+        outs[native] = backend.forward(q, k, v, layer, batch)
+        assert outs[native].dtype == dtype and outs[native].shape == (4, hq * d)
+    want = _reference_decode(backend, batch, q, layer.scaling)
+    for native, out in outs.items():
+        err = (out.double() - want).abs().max().item()
+        assert err < tol, f"native={native}: off by {err}"
+
+
+def test_native_decode_kernel_rejects_what_does_not_fit() -> None:
+    import numpy as np
+
+    from srt._native import paged_decode_attention
+
+    q = np.zeros((2, 4, 8), np.float32)
+    kv = np.zeros((10, 2, 8), np.float32)
+    table = np.zeros((3, 6), np.int32)
+    rows, lens = np.array([0, 2], np.int64), np.array([3, 6], np.int64)
+    out = np.empty_like(q)
+    paged_decode_attention(q, kv, kv, table, rows, lens, 0.5, out, 1)
+    assert np.all(out == 0)  # zero values: zero output
+    table[2, 5] = 10  # one past the pool
+    with pytest.raises(ValueError, match="KV slot 10"):
+        paged_decode_attention(q, kv, kv, table, rows, lens, 0.5, out, 2)
+    with pytest.raises(ValueError, match="row 3"):
+        paged_decode_attention(q, kv, kv, table, np.array([0, 3]), lens, 0.5, out, 1)
+    with pytest.raises(ValueError, match="length 7"):
+        paged_decode_attention(q, kv, kv, table, rows, np.array([3, 7]), 0.5, out, 1)
+    with pytest.raises(ValueError, match="do not fit"):
+        paged_decode_attention(q, kv[:, :, :4].copy(), kv, table, rows, lens, 0.5, out, 1)
+    with pytest.raises(ValueError, match="float32 or int16"):
+        paged_decode_attention(q.astype(np.float64), kv, kv, table, rows, lens, 0.5, out, 1)

@@ -293,3 +293,23 @@ class Detokenizer:
     def __contains__(self, rid: int) -> bool: ...
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """Plain full decode."""
+
+# --- kernels (srt-kernels) ---
+
+def paged_decode_attention(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    table: npt.NDArray[np.int32],
+    rows: npt.NDArray[np.int64],
+    lens: npt.NDArray[np.int64],
+    scale: float,
+    out: np.ndarray,
+    threads: int,
+) -> None:
+    """Decode attention over one layer of the paged KV pool, written into `out` ([B, Hq, D],
+    q's layout): sequence b attends to the keys and values ([slots, Hkv, D]) at slots
+    `table[rows[b], :lens[b]]`, scores scaled by `scale`, f32 arithmetic. q, k, v and out are
+    all float32 or all int16 (bfloat16 bits: `tensor.view(torch.int16).numpy()`), C-contiguous.
+    `threads` > 1 runs sequences in parallel (a pool kept for the process); the GIL is
+    released. Raises ValueError when shapes, rows, lengths or slots do not fit."""

@@ -5,6 +5,7 @@ use pyo3::prelude::*;
 mod alloc;
 mod detok;
 mod errors;
+mod kernels;
 mod radix;
 mod router;
 mod sched;
@@ -17,5 +18,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     sched::register(m)?;
     detok::register(m)?;
     router::register(m)?;
+    kernels::register(m)?;
     Ok(())
 }

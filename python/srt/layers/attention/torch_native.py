@@ -4,7 +4,10 @@
   keys, read from the pool through `req_to_token[row, :seq_len]`. A batch of many short
   sequences runs as one SDPA over queries and keys padded to the longest (`_PaddedExtend`,
   when the padded mask stays small and padding wastes little); otherwise one SDPA per sequence.
-- decode: one batched SDPA over the sequences' keys padded to the longest; padded positions
+- decode: on the CPU with an fp32 or bf16 pool, srt-kernels' paged decode attention
+  (`_native.paged_decode_attention`), which reads each sequence's keys and values in place
+  through its table row, in parallel over sequences on torch's thread count. Elsewhere, one
+  batched SDPA over the sequences' keys gathered and padded to the longest; padded positions
   point at the padding page and are masked out.
 GQA is handled by SDPA's `enable_gqa`, or by folding a KV head's query heads into its query
 rows (no materialized repeat of K/V).
@@ -18,10 +21,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from srt._native import paged_decode_attention
 from srt.layers.attention.base import AttentionBackend
 from srt.layers.attention.layer import AttentionLayer
 from srt.model_executor.forward_batch import ForwardBatch
 
+# Pool dtypes the native decode kernel reads, and the dtype numpy sees them as.
+_NATIVE_DECODE_VIEW = {torch.float32: torch.float32, torch.bfloat16: torch.int16}
 # The padded extend path's mask holds at most this many elements (bytes) ...
 _PADDED_MASK_MAX = 1 << 24
 # ... and pads at most this factor more (query, key) pairs than the sequences have.
@@ -40,6 +46,15 @@ class _PaddedExtend:
 
 
 @dataclass
+class _NativeDecode:
+    """A decode step's arguments of the native kernel (host arrays, shared with the step)."""
+
+    table: np.ndarray  # [rows, max_context] int32: the whole request-to-token table
+    rows: np.ndarray  # [B] int64
+    lens: np.ndarray  # [B] int64
+
+
+@dataclass
 class _ExtendSeq:
     start: int  # first row of this sequence in the step's tokens
     num_new: int
@@ -55,13 +70,24 @@ class TorchNativeAttnBackend(AttentionBackend):
         self._padded: _PaddedExtend | None = None
         self._decode_slots: torch.Tensor | None = None  # [B * max_len]
         self._decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_len]
+        self._native: _NativeDecode | None = None
+
+    def _native_decode(self) -> bool:
+        """Whether decode steps run the native kernel: a CPU pool of a dtype it reads."""
+        assert self.kv_pool is not None
+        return self.kv_pool.device.type == "cpu" and self.kv_pool.dtype in _NATIVE_DECODE_VIEW
 
     def init_forward_metadata(self, forward_batch: ForwardBatch) -> None:
         assert self.req_to_token_pool is not None, "bind_pools() must be called first"
         table = self.req_to_token_pool.req_to_token
+        self._native = None
         seq_lens = forward_batch.seq_lens_cpu
         if seq_lens is None:
             seq_lens = forward_batch.seq_lens.cpu().numpy()
+        if forward_batch.is_decode and self._native_decode():
+            rows = forward_batch.req_pool_indices.numpy()
+            self._native = _NativeDecode(table.numpy(), rows, np.asarray(seq_lens, np.int64))
+            return
         if forward_batch.is_decode:
             max_len = int(seq_lens.max())
             device = table.device
@@ -194,9 +220,11 @@ class TorchNativeAttnBackend(AttentionBackend):
         layer: AttentionLayer,
         forward_batch: ForwardBatch,
     ) -> torch.Tensor:
-        assert self.kv_pool is not None and self._decode_slots is not None
-        assert self._decode_mask is not None
+        assert self.kv_pool is not None
         k_buf, v_buf = self.kv_pool.get_kv(layer.layer_id)
+        if self._native is not None:
+            return self._forward_native(q, k_buf, v_buf, layer, self._native)
+        assert self._decode_slots is not None and self._decode_mask is not None
         shape = (q.shape[0], self._decode_mask.shape[-1], *k_buf.shape[1:])
         # NOTE: index_select, not advanced indexing: ~3x faster for whole-row gathers on CPU.
         keys = k_buf.index_select(0, self._decode_slots).view(shape)
@@ -214,3 +242,28 @@ class TorchNativeAttnBackend(AttentionBackend):
             scale=layer.scaling,
         )
         return o.reshape(b, -1)
+
+    @staticmethod
+    def _forward_native(
+        q: torch.Tensor,
+        k_buf: torch.Tensor,
+        v_buf: torch.Tensor,
+        layer: AttentionLayer,
+        plan: _NativeDecode,
+    ) -> torch.Tensor:
+        view = _NATIVE_DECODE_VIEW[k_buf.dtype]
+        dtype = q.dtype
+        q = q.to(k_buf.dtype).contiguous()
+        out = torch.empty_like(q)
+        paged_decode_attention(
+            q.view(view).numpy(),
+            k_buf.view(view).numpy(),
+            v_buf.view(view).numpy(),
+            plan.table,
+            plan.rows,
+            plan.lens,
+            layer.scaling,
+            out.view(view).numpy(),
+            torch.get_num_threads(),
+        )
+        return out.view(q.shape[0], -1).to(dtype)

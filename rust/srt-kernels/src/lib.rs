@@ -1,0 +1,17 @@
+//! srt-kernels: the CPU compute kernels of the srt serving runtime, in pure Rust (no Python).
+//!
+//! - [`attention`]: decode attention that reads K and V straight from the paged KV pool
+//!   through the request-to-token table (no gathered copy of the keys), GQA, f32 or bf16.
+//! - [`elem`]: the element types the kernels read and write (f32, bf16 bits).
+//!
+//! The torch ops they replace are correct but pay, per call, a gather of every key and value
+//! of the batch and a per-(sequence, head) kernel launch; on the CPU, where srt's default
+//! model runs, that is most of a decode step's attention time.
+
+pub mod attention;
+pub mod elem;
+
+/// A kernel's inputs do not describe a valid call (shapes, indices out of range).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct KernelError(pub String);

@@ -1,0 +1,96 @@
+//! Bindings of srt-kernels: functions over numpy arrays (CPU torch tensors via `.numpy()`, read
+//! and written in place, no copy), run without the GIL. bf16 tensors cross as their int16
+//! bits (`tensor.view(torch.int16).numpy()`), since numpy has no bfloat16.
+
+use numpy::{
+    Element, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray3,
+    PyReadwriteArray3, PyUntypedArrayMethods,
+};
+use pyo3::prelude::*;
+use srt_kernels::attention::{paged_decode, PagedDecode};
+use srt_kernels::elem::{Bf16, Elem};
+
+use crate::errors::value_error;
+
+/// The array's elements as `E` (same size and layout as `T`: `f32` as itself, `i16` as bf16).
+fn as_elems<'a, T: Element, E: Elem>(a: &'a PyReadonlyArray3<'_, T>) -> PyResult<&'a [E]> {
+    let s = a.as_slice().map_err(|_| value_error("arrays must be C-contiguous"))?;
+    debug_assert_eq!(std::mem::size_of::<T>(), std::mem::size_of::<E>());
+    // SAFETY: E has T's size and alignment and every bit pattern is valid for both.
+    Ok(unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<E>(), s.len()) })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run<T: Element, E: Elem>(
+    py: Python<'_>,
+    q: &Bound<'_, PyAny>,
+    k: &Bound<'_, PyAny>,
+    v: &Bound<'_, PyAny>,
+    table: &PyReadonlyArray2<'_, i32>,
+    rows: &PyReadonlyArray1<'_, i64>,
+    lens: &PyReadonlyArray1<'_, i64>,
+    scale: f32,
+    out: &Bound<'_, PyAny>,
+    threads: usize,
+) -> PyResult<()> {
+    let (q, k, v): (PyReadonlyArray3<'_, T>, PyReadonlyArray3<'_, T>, PyReadonlyArray3<'_, T>) =
+        (q.extract()?, k.extract()?, v.extract()?);
+    let mut out: PyReadwriteArray3<'_, T> = out.extract()?;
+    let (qs, ks) = (q.shape(), k.shape());
+    if out.shape() != qs || v.shape() != ks || qs[2] != ks[2] {
+        return Err(value_error(format!(
+            "paged_decode_attention: q {qs:?}, k {ks:?}, v {:?}, out {:?} do not fit",
+            v.shape(),
+            out.shape()
+        )));
+    }
+    let p = PagedDecode {
+        q: as_elems::<T, E>(&q)?,
+        k: as_elems::<T, E>(&k)?,
+        v: as_elems::<T, E>(&v)?,
+        table: table.as_slice().map_err(|_| value_error("table must be C-contiguous"))?,
+        table_cols: table.shape()[1],
+        rows: rows.as_slice()?,
+        lens: lens.as_slice()?,
+        num_heads: qs[1],
+        num_kv_heads: ks[1],
+        head_dim: qs[2],
+        scale,
+    };
+    let o = out.as_slice_mut().map_err(|_| value_error("out must be C-contiguous"))?;
+    // SAFETY: as in `as_elems`.
+    let o = unsafe { std::slice::from_raw_parts_mut(o.as_mut_ptr().cast::<E>(), o.len()) };
+    py.detach(|| paged_decode(&p, o, threads)).map_err(value_error)
+}
+
+/// Decode attention over one layer of the paged KV pool: `out[b]` = attention of `q[b]`
+/// (`[B, Hq, D]`) over the keys and values (`[slots, Hkv, D]`) at slots
+/// `table[rows[b], :lens[b]]`, scaled by `scale`. q, k, v and out are all float32 or all
+/// int16 (bf16 bits); table int32 `[R, C]`; rows and lens int64 `[B]`. `threads` > 1 runs
+/// sequences in parallel. Raises ValueError on shapes or indices that do not fit.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn paged_decode_attention(
+    py: Python<'_>,
+    q: &Bound<'_, PyAny>,
+    k: &Bound<'_, PyAny>,
+    v: &Bound<'_, PyAny>,
+    table: PyReadonlyArray2<'_, i32>,
+    rows: PyReadonlyArray1<'_, i64>,
+    lens: PyReadonlyArray1<'_, i64>,
+    scale: f32,
+    out: &Bound<'_, PyAny>,
+    threads: usize,
+) -> PyResult<()> {
+    if q.extract::<PyReadonlyArray3<'_, f32>>().is_ok() {
+        run::<f32, f32>(py, q, k, v, &table, &rows, &lens, scale, out, threads)
+    } else if q.extract::<PyReadonlyArray3<'_, i16>>().is_ok() {
+        run::<i16, Bf16>(py, q, k, v, &table, &rows, &lens, scale, out, threads)
+    } else {
+        Err(value_error("paged_decode_attention: q must be a 3-D float32 or int16 (bf16) array"))
+    }
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(paged_decode_attention, m)?)
+}
