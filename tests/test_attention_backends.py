@@ -132,7 +132,8 @@ def _reference_decode(backend: TorchNativeAttnBackend, batch, q, scaling: float)
     assert backend.kv_pool is not None and backend.req_to_token_pool is not None
     k_buf, v_buf = backend.kv_pool.get_kv(0)
     outs = []
-    for b, (row, n) in enumerate(zip(batch.req_pool_indices.tolist(), batch.seq_lens.tolist())):
+    rows, lens = batch.req_pool_indices.tolist(), batch.seq_lens.tolist()
+    for b, (row, n) in enumerate(zip(rows, lens, strict=True)):
         slots = backend.req_to_token_pool.req_to_token[row, :n].long()
         keys, values = k_buf[slots].double(), v_buf[slots].double()  # [n, Hkv, D]
         group = q.shape[1] // keys.shape[1]

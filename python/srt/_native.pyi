@@ -313,3 +313,30 @@ def paged_decode_attention(
     all float32 or all int16 (bfloat16 bits: `tensor.view(torch.int16).numpy()`), C-contiguous.
     `threads` > 1 runs sequences in parallel (a pool kept for the process); the GIL is
     released. Raises ValueError when shapes, rows, lengths or slots do not fit."""
+
+def rope_neox_inplace(
+    x: np.ndarray,
+    positions: npt.NDArray[np.int64],
+    cos: npt.NDArray[np.float32],
+    sin: npt.NDArray[np.float32],
+) -> None:
+    """Rotary embedding (neox `rotate_half` form) in place over `x` ([T, H, D] float32, or
+    int16 holding bf16; any strides, each head's D values contiguous): token t by the rows
+    `positions[t]` of the float32 tables ([max_position, D]). Bit for bit
+    `x * cos + rotate_half(x) * sin` with the tables cast to x's dtype. Raises ValueError on
+    a position outside the tables or shapes that do not fit."""
+
+def sample_draw(
+    probs: npt.NDArray[np.float32],
+    sorted: npt.NDArray[np.float32] | None,
+    candidates: int,
+    top_k: npt.NDArray[np.int64],
+    top_p: npt.NDArray[np.float32],
+    min_p: npt.NDArray[np.float32] | None,
+    seeds: npt.NDArray[np.int64],
+    steps: npt.NDArray[np.int64],
+) -> npt.NDArray[np.int64]:
+    """The sampled token of each row of `probs` ([S, V] softmax probabilities): top-k / top-p
+    over `sorted` (each row ascending; None when no row filters so; no row keeps more than
+    `candidates`), min-p (None: no row), one inverse-CDF draw in id order from the uniform of
+    (seed, step). Bit for bit the torch path of `srt.layers.sampler` on the CPU."""

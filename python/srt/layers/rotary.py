@@ -5,7 +5,8 @@ by the step's positions, so a step costs one gather. Supports the plain ("defaul
 "linear" scaling and Llama-3.1 style "llama3" scaling. `rope_settings(hf_config)` reads the rope
 settings of both config styles: transformers 5 `rope_parameters` (rope_theta inside) and older
 `rope_theta` + `rope_scaling`. On CUDA (with a bf16/fp16 default dtype at construction) the
-rotation is FlashInfer's one in-place kernel over q and k, reading the same fp32 table.
+rotation is FlashInfer's one in-place kernel over q and k, reading the same fp32 table; on the
+CPU (fp32 / bf16) it is srt-kernels' in-place kernel, bit for bit the torch expression.
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from srt._native import rope_neox_inplace
 from srt.layers import flashinfer_ops
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# CPU dtypes the native kernel rotates, and the dtype numpy sees them as.
+_NATIVE_VIEW = {torch.float32: torch.float32, torch.bfloat16: torch.int16}
 
 
 def rope_settings(hf_config: Any) -> tuple[float, dict[str, Any]]:
@@ -79,6 +83,7 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin_cache", emb.sin(), persistent=False)
         self.max_position = max_position
         self.head_dim = head_dim
+
         self._fused = flashinfer_ops.kernels(self.cos_cache.device, torch.get_default_dtype())
         if self._fused is not None:
             half = head_dim // 2  # FlashInfer's table: [cos | sin] of the distinct frequencies
@@ -88,13 +93,27 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [T, Hq, D], k [T, Hk, D] rotated by positions [T]. NOTE: the fused path rotates
-        q and k in place (each head's D values must be contiguous) and returns them."""
+        """q [T, Hq, D], k [T, Hk, D] rotated by positions [T]. NOTE: the fused paths (CUDA,
+        CPU) rotate q and k in place (each head's D values must be contiguous) and return
+        them."""
         if self._fused is not None and q.stride(-1) == 1 and k.stride(-1) == 1:
             n = q.shape[0]
             self._fused.apply_rope_with_cos_sin_cache_inplace(
                 positions, q.view(n, -1), k.view(n, -1), self.head_dim, self.cos_sin_cache
             )
+            return q, k
+        view = _NATIVE_VIEW.get(q.dtype)
+        if (
+            view is not None
+            and q.device.type == "cpu"
+            and k.dtype == q.dtype
+            and self.cos_cache.dtype == torch.float32
+            and q.stride(-1) == 1
+            and k.stride(-1) == 1
+        ):
+            pos, cos, sin = positions.numpy(), self.cos_cache.numpy(), self.sin_cache.numpy()
+            for x in (q, k):
+                rope_neox_inplace(x.view(view).numpy(), pos, cos, sin)
             return q, k
         cos = self.cos_cache[positions].unsqueeze(1).to(q.dtype)
         sin = self.sin_cache[positions].unsqueeze(1).to(q.dtype)

@@ -37,6 +37,7 @@ from srt._native import (
     FLAG_REPETITION_PENALTY,
     FLAG_SAMPLED,
     FLAG_TOP_K_P,
+    sample_draw,
 )
 from srt.model_executor.forward_batch import to_device
 
@@ -173,27 +174,63 @@ class SamplingState:
             raise ValueError(
                 f"logits of shape {tuple(logits.shape)} do not match the vocabulary size {V}"
             )
-        logits = self.process_logits(logits.float(), rows, flags, mask_sample, mask_tokens)
+        logits, owned = self._process(logits.float(), rows, flags, mask_sample, mask_tokens)
         greedy_ids = None
         if flags & FLAG_GREEDY or not flags & FLAG_SAMPLED:
-            # NOTE: max's indices are the first maximum, as argmax's, at a third of its cost
-            # on the CPU.
-            greedy_ids = logits.max(dim=-1).indices
+            greedy_ids = _first_argmax(logits)
             if not flags & FLAG_SAMPLED:
                 return greedy_ids
         f = self.floats.index_select(0, rows)
-        probs = torch.softmax(logits / f[:, TEMPERATURE : TEMPERATURE + 1], dim=-1)
-        if flags & FLAG_TOP_K_P:
-            candidates = V if top_k_max is None else min(top_k_max, V)
-            probs = _top_k_top_p(probs, self.top_k.index_select(0, rows), f[:, TOP_P], candidates)
-        if flags & FLAG_MIN_P:
-            top = probs.amax(dim=-1, keepdim=True)
-            probs = _drop_below(probs, f[:, MIN_P : MIN_P + 1] * top)
-        uniforms = seeded_uniforms(self.seeds.index_select(0, rows), steps)
-        sampled = _inverse_cdf(probs, uniforms)
+        temperature = f[:, TEMPERATURE : TEMPERATURE + 1]
+        # NOTE: in place when the logits are already this call's own copy.
+        scaled = logits.div_(temperature) if owned else logits / temperature
+        probs = torch.softmax(scaled, dim=-1)
+        if probs.device.type == "cpu":
+            sampled = self._draw_cpu(probs, rows, steps, flags, top_k_max, f)
+        else:
+            if flags & FLAG_TOP_K_P:
+                candidates = V if top_k_max is None else min(top_k_max, V)
+                top_k = self.top_k.index_select(0, rows)
+                probs = _top_k_top_p(probs, top_k, f[:, TOP_P], candidates)
+            if flags & FLAG_MIN_P:
+                top = probs.amax(dim=-1, keepdim=True)
+                probs = _drop_below(probs, f[:, MIN_P : MIN_P + 1] * top)
+            uniforms = seeded_uniforms(self.seeds.index_select(0, rows), steps)
+            sampled = _inverse_cdf(probs, uniforms)
         if greedy_ids is None:
             return sampled
         return torch.where(self.greedy.index_select(0, rows), greedy_ids, sampled)
+
+    def _draw_cpu(
+        self,
+        probs: torch.Tensor,
+        rows: torch.Tensor,
+        steps: torch.Tensor,
+        flags: int,
+        top_k_max: int | None,
+        f: torch.Tensor,
+    ) -> torch.Tensor:
+        """The draw of `_top_k_top_p`, `_drop_below` and `_inverse_cdf`, bit for bit, in one
+        native pass per row (srt-kernels `sampling`); only the sort stays here (numpy's SIMD
+        sort)."""
+        V = self.vocab_size
+        p = probs.numpy()
+        ascending, candidates = None, V
+        if flags & FLAG_TOP_K_P:
+            ascending = np.sort(p, axis=-1)
+            candidates = V if top_k_max is None else min(top_k_max, V)
+        min_p = f[:, MIN_P].contiguous().numpy() if flags & FLAG_MIN_P else None
+        ids = sample_draw(
+            p,
+            ascending,
+            candidates,
+            self.top_k.index_select(0, rows).numpy(),
+            f[:, TOP_P].contiguous().numpy(),
+            min_p,
+            self.seeds.index_select(0, rows).numpy(),
+            np.ascontiguousarray(steps.numpy()),
+        )
+        return torch.from_numpy(ids)
 
     def process_logits(
         self,
@@ -205,30 +242,57 @@ class SamplingState:
     ) -> torch.Tensor:
         """Applies logit_bias, penalties and min_new_tokens masks; returns a new tensor when
         any applies (the caller's logits stay intact), else the input itself."""
+        return self._process(logits, rows, flags, mask_sample, mask_tokens)[0]
+
+    def _process(
+        self,
+        logits: torch.Tensor,
+        rows: torch.Tensor,
+        flags: int,
+        mask_sample: torch.Tensor | None,
+        mask_tokens: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, bool]:
+        """`process_logits`, and whether the result is a new tensor (the caller's to modify)."""
         masked = mask_sample is not None and mask_sample.numel() > 0
         penalized = flags & (FLAG_LOGIT_BIAS | FLAG_REPETITION_PENALTY | FLAG_OUTPUT_PENALTY)
         if not penalized and not masked:
-            return logits
-        logits = logits.clone()
+            return logits, False
+        out: torch.Tensor | None = None  # a new tensor from the first change on
         if flags & FLAG_LOGIT_BIAS and self.bias is not None:
-            logits += self.bias.index_select(0, rows)
+            out = logits + self.bias.index_select(0, rows)
         if flags & (FLAG_REPETITION_PENALTY | FLAG_OUTPUT_PENALTY):
             f = self.floats.index_select(0, rows)
             if flags & FLAG_REPETITION_PENALTY and self.seen is not None:
                 seen = self.seen.index_select(0, rows)
                 rp = f[:, REPETITION : REPETITION + 1]
-                logits = torch.where(
-                    seen, torch.where(logits > 0, logits / rp, logits * rp), logits
-                )
+                x = logits if out is None else out
+                out = torch.where(seen, torch.where(x > 0, x / rp, x * rp), x)
             if flags & FLAG_OUTPUT_PENALTY and self.counts is not None:
                 counts = self.counts.index_select(0, rows)
-                logits.addcmul_(counts, f[:, FREQUENCY : FREQUENCY + 1], value=-1.0)
+                weight = f[:, FREQUENCY : FREQUENCY + 1]
+                if out is None:
+                    out = torch.addcmul(logits, counts, weight, value=-1.0)
+                else:
+                    out.addcmul_(counts, weight, value=-1.0)
                 if flags & FLAG_PRESENCE_PENALTY:
-                    present = (counts > 0).to(logits.dtype)
-                    logits.addcmul_(present, f[:, PRESENCE : PRESENCE + 1], value=-1.0)
+                    present = (counts > 0).to(out.dtype)
+                    out.addcmul_(present, f[:, PRESENCE : PRESENCE + 1], value=-1.0)
         if masked:
-            logits[mask_sample, mask_tokens] = float("-inf")
-        return logits
+            if out is None:
+                out = logits.clone()
+            out[mask_sample, mask_tokens] = float("-inf")
+        if out is None:
+            return logits, False
+        return out, True
+
+
+def _first_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's first maximum (argmax semantics)."""
+    if logits.device.type == "cpu":
+        # NOTE: numpy's SIMD argmax is ~7x torch's max on one CPU thread.
+        return torch.from_numpy(logits.numpy().argmax(axis=-1))
+    # NOTE: max's indices are the first maximum, as argmax's, at a third of its cost.
+    return logits.max(dim=-1).indices
 
 
 def _sorted_values(probs: torch.Tensor, cols: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -63,7 +63,7 @@ impl<E: Elem> PagedDecode<'_, E> {
             ));
         }
         let kv_row = hkv * d;
-        if self.k.len() != self.v.len() || self.k.len() % kv_row != 0 {
+        if self.k.len() != self.v.len() || !self.k.len().is_multiple_of(kv_row) {
             return err(format!(
                 "k ({}) and v ({}) must both be [slots, {hkv}, {d}]",
                 self.k.len(),
@@ -71,13 +71,18 @@ impl<E: Elem> PagedDecode<'_, E> {
             ));
         }
         let cols = self.table_cols;
-        if cols == 0 || self.table.len() % cols != 0 {
-            return err(format!("table of {} entries is not [rows, {cols}]", self.table.len()));
+        if cols == 0 || !self.table.len().is_multiple_of(cols) {
+            return err(format!(
+                "table of {} entries is not [rows, {cols}]",
+                self.table.len()
+            ));
         }
         let table_rows = self.table.len() / cols;
         for (&row, &len) in self.rows.iter().zip(self.lens) {
             if row < 0 || row as usize >= table_rows {
-                return err(format!("row {row} is outside the table's {table_rows} rows"));
+                return err(format!(
+                    "row {row} is outside the table's {table_rows} rows"
+                ));
             }
             if len < 1 || len as usize > cols {
                 return err(format!("length {len} is outside 1 ..= {cols}"));
@@ -101,18 +106,29 @@ pub fn paged_decode<E: Elem>(
     let run = |s: &mut Scratch, (b, out_b): (usize, &mut [E])| sequence(p, s, b, out_b);
     if threads <= 1 || p.batch() == 1 {
         let mut scratch = Scratch::default();
-        return out.chunks_mut(per_seq).enumerate().try_for_each(|item| run(&mut scratch, item));
+        return out
+            .chunks_mut(per_seq)
+            .enumerate()
+            .try_for_each(|item| run(&mut scratch, item));
     }
     pool(threads).install(|| {
-        out.par_chunks_mut(per_seq).enumerate().try_for_each_init(Scratch::default, run)
+        out.par_chunks_mut(per_seq)
+            .enumerate()
+            .try_for_each_init(Scratch::default, run)
     })
 }
 
 /// The process's rayon pool for `threads` threads (rebuilt when the count changes).
 fn pool(threads: usize) -> Arc<rayon::ThreadPool> {
     static POOL: OnceLock<Mutex<Option<Arc<rayon::ThreadPool>>>> = OnceLock::new();
-    let mut guard = POOL.get_or_init(|| Mutex::new(None)).lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(pool) = guard.as_ref().filter(|p| p.current_num_threads() == threads) {
+    let mut guard = POOL
+        .get_or_init(|| Mutex::new(None))
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(pool) = guard
+        .as_ref()
+        .filter(|p| p.current_num_threads() == threads)
+    {
         return pool.clone();
     }
     let pool = Arc::new(
@@ -149,7 +165,25 @@ fn sequence<E: Elem>(
             return unsafe { sequence_avx2(p, scratch, b, out) };
         }
     }
-    sequence_body(p, scratch, b, out)
+    by_head_dim(p, scratch, b, out)
+}
+
+/// The body specialised for the common head sizes (fixed-length loops the compiler unrolls
+/// and vectorises whole), and a generic one for the rest.
+#[inline(always)]
+fn by_head_dim<E: Elem>(
+    p: &PagedDecode<'_, E>,
+    scratch: &mut Scratch,
+    b: usize,
+    out: &mut [E],
+) -> Result<(), KernelError> {
+    match p.head_dim {
+        16 => sequence_body::<E, 16>(p, scratch, b, out),
+        32 => sequence_body::<E, 32>(p, scratch, b, out),
+        64 => sequence_body::<E, 64>(p, scratch, b, out),
+        128 => sequence_body::<E, 128>(p, scratch, b, out),
+        _ => sequence_body::<E, 0>(p, scratch, b, out),
+    }
 }
 
 /// The same code compiled for AVX2 (8-lane vectors); the arithmetic and its order are the
@@ -162,7 +196,7 @@ unsafe fn sequence_avx2<E: Elem>(
     b: usize,
     out: &mut [E],
 ) -> Result<(), KernelError> {
-    sequence_body(p, scratch, b, out)
+    by_head_dim(p, scratch, b, out)
 }
 
 const LANES: usize = 8;
@@ -216,14 +250,16 @@ fn as_f32<'a, E: Elem>(src: &'a [E], buf: &'a mut [f32]) -> &'a [f32] {
     &buf[..src.len()]
 }
 
+/// One sequence's attention; `D` is the head size when it is known at compile time, else 0.
 #[inline(always)]
-fn sequence_body<E: Elem>(
+fn sequence_body<E: Elem, const D: usize>(
     p: &PagedDecode<'_, E>,
     scratch: &mut Scratch,
     b: usize,
     out: &mut [E],
 ) -> Result<(), KernelError> {
-    let (hq, hkv, d) = (p.num_heads, p.num_kv_heads, p.head_dim);
+    let (hq, hkv) = (p.num_heads, p.num_kv_heads);
+    let d = if D == 0 { p.head_dim } else { D };
     let group = hq / hkv;
     let len = p.lens[b] as usize;
     let row = p.rows[b] as usize;
@@ -235,7 +271,13 @@ fn sequence_body<E: Elem>(
             "row {row} holds KV slot {bad}, outside the pool's {num_slots} slots"
         )));
     }
-    let Scratch { q, scores, acc, kv, inv } = scratch;
+    let Scratch {
+        q,
+        scores,
+        acc,
+        kv,
+        inv,
+    } = scratch;
     q.resize(hq * d, 0.0);
     scores.resize(hq * len, 0.0); // [query head, position]
     acc.resize(hq * d, 0.0);
@@ -261,7 +303,10 @@ fn sequence_body<E: Elem>(
         }
     }
     for (head, s) in scores.chunks_exact_mut(len).enumerate() {
-        let max = s.iter().copied().fold(f32::NEG_INFINITY, |m, x| if x > m { x } else { m });
+        let max = s
+            .iter()
+            .copied()
+            .fold(f32::NEG_INFINITY, |m, x| if x > m { x } else { m });
         let mut sum = 0f32;
         for x in s.iter_mut() {
             *x = (*x - max).exp();
@@ -302,7 +347,10 @@ mod tests {
     struct Lcg(u64);
     impl Lcg {
         fn next(&mut self) -> f32 {
-            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         }
     }
@@ -367,7 +415,9 @@ mod tests {
             v: (0..slots * hkv * d).map(|_| rng.next()).collect(),
             table,
             // Rows out of order and not all of them; lengths from 1 to the whole row.
-            rows: (0..batch).map(|b| ((b * 5 + 2) % table_rows) as i64).collect(),
+            rows: (0..batch)
+                .map(|b| ((b * 5 + 2) % table_rows) as i64)
+                .collect(),
             lens: (0..batch).map(|b| (1 + (b * 17) % COLS) as i64).collect(),
         }
     }
@@ -397,8 +447,9 @@ mod tests {
     #[test]
     fn matches_the_plain_computation_for_every_head_layout() {
         // MHA, GQA, MQA; head dims that are and are not a multiple of the vector width.
-        for (i, &(hq, hkv, d)) in
-            [(4, 4, 16), (6, 2, 16), (8, 1, 64), (3, 3, 12), (4, 2, 5)].iter().enumerate()
+        for (i, &(hq, hkv, d)) in [(4, 4, 16), (6, 2, 16), (8, 1, 64), (3, 3, 12), (4, 2, 5)]
+            .iter()
+            .enumerate()
         {
             let c = case(9, hq, hkv, d, i as u64);
             let p = params(&c, &c.q, &c.k, &c.v, (hq, hkv, d));
@@ -406,8 +457,15 @@ mod tests {
             for threads in [1, 3] {
                 let mut out = vec![0f32; c.q.len()];
                 paged_decode(&p, &mut out, threads).unwrap();
-                let worst = out.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-                assert!(worst < 1e-5, "({hq}, {hkv}, {d}) threads {threads}: off by {worst}");
+                let worst = out
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    worst < 1e-5,
+                    "({hq}, {hkv}, {d}) threads {threads}: off by {worst}"
+                );
             }
         }
     }
@@ -448,14 +506,29 @@ mod tests {
         p.num_heads = 3;
         assert!(paged_decode(&p, &mut out, 1).is_err());
         let rows = [0, 99];
-        let p = PagedDecode { rows: &rows, ..params(&c, &c.q, &c.k, &c.v, shape) };
-        assert!(paged_decode(&p, &mut out, 1).unwrap_err().0.contains("row 99"));
+        let p = PagedDecode {
+            rows: &rows,
+            ..params(&c, &c.q, &c.k, &c.v, shape)
+        };
+        assert!(paged_decode(&p, &mut out, 1)
+            .unwrap_err()
+            .0
+            .contains("row 99"));
         let lens = [1, COLS as i64 + 1];
-        let p = PagedDecode { lens: &lens, ..params(&c, &c.q, &c.k, &c.v, shape) };
+        let p = PagedDecode {
+            lens: &lens,
+            ..params(&c, &c.q, &c.k, &c.v, shape)
+        };
         assert!(paged_decode(&p, &mut out, 1).is_err());
         let mut table = c.table.clone();
         table[c.rows[1] as usize * COLS] = 10_000;
-        let p = PagedDecode { table: &table, ..params(&c, &c.q, &c.k, &c.v, shape) };
-        assert!(paged_decode(&p, &mut out, 2).unwrap_err().0.contains("KV slot 10000"));
+        let p = PagedDecode {
+            table: &table,
+            ..params(&c, &c.q, &c.k, &c.v, shape)
+        };
+        assert!(paged_decode(&p, &mut out, 2)
+            .unwrap_err()
+            .0
+            .contains("KV slot 10000"));
     }
 }

@@ -2,6 +2,9 @@
 //!
 //! - [`attention`]: decode attention that reads K and V straight from the paged KV pool
 //!   through the request-to-token table (no gathered copy of the keys), GQA, f32 or bf16.
+//! - [`rope`]: rotary position embedding in place, bit for bit torch's `rotate_half` form.
+//! - [`sampling`]: the draw of sampled tokens (top-k / top-p / min-p, inverse CDF from a
+//!   seeded uniform), bit for bit the computation of srt's torch sampler on the CPU.
 //! - [`elem`]: the element types the kernels read and write (f32, bf16 bits).
 //!
 //! The torch ops they replace are correct but pay, per call, a gather of every key and value
@@ -10,6 +13,8 @@
 
 pub mod attention;
 pub mod elem;
+pub mod rope;
+pub mod sampling;
 
 /// A kernel's inputs do not describe a valid call (shapes, indices out of range).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -3,18 +3,22 @@
 //! bits (`tensor.view(torch.int16).numpy()`), since numpy has no bfloat16.
 
 use numpy::{
-    Element, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray3,
-    PyReadwriteArray3, PyUntypedArrayMethods,
+    Element, PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray3, PyReadwriteArray3,
+    PyUntypedArrayMethods,
 };
 use pyo3::prelude::*;
 use srt_kernels::attention::{paged_decode, PagedDecode};
 use srt_kernels::elem::{Bf16, Elem};
+use srt_kernels::rope::rope_neox;
+use srt_kernels::sampling::{draw, Draw};
 
 use crate::errors::value_error;
 
 /// The array's elements as `E` (same size and layout as `T`: `f32` as itself, `i16` as bf16).
 fn as_elems<'a, T: Element, E: Elem>(a: &'a PyReadonlyArray3<'_, T>) -> PyResult<&'a [E]> {
-    let s = a.as_slice().map_err(|_| value_error("arrays must be C-contiguous"))?;
+    let s = a
+        .as_slice()
+        .map_err(|_| value_error("arrays must be C-contiguous"))?;
     debug_assert_eq!(std::mem::size_of::<T>(), std::mem::size_of::<E>());
     // SAFETY: E has T's size and alignment and every bit pattern is valid for both.
     Ok(unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<E>(), s.len()) })
@@ -33,8 +37,11 @@ fn run<T: Element, E: Elem>(
     out: &Bound<'_, PyAny>,
     threads: usize,
 ) -> PyResult<()> {
-    let (q, k, v): (PyReadonlyArray3<'_, T>, PyReadonlyArray3<'_, T>, PyReadonlyArray3<'_, T>) =
-        (q.extract()?, k.extract()?, v.extract()?);
+    let (q, k, v): (
+        PyReadonlyArray3<'_, T>,
+        PyReadonlyArray3<'_, T>,
+        PyReadonlyArray3<'_, T>,
+    ) = (q.extract()?, k.extract()?, v.extract()?);
     let mut out: PyReadwriteArray3<'_, T> = out.extract()?;
     let (qs, ks) = (q.shape(), k.shape());
     if out.shape() != qs || v.shape() != ks || qs[2] != ks[2] {
@@ -48,7 +55,9 @@ fn run<T: Element, E: Elem>(
         q: as_elems::<T, E>(&q)?,
         k: as_elems::<T, E>(&k)?,
         v: as_elems::<T, E>(&v)?,
-        table: table.as_slice().map_err(|_| value_error("table must be C-contiguous"))?,
+        table: table
+            .as_slice()
+            .map_err(|_| value_error("table must be C-contiguous"))?,
         table_cols: table.shape()[1],
         rows: rows.as_slice()?,
         lens: lens.as_slice()?,
@@ -57,10 +66,13 @@ fn run<T: Element, E: Elem>(
         head_dim: qs[2],
         scale,
     };
-    let o = out.as_slice_mut().map_err(|_| value_error("out must be C-contiguous"))?;
+    let o = out
+        .as_slice_mut()
+        .map_err(|_| value_error("out must be C-contiguous"))?;
     // SAFETY: as in `as_elems`.
     let o = unsafe { std::slice::from_raw_parts_mut(o.as_mut_ptr().cast::<E>(), o.len()) };
-    py.detach(|| paged_decode(&p, o, threads)).map_err(value_error)
+    py.detach(|| paged_decode(&p, o, threads))
+        .map_err(value_error)
 }
 
 /// Decode attention over one layer of the paged KV pool: `out[b]` = attention of `q[b]`
@@ -87,10 +99,110 @@ fn paged_decode_attention(
     } else if q.extract::<PyReadonlyArray3<'_, i16>>().is_ok() {
         run::<i16, Bf16>(py, q, k, v, &table, &rows, &lens, scale, out, threads)
     } else {
-        Err(value_error("paged_decode_attention: q must be a 3-D float32 or int16 (bf16) array"))
+        Err(value_error(
+            "paged_decode_attention: q must be a 3-D float32 or int16 (bf16) array",
+        ))
+    }
+}
+
+/// The sampled token of each row of `probs` (float32 `[S, V]` softmax probabilities): top-k /
+/// top-p over `sorted` (each row ascending, or None when no row filters so), min-p (None: no
+/// row), one inverse-CDF draw from the uniform of (seed, step). Returns int64 `[S]`.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (probs, sorted, candidates, top_k, top_p, min_p, seeds, steps))]
+fn sample_draw<'py>(
+    py: Python<'py>,
+    probs: PyReadonlyArray2<'py, f32>,
+    sorted: Option<PyReadonlyArray2<'py, f32>>,
+    candidates: usize,
+    top_k: PyReadonlyArray1<'py, i64>,
+    top_p: PyReadonlyArray1<'py, f32>,
+    min_p: Option<PyReadonlyArray1<'py, f32>>,
+    seeds: PyReadonlyArray1<'py, i64>,
+    steps: PyReadonlyArray1<'py, i64>,
+) -> PyResult<Bound<'py, PyArray1<i64>>> {
+    let contiguous = |_| value_error("sample_draw: arrays must be C-contiguous");
+    let d = Draw {
+        probs: probs.as_slice().map_err(contiguous)?,
+        vocab: probs.shape()[1],
+        sorted: sorted
+            .as_ref()
+            .map(|s| s.as_slice())
+            .transpose()
+            .map_err(contiguous)?,
+        candidates,
+        top_k: top_k.as_slice().map_err(contiguous)?,
+        top_p: top_p.as_slice().map_err(contiguous)?,
+        min_p: min_p
+            .as_ref()
+            .map(|m| m.as_slice())
+            .transpose()
+            .map_err(contiguous)?,
+        seeds: seeds.as_slice().map_err(contiguous)?,
+        steps: steps.as_slice().map_err(contiguous)?,
+    };
+    let mut out = vec![0i64; probs.shape()[0]];
+    py.detach(|| draw(&d, &mut out)).map_err(value_error)?;
+    Ok(PyArray1::from_vec(py, out))
+}
+
+fn rope_as<T: Element, E: Elem>(
+    py: Python<'_>,
+    x: &Bound<'_, PyAny>,
+    positions: &[i64],
+    cos: &PyReadonlyArray2<'_, f32>,
+    sin: &PyReadonlyArray2<'_, f32>,
+) -> PyResult<()> {
+    let mut x: PyReadwriteArray3<'_, T> = x.extract()?;
+    let view = x.as_array_mut();
+    let (shape, strides) = (view.raw_dim(), view.strides().to_vec());
+    if strides.iter().any(|&s| s < 0) {
+        return Err(value_error("rope_neox: negative strides"));
+    }
+    let strides = ndarray::Ix3(
+        strides[0] as usize,
+        strides[1] as usize,
+        strides[2] as usize,
+    );
+    // SAFETY: the same memory, shape and strides as `view`, read as E (T's size and layout).
+    let view = unsafe {
+        ndarray::ArrayViewMut3::from_shape_ptr(
+            ndarray::ShapeBuilder::strides(shape, strides),
+            view.as_ptr().cast_mut().cast::<E>(),
+        )
+    };
+    let (cos, sin) = (cos.as_array(), sin.as_array());
+    py.detach(|| rope_neox(view, positions, cos, sin))
+        .map_err(value_error)
+}
+
+/// Rotary embedding (neox `rotate_half` form) in place over `x` (`[T, H, D]` float32, or int16
+/// holding bf16; any strides with each head's D values contiguous): token t by the rows
+/// `positions[t]` of the float32 `cos` / `sin` tables (`[max_position, D]`). Bit for bit
+/// `x * cos + rotate_half(x) * sin` with the tables cast to x's dtype.
+#[pyfunction]
+fn rope_neox_inplace(
+    py: Python<'_>,
+    x: &Bound<'_, PyAny>,
+    positions: PyReadonlyArray1<'_, i64>,
+    cos: PyReadonlyArray2<'_, f32>,
+    sin: PyReadonlyArray2<'_, f32>,
+) -> PyResult<()> {
+    let positions = positions.as_slice()?;
+    if x.extract::<PyReadwriteArray3<'_, f32>>().is_ok() {
+        rope_as::<f32, f32>(py, x, positions, &cos, &sin)
+    } else if x.extract::<PyReadwriteArray3<'_, i16>>().is_ok() {
+        rope_as::<i16, Bf16>(py, x, positions, &cos, &sin)
+    } else {
+        Err(value_error(
+            "rope_neox_inplace: x must be a writable 3-D float32 or int16 array",
+        ))
     }
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_function(wrap_pyfunction!(paged_decode_attention, m)?)
+    m.add_function(wrap_pyfunction!(paged_decode_attention, m)?)?;
+    m.add_function(wrap_pyfunction!(rope_neox_inplace, m)?)?;
+    m.add_function(wrap_pyfunction!(sample_draw, m)?)
 }

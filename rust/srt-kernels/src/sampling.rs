@@ -1,0 +1,322 @@
+//! The draw of sampled tokens on the CPU: top-k / top-p / min-p filtering of softmax
+//! probabilities and one inverse-CDF draw per row, from a seeded counter-based uniform.
+//!
+//! It is the same computation, to the bit, as srt's torch sampler on the CPU
+//! (`srt/layers/sampler.py`: `_top_k_top_p`, `_drop_below`, `_inverse_cdf`, `seeded_uniforms`),
+//! whose float semantics it follows: cumulative sums accumulate in f64 and are rounded to f32
+//! per element (torch's CPU cumsum), comparisons and products are f32. It replaces a dozen
+//! full-width tensor passes per step with one walk per row over the kept tokens.
+//!
+//! Per row: of the tokens in (probability descending, id ascending) order, the first `top_k`
+//! are candidates; of those, each whose preceding mass is within `top_p` of the candidates'
+//! total is kept (the first always); then tokens below `min_p` times the largest probability
+//! drop. The kept probabilities, in id order, are drawn from by inverse CDF with the row's
+//! uniform: the first id whose cumulative mass exceeds `u * total`.
+
+use crate::KernelError;
+
+// splitmix64 (Steele, Lea, Flood 2014), as `srt.layers.sampler.splitmix64`.
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// One float in [0, 1) per (seed, output index): its top 24 bits of a double splitmix64.
+pub fn seeded_uniform(seed: i64, step: i64) -> f32 {
+    let h = splitmix64(splitmix64(seed as u64).wrapping_add(step as u64));
+    (h >> 40) as f32 * (1.0 / (1u64 << 24) as f32)
+}
+
+/// The inputs of one draw; `[S, V]` arrays are row-major.
+pub struct Draw<'a> {
+    /// `[S, V]` softmax probabilities (non-negative)
+    pub probs: &'a [f32],
+    pub vocab: usize,
+    /// Top-k / top-p: each row's probabilities sorted ascending (`[S, V]`), and how many of
+    /// the largest any row keeps at most (the largest top_k, or V).
+    pub sorted: Option<&'a [f32]>,
+    pub candidates: usize,
+    /// `[S]`: top_k (>= V: none), top_p (1: none), min_p (0: none, or no slice at all)
+    pub top_k: &'a [i64],
+    pub top_p: &'a [f32],
+    pub min_p: Option<&'a [f32]>,
+    /// `[S]`: each row's seed and output index
+    pub seeds: &'a [i64],
+    pub steps: &'a [i64],
+}
+
+impl Draw<'_> {
+    fn validate(&self, out_len: usize) -> Result<(), KernelError> {
+        let s = out_len;
+        let v = self.vocab;
+        let fail = |m: String| Err(KernelError(m));
+        if v == 0 || self.probs.len() != s * v {
+            return fail(format!(
+                "probs has {} elements, not [{s}, {v}]",
+                self.probs.len()
+            ));
+        }
+        if self.sorted.is_some_and(|x| x.len() != s * v) {
+            return fail(format!("sorted probs are not [{s}, {v}]"));
+        }
+        let lens = [
+            self.top_k.len(),
+            self.top_p.len(),
+            self.seeds.len(),
+            self.steps.len(),
+        ];
+        if lens.iter().any(|&n| n != s) || self.min_p.is_some_and(|m| m.len() != s) {
+            return fail(format!("per-row parameters must all have {s} entries"));
+        }
+        Ok(())
+    }
+}
+
+/// The sampled token of each row into `out` (`[S]`).
+pub fn draw(d: &Draw<'_>, out: &mut [i64]) -> Result<(), KernelError> {
+    d.validate(out.len())?;
+    let v = d.vocab;
+    let mut kept = Vec::with_capacity(v);
+    for (r, o) in out.iter_mut().enumerate() {
+        let probs = &d.probs[r * v..(r + 1) * v];
+        let cut = match d.sorted {
+            Some(sorted) => top_k_top_p(
+                &sorted[r * v..(r + 1) * v],
+                d.candidates,
+                d.top_k[r],
+                d.top_p[r],
+            ),
+            None => Cut::NONE,
+        };
+        let min_p = d.min_p.map_or(0.0, |m| m[r]);
+        let floor = if min_p > 0.0 {
+            let top = match d.sorted {
+                Some(sorted) => sorted[(r + 1) * v - 1],
+                None => probs
+                    .iter()
+                    .copied()
+                    .fold(0f32, |m, x| if x > m { x } else { m }),
+            };
+            min_p * top
+        } else {
+            0.0
+        };
+        *o = inverse_cdf(
+            probs,
+            cut,
+            floor,
+            seeded_uniform(d.seeds[r], d.steps[r]),
+            &mut kept,
+        );
+    }
+    Ok(())
+}
+
+/// What top-k / top-p keep of a row: every probability above `last`, and of those equal to
+/// it the `equal` lowest ids (all of them when `equal` is `usize::MAX`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Cut {
+    last: f32,
+    equal: usize,
+}
+
+impl Cut {
+    const NONE: Cut = Cut {
+        last: 0.0,
+        equal: usize::MAX,
+    };
+}
+
+/// The cut of one row from its ascending values (see `_top_k_top_p`: ranks beyond top_k
+/// count as 0; the kept ranks are those whose preceding mass is within top_p of the total).
+fn top_k_top_p(ascending: &[f32], candidates: usize, top_k: i64, top_p: f32) -> Cut {
+    let v = ascending.len();
+    let cols = candidates.clamp(1, v);
+    let k = if top_k > 0 {
+        top_k as usize
+    } else {
+        usize::MAX
+    };
+    if k >= v && top_p >= 1.0 {
+        return Cut::NONE;
+    }
+    let desc = |i: usize| if i < k { ascending[v - 1 - i] } else { 0.0 };
+    // The total of the candidates (f64 accumulation rounded to f32, as cumsum's last entry).
+    let mut acc = 0f64;
+    for i in 0..cols {
+        acc += f64::from(desc(i));
+    }
+    let bound = top_p * acc as f32;
+    let mut acc = 0f64;
+    let mut kept = 0;
+    for i in 0..cols.min(k) {
+        let p = desc(i);
+        acc += f64::from(p);
+        if acc as f32 - p <= bound {
+            kept += 1;
+        }
+    }
+    let kept = kept.max(1); // NaN rows only
+    let last = desc(kept - 1);
+    // When the next rank holds the same value, only the lowest ids of that value make it.
+    let following = ascending[v - 1 - kept.min(v - 1)];
+    if kept < v && following == last && last > 0.0 {
+        let greater = (0..kept).filter(|&i| desc(i) > last).count();
+        return Cut {
+            last,
+            equal: kept - greater,
+        };
+    }
+    Cut {
+        last,
+        equal: usize::MAX,
+    }
+}
+
+/// The draw over the kept probabilities of one row, in id order. Only kept entries move the
+/// cumulative sum (adding 0 to it changes nothing), so the walk visits only those.
+fn inverse_cdf(
+    probs: &[f32],
+    cut: Cut,
+    floor: f32,
+    uniform: f32,
+    kept: &mut Vec<(u32, f32)>,
+) -> i64 {
+    let v = probs.len();
+    kept.clear();
+    if cut.equal == usize::MAX {
+        let threshold = cut.last.max(floor);
+        kept.extend(
+            probs
+                .iter()
+                .enumerate()
+                .filter(|(_, &p)| p >= threshold)
+                .map(|(i, &p)| (i as u32, p)),
+        );
+    } else {
+        let mut equal_left = cut.equal;
+        for (i, &p) in probs.iter().enumerate() {
+            let take = p > cut.last || (p == cut.last && equal_left > 0);
+            if p == cut.last && take {
+                equal_left -= 1;
+            }
+            if take && p >= floor {
+                kept.push((i as u32, p));
+            }
+        }
+    }
+    let total = kept.iter().fold(0f64, |acc, &(_, p)| acc + f64::from(p)) as f32;
+    let target = (uniform * total).min(next_down(total));
+    let mut acc = 0f64;
+    for &(i, p) in kept.iter() {
+        acc += f64::from(p);
+        if acc as f32 > target {
+            return i64::from(i);
+        }
+    }
+    // Nothing above the target: a row without mass (NaN, or all zero).
+    (v - 1) as i64
+}
+
+/// The largest f32 below `x` toward zero (`nextafter(x, 0)`); 0 stays 0.
+fn next_down(x: f32) -> f32 {
+    if x > 0.0 && x.is_finite() {
+        f32::from_bits(x.to_bits() - 1)
+    } else {
+        x
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sorted(probs: &[f32], v: usize) -> Vec<f32> {
+        let mut s = probs.to_vec();
+        for row in s.chunks_exact_mut(v) {
+            row.sort_by(f32::total_cmp);
+        }
+        s
+    }
+
+    fn one(probs: &[f32], top_k: i64, top_p: f32, min_p: f32, seed: i64) -> i64 {
+        let v = probs.len();
+        let s = sorted(probs, v);
+        let d = Draw {
+            probs,
+            vocab: v,
+            sorted: Some(&s),
+            candidates: v,
+            top_k: &[top_k],
+            top_p: &[top_p],
+            min_p: Some(&[min_p]),
+            seeds: &[seed],
+            steps: &[0],
+        };
+        let mut out = [0];
+        draw(&d, &mut out).unwrap();
+        out[0]
+    }
+
+    #[test]
+    fn uniforms_match_the_reference_values() {
+        // splitmix64's published first output for state 0 is 0xE220A8397B1DCDAF.
+        assert_eq!(splitmix64(0), 0xE220_A839_7B1D_CDAF);
+        let u = seeded_uniform(7, 3);
+        assert!((0.0..1.0).contains(&u));
+        assert_eq!(u, seeded_uniform(7, 3));
+        assert_ne!(u, seeded_uniform(7, 4));
+    }
+
+    #[test]
+    fn filters_keep_exactly_what_they_say() {
+        let probs = [0.1f32, 0.4, 0.05, 0.3, 0.15];
+        for seed in 0..200 {
+            // top_k 1 is the argmax; top_k 2 keeps ids 1 and 3.
+            assert_eq!(one(&probs, 1, 1.0, 0.0, seed), 1);
+            assert!([1, 3].contains(&one(&probs, 2, 1.0, 0.0, seed)));
+            // top_p 0.5: 0.4 alone leaves 0.4 < 0.5 of the mass before 0.3, so 0.3 stays.
+            assert!([1, 3].contains(&one(&probs, 0, 0.5, 0.0, seed)));
+            // min_p 0.5: at least 0.2 kept: ids 1 and 3.
+            assert!([1, 3].contains(&one(&probs, 0, 1.0, 0.5, seed)));
+        }
+        // Every token can be drawn without filters.
+        let mut seen = [false; 5];
+        for seed in 0..500 {
+            seen[one(&probs, 0, 1.0, 0.0, seed) as usize] = true;
+        }
+        assert_eq!(seen, [true; 5]);
+    }
+
+    #[test]
+    fn ties_at_the_cut_go_to_the_lowest_ids() {
+        let probs = [0.2f32, 0.1, 0.2, 0.2, 0.3];
+        for seed in 0..300 {
+            // top_k 2: 0.3 (id 4) and the lowest id of the 0.2s (id 0).
+            assert!([0, 4].contains(&one(&probs, 2, 1.0, 0.0, seed)));
+            assert!([0, 2, 4].contains(&one(&probs, 3, 1.0, 0.0, seed)));
+        }
+    }
+
+    #[test]
+    fn zero_mass_rows_and_bad_shapes_do_not_fault() {
+        let probs = [0f32; 4];
+        assert!((0..4).contains(&one(&probs, 0, 1.0, 0.0, 1)));
+        let nan = [f32::NAN; 4];
+        assert!((0..4).contains(&one(&nan, 2, 0.9, 0.1, 1)));
+        let d = Draw {
+            probs: &probs,
+            vocab: 4,
+            sorted: None,
+            candidates: 4,
+            top_k: &[0, 0],
+            top_p: &[1.0],
+            min_p: None,
+            seeds: &[0],
+            steps: &[0],
+        };
+        assert!(draw(&d, &mut [0]).is_err());
+    }
+}
