@@ -92,6 +92,11 @@ impl<E: Elem> PagedDecode<'_, E> {
     }
 }
 
+/// Below this many (position, KV head) pairs a call runs on the calling thread: waking the
+/// pool (and competing with torch's OpenMP threads, which spin after their own work) costs
+/// more than the split saves.
+const PARALLEL_MIN_WORK: usize = 32 * 1024;
+
 /// Writes `out` (`[batch, num_heads, head_dim]`, the layout of `q`).
 pub fn paged_decode<E: Elem>(
     p: &PagedDecode<'_, E>,
@@ -104,7 +109,8 @@ pub fn paged_decode<E: Elem>(
         return Ok(());
     }
     let run = |s: &mut Scratch, (b, out_b): (usize, &mut [E])| sequence(p, s, b, out_b);
-    if threads <= 1 || p.batch() == 1 {
+    let work = p.lens.iter().map(|&n| n as usize).sum::<usize>() * p.num_kv_heads;
+    if threads <= 1 || p.batch() == 1 || work < PARALLEL_MIN_WORK {
         let mut scratch = Scratch::default();
         return out
             .chunks_mut(per_seq)
@@ -472,7 +478,9 @@ mod tests {
 
     #[test]
     fn threads_do_not_change_the_result() {
-        let c = case(33, 8, 2, 32, 7);
+        // Enough work for the parallel path (PARALLEL_MIN_WORK).
+        let c = case(1000, 8, 2, 32, 7);
+        assert!(c.lens.iter().sum::<i64>() as usize * 2 >= PARALLEL_MIN_WORK);
         let p = params(&c, &c.q, &c.k, &c.v, (8, 2, 32));
         let mut one = vec![0f32; c.q.len()];
         let mut four = vec![0f32; c.q.len()];
