@@ -38,6 +38,7 @@ from srt._native import (
     FLAG_SAMPLED,
     FLAG_TOP_K_P,
     sample_draw,
+    sample_softmax,
 )
 from srt.model_executor.forward_batch import to_device
 
@@ -174,7 +175,10 @@ class SamplingState:
             raise ValueError(
                 f"logits of shape {tuple(logits.shape)} do not match the vocabulary size {V}"
             )
-        logits, owned = self._process(logits.float(), rows, flags, mask_sample, mask_tokens)
+        logits = logits.float()
+        if flags & FLAG_SAMPLED and logits.device.type == "cpu":
+            return self._sample_cpu(logits, rows, steps, flags, mask_sample, mask_tokens, top_k_max)
+        logits, owned = self._process(logits, rows, flags, mask_sample, mask_tokens)
         greedy_ids = None
         if flags & FLAG_GREEDY or not flags & FLAG_SAMPLED:
             greedy_ids = _first_argmax(logits)
@@ -185,51 +189,68 @@ class SamplingState:
         # NOTE: in place when the logits are already this call's own copy.
         scaled = logits.div_(temperature) if owned else logits / temperature
         probs = torch.softmax(scaled, dim=-1)
-        if probs.device.type == "cpu":
-            sampled = self._draw_cpu(probs, rows, steps, flags, top_k_max, f)
-        else:
-            if flags & FLAG_TOP_K_P:
-                candidates = V if top_k_max is None else min(top_k_max, V)
-                top_k = self.top_k.index_select(0, rows)
-                probs = _top_k_top_p(probs, top_k, f[:, TOP_P], candidates)
-            if flags & FLAG_MIN_P:
-                top = probs.amax(dim=-1, keepdim=True)
-                probs = _drop_below(probs, f[:, MIN_P : MIN_P + 1] * top)
-            uniforms = seeded_uniforms(self.seeds.index_select(0, rows), steps)
-            sampled = _inverse_cdf(probs, uniforms)
+        if flags & FLAG_TOP_K_P:
+            candidates = V if top_k_max is None else min(top_k_max, V)
+            top_k = self.top_k.index_select(0, rows)
+            probs = _top_k_top_p(probs, top_k, f[:, TOP_P], candidates)
+        if flags & FLAG_MIN_P:
+            top = probs.amax(dim=-1, keepdim=True)
+            probs = _drop_below(probs, f[:, MIN_P : MIN_P + 1] * top)
+        uniforms = seeded_uniforms(self.seeds.index_select(0, rows), steps)
+        sampled = _inverse_cdf(probs, uniforms)
         if greedy_ids is None:
             return sampled
         return torch.where(self.greedy.index_select(0, rows), greedy_ids, sampled)
 
-    def _draw_cpu(
+    def _sample_cpu(
         self,
-        probs: torch.Tensor,
+        logits: torch.Tensor,
         rows: torch.Tensor,
         steps: torch.Tensor,
         flags: int,
+        mask_sample: torch.Tensor | None,
+        mask_tokens: torch.Tensor | None,
         top_k_max: int | None,
-        f: torch.Tensor,
     ) -> torch.Tensor:
-        """The draw of `_top_k_top_p`, `_drop_below` and `_inverse_cdf`, bit for bit, in one
-        native pass per row (srt-kernels `sampling`); only the sort stays here (numpy's SIMD
-        sort)."""
+        """`sample` of a batch with sampled rows on the CPU, in srt-kernels `sampling`: torch
+        applies logit bias, repetition penalty and masks (when any row needs them); one native
+        pass per row applies the frequency / presence penalties, the temperature and the
+        softmax (and finds the greedy rows' argmax); numpy sorts the rows for top-k / top-p;
+        one native pass per row filters and draws, bit for bit `_top_k_top_p`, `_drop_below`
+        and `_inverse_cdf` over those probabilities."""
         V = self.vocab_size
-        p = probs.numpy()
+        before = flags & ~(FLAG_OUTPUT_PENALTY | FLAG_PRESENCE_PENALTY)
+        logits = self._process(logits, rows, before, mask_sample, mask_tokens)[0]
+        f = self.floats.index_select(0, rows).numpy()
+        rows_np = rows.numpy()
+        counts = None
+        if flags & FLAG_OUTPUT_PENALTY and self.counts is not None:
+            counts = self.counts.numpy()
+        presence = f[:, PRESENCE].copy() if flags & FLAG_PRESENCE_PENALTY else None
+        probs, argmax = sample_softmax(
+            logits.numpy(),
+            f[:, TEMPERATURE].copy(),
+            counts,
+            rows_np,
+            f[:, FREQUENCY].copy(),
+            presence,
+        )
         ascending, candidates = None, V
         if flags & FLAG_TOP_K_P:
-            ascending = np.sort(p, axis=-1)
+            ascending = np.sort(probs, axis=-1)
             candidates = V if top_k_max is None else min(top_k_max, V)
-        min_p = f[:, MIN_P].contiguous().numpy() if flags & FLAG_MIN_P else None
         ids = sample_draw(
-            p,
+            probs,
             ascending,
             candidates,
-            self.top_k.index_select(0, rows).numpy(),
-            f[:, TOP_P].contiguous().numpy(),
-            min_p,
-            self.seeds.index_select(0, rows).numpy(),
+            self.top_k.numpy()[rows_np],
+            f[:, TOP_P].copy(),
+            f[:, MIN_P].copy() if flags & FLAG_MIN_P else None,
+            self.seeds.numpy()[rows_np],
             np.ascontiguousarray(steps.numpy()),
         )
+        if flags & FLAG_GREEDY:
+            ids = np.where(self.greedy.numpy()[rows_np], argmax, ids)
         return torch.from_numpy(ids)
 
     def process_logits(

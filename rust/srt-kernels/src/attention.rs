@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use rayon::prelude::*;
 
 use crate::elem::Elem;
+use crate::math::{exp_nonpositive, sum, LANES};
 use crate::KernelError;
 
 /// The inputs of one decode attention call; slices are row-major.
@@ -205,22 +206,6 @@ unsafe fn sequence_avx2<E: Elem>(
     by_head_dim(p, scratch, b, out)
 }
 
-const LANES: usize = 8;
-
-/// The sum of `a` over LANES partial sums (vectorised), then across them.
-#[inline(always)]
-fn sum(a: &[f32]) -> f32 {
-    let mut acc = [0f32; LANES];
-    let chunks = a.chunks_exact(LANES);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for i in 0..LANES {
-            acc[i] += c[i];
-        }
-    }
-    acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
-}
-
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
@@ -236,31 +221,6 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         s += x * y;
     }
     s
-}
-
-/// e^x for x <= 0 (a softmax's shifted scores), in a form the compiler vectorises:
-/// 2^n * p(r) with x = n ln 2 + r, |r| <= ln 2 / 2 and p the degree-6 Taylor polynomial
-/// (relative error below 3e-7, about libm's); x below -87 gives 0 instead of a subnormal,
-/// NaN gives NaN.
-#[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
-    let xc = if x < -87.0 { -87.0 } else { x }; // NaN stays NaN
-    let n = (xc * std::f32::consts::LOG2_E + ROUND) - ROUND;
-    let r = (xc - n * LN2_HI) - n * LN2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
-    let y = p * scale;
-    if x < -87.0 {
-        0.0
-    } else {
-        y
-    }
 }
 
 /// Brings the cache lines of `row` toward the core ahead of their use.
@@ -331,13 +291,16 @@ fn sequence_body<E: Elem, const D: usize>(
     for (x, v) in q.iter_mut().zip(&p.q[b * hq * d..(b + 1) * hq * d]) {
         *x = v.to_f32() * p.scale;
     }
+    #[inline(always)]
     fn at<'a, E>(buf: &'a [E], slots: &[i32], width: usize, j: usize) -> &'a [E] {
         &buf[slots[j] as usize * width..][..width]
     }
-    // Scores: each slot's row (all KV heads) is read once.
+    // Scores: each slot's row (all KV heads) is read once. The value rows are fetched along
+    // (a sequence's rows fit in L2), so the second pass finds them near.
     for j in 0..len {
         if j + AHEAD < len {
             prefetch(at(p.k, slots, width, j + AHEAD));
+            prefetch(at(p.v, slots, width, j + AHEAD));
         }
         let keys = as_f32(at(p.k, slots, width, j), kv);
         for (h, key) in keys.chunks_exact(d).enumerate() {
@@ -511,21 +474,6 @@ mod tests {
                 );
             }
         }
-    }
-
-    #[test]
-    fn exp_matches_libm_over_the_softmax_range() {
-        let mut worst = 0f32;
-        for i in 0..=200_000 {
-            let x = -87.0 * i as f32 / 200_000.0;
-            let (got, want) = (exp_nonpositive(x), x.exp());
-            worst = worst.max(((got - want) / want).abs());
-        }
-        assert!(worst < 4e-7, "relative error {worst}");
-        assert_eq!(exp_nonpositive(0.0), 1.0);
-        assert_eq!(exp_nonpositive(-100.0), 0.0);
-        assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
-        assert!(exp_nonpositive(f32::NAN).is_nan());
     }
 
     #[test]

@@ -13,6 +13,7 @@
 
 pub mod attention;
 pub mod elem;
+pub mod math;
 pub mod rope;
 pub mod sampling;
 

@@ -13,6 +13,7 @@
 //! drop. The kept probabilities, in id order, are drawn from by inverse CDF with the row's
 //! uniform: the first id whose cumulative mass exceeds `u * total`.
 
+use crate::math::{exp_nonpositive, max, position, sum};
 use crate::KernelError;
 
 // splitmix64 (Steele, Lea, Flood 2014), as `srt.layers.sampler.splitmix64`.
@@ -27,6 +28,101 @@ fn splitmix64(x: u64) -> u64 {
 pub fn seeded_uniform(seed: i64, step: i64) -> f32 {
     let h = splitmix64(splitmix64(seed as u64).wrapping_add(step as u64));
     (h >> 40) as f32 * (1.0 / (1u64 << 24) as f32)
+}
+
+/// What turns the sampling rows' logits into their distributions: output-token penalties,
+/// temperature, softmax. `[S, V]` arrays are row-major.
+pub struct Softmax<'a> {
+    /// `[S, V]` logits (logit bias, repetition penalty and masks already applied)
+    pub logits: &'a [f32],
+    pub vocab: usize,
+    /// `[S]`, positive (greedy rows hold 1)
+    pub temperature: &'a [f32],
+    /// Frequency / presence penalties (OpenAI semantics): the output-token counts table
+    /// (`[R, V]`), each sampling row's row in it, and the per-row weights.
+    pub counts: Option<&'a [f32]>,
+    pub rows: &'a [i64],
+    pub frequency: &'a [f32],
+    pub presence: Option<&'a [f32]>,
+}
+
+/// Writes each row's probabilities, softmax((logits - frequency * count - presence *
+/// [count > 0]) / temperature), into `probs`, and the first maximum of its penalised logits
+/// (a greedy row's token) into `argmax`.
+pub fn softmax(s: &Softmax<'_>, probs: &mut [f32], argmax: &mut [i64]) -> Result<(), KernelError> {
+    let (n, v) = (argmax.len(), s.vocab);
+    let fail = |m: String| Err(KernelError(m));
+    if v == 0 || s.logits.len() != n * v || probs.len() != n * v {
+        return fail(format!("logits / probs are not [{n}, {v}]"));
+    }
+    if s.temperature.len() != n {
+        return fail(format!("{} temperatures for {n} rows", s.temperature.len()));
+    }
+    if let Some(counts) = s.counts {
+        let table_rows = counts.len() / v;
+        if counts.len() % v != 0 || s.rows.len() != n || s.frequency.len() != n {
+            return fail(format!(
+                "counts [{table_rows}, {v}], rows and weights must fit {n} rows"
+            ));
+        }
+        if s.presence.is_some_and(|p| p.len() != n) {
+            return fail(format!("presence weights must have {n} entries"));
+        }
+        if let Some(&r) = s.rows.iter().find(|&&r| r < 0 || r as usize >= table_rows) {
+            return fail(format!(
+                "row {r} is outside the counts table's {table_rows} rows"
+            ));
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2, the only feature `softmax_avx2` is compiled for.
+            unsafe { softmax_avx2(s, probs, argmax) };
+            return Ok(());
+        }
+    }
+    softmax_rows(s, probs, argmax);
+    Ok(())
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn softmax_avx2(s: &Softmax<'_>, probs: &mut [f32], argmax: &mut [i64]) {
+    softmax_rows(s, probs, argmax)
+}
+
+#[inline(always)]
+fn softmax_rows(s: &Softmax<'_>, probs: &mut [f32], argmax: &mut [i64]) {
+    let v = s.vocab;
+    for (r, (x, best)) in probs.chunks_exact_mut(v).zip(argmax.iter_mut()).enumerate() {
+        x.copy_from_slice(&s.logits[r * v..(r + 1) * v]);
+        if let Some(counts) = s.counts {
+            let c = &counts[s.rows[r] as usize * v..][..v];
+            let f = s.frequency[r];
+            for (x, &c) in x.iter_mut().zip(c) {
+                *x -= c * f;
+            }
+            if let Some(presence) = s.presence {
+                let p = presence[r];
+                for (x, &c) in x.iter_mut().zip(c) {
+                    *x -= if c > 0.0 { p } else { 0.0 };
+                }
+            }
+        }
+        let max = max(x);
+        *best = position(x, max).unwrap_or(0) as i64;
+        // Division is monotone, so the largest scaled logit is the scaled largest one.
+        let t = s.temperature[r];
+        let top = max / t;
+        for y in x.iter_mut() {
+            *y = exp_nonpositive(*y / t - top);
+        }
+        let inv = 1.0 / sum(x);
+        for y in x.iter_mut() {
+            *y *= inv;
+        }
+    }
 }
 
 /// The inputs of one draw; `[S, V]` arrays are row-major.
@@ -258,6 +354,55 @@ mod tests {
         let mut out = [0];
         draw(&d, &mut out).unwrap();
         out[0]
+    }
+
+    #[test]
+    fn softmax_applies_penalties_then_temperature() {
+        let logits = [1.0f32, 2.0, 3.0, 0.5, 2.0, 2.0];
+        let counts = [0.0f32, 0.0, 0.0, 2.0, 0.0, 1.0, 9.0, 9.0, 9.0]; // rows 0, 1, 2
+        let s = Softmax {
+            logits: &logits,
+            vocab: 3,
+            temperature: &[1.0, 0.5],
+            counts: Some(&counts),
+            rows: &[0, 1],
+            frequency: &[0.0, 0.25],
+            presence: Some(&[0.0, 1.0]),
+        };
+        let (mut probs, mut argmax) = ([0f32; 6], [0i64; 2]);
+        softmax(&s, &mut probs, &mut argmax).unwrap();
+        // Row 1: [0.5 - 0.5 - 1, 2, 2 - 0.25 - 1] = [-1, 2, 0.75], then / 0.5.
+        let want = |x: [f32; 3]| {
+            let e = x.map(|y| (y / 0.5f32).exp());
+            let z: f32 = e.iter().sum();
+            e.map(|y| y / z)
+        };
+        for (got, want) in probs[3..].iter().zip(want([-1.0, 2.0, 0.75])) {
+            assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+        }
+        assert_eq!(argmax, [2, 1]);
+        assert!((probs[..3].iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        // Ties: the first maximum.
+        let s = Softmax {
+            logits: &[2.0, 5.0, 5.0],
+            counts: None,
+            ..s
+        };
+        let s = Softmax {
+            temperature: &[1.0],
+            ..s
+        };
+        let mut argmax = [0i64; 1];
+        softmax(&s, &mut [0f32; 3], &mut argmax).unwrap();
+        assert_eq!(argmax, [1]);
+        let bad = Softmax {
+            rows: &[0, 5],
+            ..Softmax {
+                counts: Some(&counts),
+                ..s
+            }
+        };
+        assert!(softmax(&bad, &mut [0f32; 3], &mut [0i64; 1]).is_err());
     }
 
     #[test]

@@ -3,14 +3,14 @@
 //! bits (`tensor.view(torch.int16).numpy()`), since numpy has no bfloat16.
 
 use numpy::{
-    Element, PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray3, PyReadwriteArray3,
-    PyUntypedArrayMethods,
+    Element, PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray3,
+    PyReadwriteArray3, PyUntypedArrayMethods,
 };
 use pyo3::prelude::*;
 use srt_kernels::attention::{paged_decode, PagedDecode};
 use srt_kernels::elem::{Bf16, Elem};
 use srt_kernels::rope::rope_neox;
-use srt_kernels::sampling::{draw, Draw};
+use srt_kernels::sampling::{draw, softmax, Draw, Softmax};
 
 use crate::errors::value_error;
 
@@ -201,7 +201,59 @@ fn rope_neox_inplace(
     }
 }
 
+/// `(probs [S, V], argmax [S])` of `sample_softmax`.
+type Distributions<'py> = (Bound<'py, numpy::PyArray2<f32>>, Bound<'py, PyArray1<i64>>);
+
+/// The sampling distribution of each row of float32 `logits` (`[S, V]`): softmax of the logits
+/// less the frequency / presence penalties (when `counts`, the output-token counts table
+/// `[R, V]` with each row's index `rows`, is given) over `temperature`. Returns
+/// `(probs [S, V] float32, argmax [S] int64)`, argmax the first maximum of the penalised
+/// logits (the token of a greedy row).
+#[pyfunction]
+#[pyo3(signature = (logits, temperature, counts, rows, frequency, presence))]
+fn sample_softmax<'py>(
+    py: Python<'py>,
+    logits: PyReadonlyArray2<'py, f32>,
+    temperature: PyReadonlyArray1<'py, f32>,
+    counts: Option<PyReadonlyArray2<'py, f32>>,
+    rows: PyReadonlyArray1<'py, i64>,
+    frequency: PyReadonlyArray1<'py, f32>,
+    presence: Option<PyReadonlyArray1<'py, f32>>,
+) -> PyResult<Distributions<'py>> {
+    let contiguous = |_| value_error("sample_softmax: arrays must be C-contiguous");
+    let (n, v) = (logits.shape()[0], logits.shape()[1]);
+    if counts.as_ref().is_some_and(|c| c.shape()[1] != v) {
+        return Err(value_error(
+            "sample_softmax: counts and logits differ in vocabulary",
+        ));
+    }
+    let s = Softmax {
+        logits: logits.as_slice().map_err(contiguous)?,
+        vocab: v,
+        temperature: temperature.as_slice().map_err(contiguous)?,
+        counts: counts
+            .as_ref()
+            .map(|c| c.as_slice())
+            .transpose()
+            .map_err(contiguous)?,
+        rows: rows.as_slice().map_err(contiguous)?,
+        frequency: frequency.as_slice().map_err(contiguous)?,
+        presence: presence
+            .as_ref()
+            .map(|p| p.as_slice())
+            .transpose()
+            .map_err(contiguous)?,
+    };
+    let mut probs = vec![0f32; n * v];
+    let mut argmax = vec![0i64; n];
+    py.detach(|| softmax(&s, &mut probs, &mut argmax))
+        .map_err(value_error)?;
+    let probs = PyArray1::from_vec(py, probs).reshape([n, v])?;
+    Ok((probs, PyArray1::from_vec(py, argmax)))
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(sample_softmax, m)?)?;
     m.add_function(wrap_pyfunction!(paged_decode_attention, m)?)?;
     m.add_function(wrap_pyfunction!(rope_neox_inplace, m)?)?;
     m.add_function(wrap_pyfunction!(sample_draw, m)?)
