@@ -59,7 +59,8 @@ pub fn position(a: &[f32], v: f32) -> Option<usize> {
 pub fn exp_nonpositive(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
-    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
+    // 1.5 * 2^23: adding it rounds to an integer.
+    const ROUND: f32 = 12_582_912.0;
     // NaN stays NaN (the comparison is false).
     let xc = if x < -87.0 { -87.0 } else { x };
     // t's low mantissa bits hold the integer n (t = ROUND + n): integer arithmetic gives 2^n
