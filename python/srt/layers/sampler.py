@@ -14,6 +14,13 @@ min_new_tokens (stop ids masked while too few tokens are out) -> greedy rows tak
 the others are divided by their temperature, softmaxed, filtered by top_k, top_p (over the
 top-k renormalized distribution) and min_p, and drawn by inverse CDF in vocabulary order.
 
+Two implementations of that order: torch ops (on a GPU), and on the CPU srt-kernels `sampling`
+(`_sample_cpu`): one native pass per row for the penalties, temperature and softmax, numpy's
+sort for top-k / top-p, one native pass per row for the filters and the draw, which is bit for
+bit the torch draw over the same probabilities (tests/test_cpu_kernels.py). The softmax's exp
+differs from torch's in the last bits, so CPU and GPU draws agree in distribution, not bitwise
+(as the logits themselves would not).
+
 Determinism: the draw of a row uses one uniform number derived from (seed, output index) by a
 counter-based hash (splitmix64), so a seeded request yields the same tokens whatever else is in
 the batch and in whatever order. NOTE: this holds exactly on CPU; on a GPU the logits
