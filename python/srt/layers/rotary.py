@@ -83,7 +83,6 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin_cache", emb.sin(), persistent=False)
         self.max_position = max_position
         self.head_dim = head_dim
-
         self._fused = flashinfer_ops.kernels(self.cos_cache.device, torch.get_default_dtype())
         if self._fused is not None:
             half = head_dim // 2  # FlashInfer's table: [cos | sin] of the distinct frequencies

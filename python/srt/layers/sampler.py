@@ -235,7 +235,7 @@ class SamplingState:
             counts = self.counts.numpy()
         presence = f[:, PRESENCE].copy() if flags & FLAG_PRESENCE_PENALTY else None
         probs, argmax = sample_softmax(
-            logits.numpy(),
+            np.ascontiguousarray(logits.numpy()),
             f[:, TEMPERATURE].copy(),
             counts,
             rows_np,
