@@ -48,6 +48,12 @@ class ServerArgs:
         ("auto", "float32", "bfloat16", "float16"),
     )
     device: str = _f("auto", "Device: auto (cuda when available, else cpu), cpu or cuda.")
+    num_threads: int | None = _f(
+        None,
+        "CPU only: torch threads of each scheduler process (the one doing the tensor math). "
+        "Default: OMP_NUM_THREADS when set, else the cores this process may use, shared among "
+        "the node's scheduler ranks.",
+    )
     load_format: str = _f(
         "auto",
         "auto: real weights; dummy: random weights from config.json alone.",
@@ -205,6 +211,8 @@ class ServerArgs:
             raise ValueError(f"--attention-backend must be one of {ATTENTION_BACKEND_CHOICES}")
         if self.cuda_graph_max_bs is not None and self.cuda_graph_max_bs < 1:
             raise ValueError("--cuda-graph-max-bs must be >= 1")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError("--num-threads must be >= 1")
 
     def replace(self, **changes: Any) -> ServerArgs:
         return dataclasses.replace(self, **changes)

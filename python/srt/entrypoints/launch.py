@@ -28,6 +28,7 @@ from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from srt.cpu_threads import child_environment
 from srt.managers.io_struct import ProcessReady, decode, encode
 from srt.server_args import PortArgs, ServerArgs
 
@@ -243,7 +244,8 @@ def launch_subprocesses(
             # shutdown() and PR_SET_PDEATHSIG are what guarantee that none outlives main.
             daemon=False,
         )
-        p.start()
+        with child_environment():  # e.g. OpenMP's wait policy (srt.cpu_threads)
+            p.start()
         writer.close()  # so a child's death shows as EOF on `reader`
         procs[name] = p
         conns[name] = reader

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from srt.cpu_threads import set_scheduler_threads
 from srt.configs.model_config import ModelConfig, resolve_device
 from srt.distributed.parallel_state import (
     broadcast_bytes,
@@ -65,6 +66,9 @@ class ModelRunner:
                 f"--device {server_args.device} differs from the ModelConfig's {model_config.device}"
             )
         self.device = torch.device(model_config.device)
+        if self.device.type == "cpu":
+            # NOTE: a process-wide setting; the runner is what does this process's math.
+            set_scheduler_threads(server_args)
         self.dtype: torch.dtype = model_config.torch_dtype
         self.page_size = server_args.page_size
         self.parallel = get_parallel_state()
