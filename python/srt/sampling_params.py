@@ -3,16 +3,37 @@ scheduler inside `GenerateReq`.
 
 Validation raises `ValueError` with a message naming the parameter; the HTTP layer turns that
 into a 400 with an OpenAI-style error body.
+
+`from_dict` reads SGLang's sampling_params as its clients send them: a null means the default,
+`sampling_seed` is the seed, and SGLang's keys that srt does not implement (beam search, EBNF,
+...) are accepted only while they hold their null / default value (a 400 naming the key
+otherwise), so nothing is silently ignored.
 """
 
 from __future__ import annotations
 
 import math
+import re
+from typing import Any
 
 import msgspec
 
 # NOTE: top_k = -1 (or 0 from OpenAI-style clients) means "no top-k".
 _NO_TOP_K = -1
+# Limits on stop_regex: each pattern is searched in the output text after every token.
+MAX_STOP_REGEX = 16
+MAX_STOP_REGEX_CHARS = 512
+
+# SGLang sampling keys srt does not implement, with the values that ask for nothing (what
+# SGLang's own clients send when the feature is unused).
+_UNSUPPORTED_UNLESS_DEFAULT: dict[str, tuple[Any, ...]] = {
+    "beam_width": (None, 1),
+    "ebnf": (None, ""),
+    "structural_tag": (None, ""),
+    "custom_params": (None, {}),
+    "watermark": (None, False, {}),
+    "stream_interval": (None,),
+}
 
 
 class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
@@ -38,17 +59,31 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_un
     # string) or this regex; at most one of them.
     json_schema: str | None = None
     regex: str | None = None
+    # Stop when the output text (as the client sees it) contains a match of one of these
+    # regexes; the request ends with finish_reason stop, `matched` the pattern (SGLang's).
+    stop_regex: list[str] = msgspec.field(default_factory=list)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> SamplingParams:
         """Builds from a JSON-like dict (unknown keys are an error), then validates."""
         d = dict(d or {})
-        if isinstance(d.get("stop"), str):
-            d["stop"] = [d["stop"]]
-        if d.get("stop") is None:
-            d.pop("stop", None)
-        if d.get("stop_token_ids") is None:
-            d.pop("stop_token_ids", None)
+        for key, allowed in _UNSUPPORTED_UNLESS_DEFAULT.items():
+            if key in d:
+                value = d.pop(key)
+                if not any(value == a and type(value) is type(a) for a in allowed):
+                    raise ValueError(f"sampling parameter {key}={value!r} is not supported")
+        if "sampling_seed" in d:  # SGLang's name for the seed
+            seed = d.pop("sampling_seed")
+            if seed is not None and d.get("seed") not in (None, seed):
+                raise ValueError("give at most one of seed and sampling_seed")
+            if seed is not None:
+                d["seed"] = seed
+        # NOTE: like SGLang, a null means the default (except max_new_tokens, where null
+        # means "up to the context length").
+        d = {k: v for k, v in d.items() if v is not None or k == "max_new_tokens"}
+        for key in ("stop", "stop_regex"):
+            if isinstance(d.get(key), str):
+                d[key] = [d[key]]
         if d.get("top_k") == 0:
             d["top_k"] = _NO_TOP_K
         if isinstance(d.get("logit_bias"), dict):
@@ -113,6 +148,17 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_un
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
         if self.json_schema is not None and self.regex is not None:
             raise ValueError("give at most one of json_schema and regex")
+        if len(self.stop_regex) > MAX_STOP_REGEX:
+            raise ValueError(f"at most {MAX_STOP_REGEX} stop_regex patterns are allowed")
+        for pattern in self.stop_regex:
+            if len(pattern) > MAX_STOP_REGEX_CHARS:
+                raise ValueError(f"a stop_regex may be at most {MAX_STOP_REGEX_CHARS} characters")
+            try:
+                compiled = re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"stop_regex {pattern!r} is not a valid regex: {e}") from None
+            if compiled.search("") is not None:
+                raise ValueError(f"stop_regex {pattern!r} matches the empty text")
         if vocab_size is not None:
             for t in self.stop_token_ids:
                 if not 0 <= t < vocab_size:

@@ -4,7 +4,7 @@
 decision: `Rejected` (it ends at once: a client error, or nothing to generate) or `Admitted`:
 the arguments of the Rust request record (`BatchScheduler.add_request`: prompt, limits, stop
 ids with EOS, stop strings, sampling parameters, flags), the Python side it needs if any
-(`HostRequest`: grammar matcher, logprob accumulators) and the detokenizer's settings for it
+(`HostRequest`: grammar matcher, logprob accumulators, stop regexes) and the detokenizer's settings for it
 (`DetokInit`). It changes nothing itself; the scheduler applies the decision.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from srt.managers.host_requests import (
     HOST_FLAG,
     HostRequest,
     HostRequests,
+    StopRegex,
 )
 from srt.managers.io_struct import DetokInit, FinishReason, GenerateReq
 
@@ -97,7 +99,7 @@ class Admission:
                 # request (correct, at the cost of no prefix reuse for it).
                 namespace = f"{msg.cache_salt}\x00logprob:{rid}"
         if p.json_schema is not None or p.regex is not None:
-            host = host or HostRequest(input_ids=list(msg.input_ids))
+            host = host or HostRequest(input_ids=list(msg.input_ids), input_lp_next=n_prompt)
             try:
                 host.matcher = self.host.new_matcher(p)
             except (ValueError, RuntimeError) as e:
@@ -105,6 +107,14 @@ class Admission:
                     type="abort", message=f"cannot use the grammar: {e}", status_code=400
                 )
                 return Rejected(reason)
+        if p.stop_regex:
+            host = host or HostRequest(input_ids=list(msg.input_ids), input_lp_next=n_prompt)
+            host.stop_regex = StopRegex(
+                patterns=[re.compile(r) for r in p.stop_regex],
+                prompt_tail=msg.input_ids[-PROMPT_TAIL:],
+                skip_special_tokens=p.skip_special_tokens,
+                spaces_between_special_tokens=p.spaces_between_special_tokens,
+            )
         if max_new == 0:
             if host is None or host.input_lp_next >= n_prompt:
                 return Rejected(FinishReason(type="length", length=0))

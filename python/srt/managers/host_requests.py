@@ -1,5 +1,5 @@
 """The scheduler's Python side of the few requests that need host work every step: a grammar
-matcher (json_schema / regex) or logprob accumulators. Every other request lives only in the
+matcher (json_schema / regex), logprob accumulators, or stop regexes. Every other request lives only in the
 Rust request table (`srt._native.BatchScheduler`); these are keyed by the same integer id and
 flagged there (`HOST_FLAG`), so a step without them skips all of this.
 
@@ -7,13 +7,17 @@ Scheduler process. `HostRequests.prepare(step)` does a step's host part before i
 submitted (the grammar bitmask of its constrained rows, which rows want output logprobs, the
 prompt-logprob rows of a prefill) and returns it with what `after_commit` will need;
 `after_commit` takes the step's committed tokens and outputs and returns decisions: logprob
-deltas to send, and requests whose grammar ended or rejected them. It owns the grammar backend
-(srt.constrained.grammar), built for the served tokenizer on the first constrained request.
+deltas to send, and requests whose grammar ended or rejected them or whose text matched a
+stop regex. It owns the grammar backend (srt.constrained.grammar), built for the served
+tokenizer on the first constrained request, and a Rust incremental detokenizer for the
+requests with stop regexes, built on the first of them: it renders their output text with
+the request's own settings, so a regex sees the text the client gets.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +42,27 @@ GRAMMAR_CONFLICT = (
 
 
 @dataclass
+class StopRegex:
+    """A request's stop regexes and the output text they are searched in."""
+
+    patterns: list[re.Pattern[str]]
+    # The detokenizer's start for the request (DetokInit's fields, without stop strings).
+    prompt_tail: list[int]
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    text: str = ""
+
+    def search(self) -> str | None:
+        """The first pattern (its source) with a match in the text so far, or None.
+
+        NOTE: the whole text is searched, so a match may span any number of tokens."""
+        for p in self.patterns:
+            if p.search(self.text) is not None:
+                return p.pattern
+        return None
+
+
+@dataclass
 class HostRequest:
     input_ids: list[int]
     matcher: Any = None
@@ -49,6 +74,7 @@ class HostRequest:
     lp: LogprobDelta = field(default_factory=LogprobDelta)
     # max_new_tokens == 0 with prompt logprobs: prefilled to score the prompt, no token.
     score_only: bool = False
+    stop_regex: StopRegex | None = None
 
 
 @dataclass
@@ -59,12 +85,21 @@ class StepHostMeta:
     scored: list[tuple[int, int, int]] = field(default_factory=list)
     logprob_ids: list[int] = field(default_factory=list)
     grammar_ids: list[int] = field(default_factory=list)
+    regex_ids: list[int] = field(default_factory=list)
+
+    def flagged_ids(self) -> list[int]:
+        """The requests whose committed token `after_commit` needs."""
+        return self.logprob_ids + self.grammar_ids + self.regex_ids
+
+    def __bool__(self) -> bool:
+        return bool(self.scored or self.flagged_ids())
 
 
 @dataclass
 class HostDecisions:
     logprobs: list[tuple[int, LogprobDelta]] = field(default_factory=list)
-    # Requests to end now (their grammar completed or rejected the token), with the reason.
+    # Requests to end now (their grammar completed or rejected the token, their text matched
+    # a stop regex), with the reason.
     finish: list[tuple[int, FinishReason]] = field(default_factory=list)
     # Requests the commit already ended whose reason the grammar overrides (a rejected token).
     override: dict[int, FinishReason] = field(default_factory=dict)
@@ -77,6 +112,7 @@ class HostRequests:
         self._vocab_size = vocab_size
         self._eos_ids = eos_ids
         self._grammar: Any = None  # GrammarBackend, built on the first constrained request
+        self._detok: Any = None  # srt._native.Detokenizer, built on the first stop regex
 
     def new_matcher(self, params: Any) -> Any:
         """A grammar matcher for a request's json_schema / regex (ValueError, RuntimeError:
@@ -98,9 +134,23 @@ class HostRequests:
 
     def add(self, rid: int, req: HostRequest) -> None:
         self.reqs[rid] = req
+        sr = req.stop_regex
+        if sr is not None:
+            if self._detok is None:
+                from srt._native import Detokenizer
+
+                self._detok = Detokenizer(self._tokenizer_path)
+            self._detok.add(
+                rid,
+                sr.prompt_tail,
+                skip_special_tokens=sr.skip_special_tokens,
+                spaces_between_special_tokens=sr.spaces_between_special_tokens,
+            )
 
     def remove(self, rid: int) -> None:
-        self.reqs.pop(rid, None)
+        req = self.reqs.pop(rid, None)
+        if req is not None and req.stop_regex is not None:
+            self._detok.remove(rid)
 
     def prepare(self, step: StepInput, fail: str | None = None) -> tuple[StepJob, StepHostMeta]:
         """The job of a step, with the host work of its flagged requests."""
@@ -132,6 +182,8 @@ class HostRequests:
                 g_samples.append(k)
                 matchers.append(req.matcher)
                 meta.grammar_ids.append(rid)
+            if req.stop_regex is not None:
+                meta.regex_ids.append(rid)
         if lp_samples:
             job.logprob_samples = np.asarray(lp_samples, dtype=np.int64)
         if g_samples:
@@ -214,6 +266,21 @@ class HostRequests:
                     d.finish.append((rid, reason))
             elif req.matcher.is_terminated() and rid not in finished:
                 d.finish.append((rid, FinishReason(type="stop", matched=tok)))
+        ending = finished | {rid for rid, _ in d.finish}
+        for rid in meta.regex_ids:
+            req = self.reqs.get(rid)
+            tok = committed.get(rid)
+            if req is None or tok is None or rid in ending:
+                continue
+            sr = req.stop_regex
+            assert sr is not None
+            text, _ = self._detok.step(rid, [tok])
+            if not text:  # e.g. inside a multi-byte character
+                continue
+            sr.text += text
+            matched = sr.search()
+            if matched is not None:
+                d.finish.append((rid, FinishReason(type="stop", matched=matched)))
         for rid, req in touched.items():
             d.logprobs.append((rid, req.lp))
             req.lp = LogprobDelta()

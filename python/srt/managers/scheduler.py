@@ -7,7 +7,7 @@ Control: `GetStatsReq` / `FlushCacheReq` are answered straight to main (PUSH `to
 The request record is the Rust `BatchScheduler` (`self.core`): tokens, KV slots, table row,
 limits, stop ids and strings, sampling parameters; it plans each step as arrays and decides
 the finishes when tokens are committed. Python keeps only what must be Python, keyed by the
-same integer id: grammar matchers and logprob accumulators (`host_requests`).
+same integer id: grammar matchers, logprob accumulators and stop regexes (`host_requests`).
 
 Each iteration: receive requests -> plan step N + 1 (`core.schedule()`) -> submit it to the
 `StepWorker` -> process step N: wait for its sampled ids, `core.commit` them, apply the host
@@ -252,8 +252,8 @@ class Scheduler:
         res = self.core.commit(out.ids)
         finished = {f[0]: f for f in res.finished}
         decisions = None
-        if launched.meta.logprob_ids or launched.meta.grammar_ids or launched.meta.scored:
-            flagged = np.asarray(launched.meta.logprob_ids + launched.meta.grammar_ids)
+        if launched.meta:
+            flagged = np.asarray(launched.meta.flagged_ids())
             mine = np.isin(res.ids, flagged)
             committed = dict(zip(res.ids[mine].tolist(), res.tokens[mine].tolist(), strict=True))
             decisions = self.host.after_commit(launched.meta, out, committed, set(finished))
