@@ -101,11 +101,126 @@ def test_invalid_sampling_values_raise_value_error(field: str, value: Any) -> No
         req.sampling_params(req.max_tokens)
 
 
-def test_unknown_fields_are_rejected() -> None:
-    with pytest.raises(ValidationError, match="foo"):
-        CompletionRequest(prompt="x", foo=1)
+def test_unknown_fields_are_ignored_and_reported() -> None:
+    req = CompletionRequest(prompt="x", foo=1, stream=True, stream_options={"bar": 2})
+    req.check_supported()
+    assert req.ignored_fields() == ["foo", "stream_options.bar"]
+    chat = ChatCompletionRequest(
+        messages=[{"role": "user", "content": "x", "bogus": 1}], separate_reasoning=True
+    )
+    chat.check_supported()
+    assert chat.ignored_fields() == ["separate_reasoning", "messages[0].bogus"]
+    assert "foo" not in json.dumps(req.sampling_params(4).__struct_fields__)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"stream": "yes"},
+        {"stream": 1},
+        {"n": "2"},
+        {"temperature": "0.5"},
+        {"max_tokens": 2.5},
+        {"stop": 5},
+        {"stream_options": {"include_usage": "true"}},
+    ],
+)
+def test_wrong_types_are_rejected(body: dict) -> None:
     with pytest.raises(ValidationError):
-        ChatCompletionRequest(messages=[{"role": "user", "content": "x", "bogus": 1}])
+        CompletionRequest(prompt="x", **body)
+    with pytest.raises(ValidationError):
+        ChatCompletionRequest(messages=MSGS, **body)
+
+
+def test_wrong_message_types_are_rejected() -> None:
+    with pytest.raises(ValidationError):
+        ChatCompletionRequest(messages=[{"role": "user", "content": 5}])
+    with pytest.raises(ValidationError):
+        ChatCompletionRequest(messages=MSGS, reasoning_effort="extreme")
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"use_beam_search": True},
+        {"length_penalty": 0.5},
+        {"prompt_logprobs": 1},
+        {"guided_grammar": "root ::= 'a'"},
+        {"guided_json": {"type": "object"}},
+        {"lora_path": "adapter"},
+        {"return_hidden_states": True},
+        {"truncate_prompt_tokens": 8},
+    ],
+)
+def test_output_changing_extensions_are_400_naming_them(extra: dict) -> None:
+    [name] = extra
+    for req in (
+        CompletionRequest(prompt="x", **extra),
+        ChatCompletionRequest(messages=MSGS, **extra),
+    ):
+        with pytest.raises(RequestError) as e:
+            req.check_supported()
+        assert e.value.status_code == 400 and e.value.param == name and name in e.value.message
+
+
+def test_output_changing_extensions_at_their_defaults_pass() -> None:
+    defaults = {"use_beam_search": False, "length_penalty": 1, "prompt_logprobs": None}
+    req = ChatCompletionRequest(messages=MSGS, lora_path=None, **defaults)
+    req.check_supported()
+    assert req.ignored_fields() == []
+
+
+def test_continuous_usage_stats_is_400() -> None:
+    req = CompletionRequest(
+        prompt="x", stream=True, stream_options={"continuous_usage_stats": True}
+    )
+    with pytest.raises(RequestError) as e:
+        req.check_supported()
+    assert e.value.param == "stream_options"
+
+
+def test_chat_template_options() -> None:
+    req = ChatCompletionRequest(
+        messages=MSGS,
+        chat_template_kwargs={"enable_thinking": False},
+        reasoning_effort="low",
+    )
+    req.check_supported()
+    assert req.template_kwargs() == {"enable_thinking": False, "reasoning_effort": "low"}
+    cont = [*MSGS, {"role": "assistant", "content": "Hello"}]
+    ok = ChatCompletionRequest(
+        messages=cont, add_generation_prompt=False, continue_final_message=True, echo=True
+    )
+    ok.check_supported()
+    dicts = [m.to_template_dict(i) for i, m in enumerate(ok.messages)]
+    assert ok.echo_prefix(dicts) == "Hello"
+    assert ChatCompletionRequest(messages=MSGS, echo=True).echo_prefix(MSGS) == ""
+
+
+@pytest.mark.parametrize(
+    "kwargs, param",
+    [
+        ({"continue_final_message": True}, "continue_final_message"),
+        (
+            {"continue_final_message": True, "add_generation_prompt": False},
+            "continue_final_message",
+        ),
+        ({"chat_template_kwargs": {"tokenize": True}}, "chat_template_kwargs"),
+        ({"chat_template": "{{ messages }}"}, "chat_template"),
+        ({"audio": {"voice": "x"}}, "audio"),
+    ],
+)
+def test_bad_chat_template_options_are_400(kwargs: dict, param: str) -> None:
+    with pytest.raises(RequestError) as e:
+        ChatCompletionRequest(messages=MSGS, **kwargs).check_supported()
+    assert e.value.status_code == 400 and e.value.param == param
+
+
+def test_vllm_stop_aliases_map_to_sampling_params() -> None:
+    sp = CompletionRequest(
+        prompt="x", include_stop_str_in_output=True, stop_regex=r"\d+"
+    ).sampling_params(4)
+    assert sp.no_stop_trim and sp.stop_regex == [r"\d+"]
 
 
 @pytest.mark.parametrize(
@@ -117,6 +232,7 @@ def test_unknown_fields_are_rejected() -> None:
         ({"echo": True, "stream": True}, "echo"),
         ({"suffix": "s"}, "suffix"),
         ({"best_of": 3}, "best_of"),
+        ({"suffix": "s", "foo": 1}, "suffix"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
     ],
 )
@@ -291,14 +407,19 @@ def test_http_bad_sampling_params_are_400(client: TestClient) -> None:
     _assert_error(client.post("/generate", json={"text": ["a", "b"], "sampling_params": [{}]}), 400)
 
 
-def test_http_unknown_model_is_404(client: TestClient) -> None:
-    body = _assert_error(
-        client.post("/v1/completions", json={"model": "gpt-9", "prompt": "x"}), 404
-    )
+def test_http_retrieving_another_model_is_404(client: TestClient) -> None:
+    body = _assert_error(client.get("/v1/models/gpt-9"), 404)
     assert body["code"] == "model_not_found" and body["param"] == "model"
-    _assert_error(
-        client.post("/v1/chat/completions", json={"model": "gpt-9", "messages": MSGS}), 404
+    assert client.get("/v1/models/tiny").status_code == 200
+
+
+def test_http_output_changing_extension_is_400_naming_it(client: TestClient) -> None:
+    body = _assert_error(
+        client.post("/v1/completions", json={"prompt": "x", "use_beam_search": True}), 400
     )
+    assert body["param"] == "use_beam_search" and "use_beam_search" in body["message"]
+    body = _assert_error(client.post("/v1/completions", json={"prompt": "x", "stream": "yes"}), 400)
+    assert "stream" in body["message"]
 
 
 def test_http_unknown_route_and_method(client: TestClient) -> None:

@@ -477,3 +477,28 @@ def test_data_parallel_replicas_follow_each_request(tokenizer_dir: Path) -> None
         tm.close()
         peers.close()
         port_args.cleanup()
+
+
+def test_chat_template_render_options(tiny_model_paths: dict[str, str]) -> None:
+    """add_generation_prompt, continue_final_message and the template's own variables
+    (chat_template_kwargs, reasoning_effort) reach the render."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_paths["llama"])
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>"
+        "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+        "{% if enable_thinking is defined and not enable_thinking %}[no-think]{% endif %}"
+        "{% if reasoning_effort is defined %}[{{ reasoning_effort }}]{% endif %}"
+    )
+    fake = SimpleNamespace(tokenizer=tok)
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hel"}]
+    render = TokenizerManager.apply_chat_template
+    assert render(fake, msgs[:1]) == "<user>hi</user><assistant>"  # type: ignore[arg-type]
+    assert render(fake, msgs[:1], enable_thinking=False, reasoning_effort="low") == (  # type: ignore[arg-type]
+        "<user>hi</user><assistant>[no-think][low]"
+    )
+    cont = render(fake, msgs, add_generation_prompt=False, continue_final_message=True)  # type: ignore[arg-type]
+    assert cont == "<user>hi</user><assistant>Hel"

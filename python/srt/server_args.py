@@ -35,7 +35,9 @@ class ServerArgs:
     )
     tokenizer_path: str | None = _f(None, "Tokenizer folder; defaults to the model path.")
     served_model_name: str | None = _f(
-        None, "Model name reported by /v1/models and in responses; defaults to the model path."
+        None,
+        "Model name reported by /v1/models and in responses; defaults to the model folder's "
+        "name (a .gguf file's without the suffix).",
     )
     host: str = _f("127.0.0.1", "Address the HTTP server binds.")
     port: int = _f(30000, "Port the HTTP server listens on.")

@@ -1,8 +1,9 @@
 """Operational and utility HTTP routes (main process), and the --api-key check.
 
-Routes: GET /health_generate, GET /v1/models/{id}, POST /v1/tokenize, POST /v1/detokenize,
-GET /server_info, GET /model_info, POST /flush_cache, POST /abort_request, and GET /metrics
-(only with --enable-metrics). Scheduler numbers come from the schedulers over the control path
+Routes: GET /health_generate, GET /v1/models/{id}, POST /v1/tokenize (also /tokenize),
+POST /v1/detokenize (also /detokenize), GET /server_info (also SGLang's /get_server_info),
+GET /model_info (also SGLang's /get_model_info), POST /flush_cache, POST /abort_request, and
+GET /metrics (only with --enable-metrics). Scheduler numbers come from the schedulers over the control path
 (`TokenizerManager.scheduler_stats`; summed over data-parallel replicas, each replica's under
 `stats.replicas`); /flush_cache empties every replica's cache. Errors use the OpenAI error body
 like every other route.
@@ -147,11 +148,12 @@ def register_admin_routes(app: FastAPI, tm: TokenizerManager, parse_body: Callab
 
     @app.get("/v1/models/{model_id:path}")
     async def retrieve_model(model_id: str) -> Response:
-        base.check_model(model_id)
+        base.require_model(model_id)
         card = base.model_list().data[0]
         return Response(content=card.model_dump_json(), media_type="application/json")
 
     @app.post("/v1/tokenize")
+    @app.post("/tokenize")
     async def tokenize(request: Request) -> Response:
         body = await parse_body(request, TokenizeRequest)
         base.check_model(body.model)
@@ -172,6 +174,7 @@ def register_admin_routes(app: FastAPI, tm: TokenizerManager, parse_body: Callab
         )
 
     @app.post("/v1/detokenize")
+    @app.post("/detokenize")
     async def detokenize(request: Request) -> Response:
         body = await parse_body(request, DetokenizeRequest)
         base.check_model(body.model)
@@ -180,9 +183,12 @@ def register_admin_routes(app: FastAPI, tm: TokenizerManager, parse_body: Callab
             raise RequestError(
                 f"token {bad} is not a token id in [0, {tm.vocab_size})", param="tokens"
             )
-        return JSONResponse({"prompt": tm.decode(body.tokens)})
+        text = tm.decode(body.tokens)
+        # NOTE: vLLM names the text "prompt", SGLang "text".
+        return JSONResponse({"prompt": text, "text": text})
 
     @app.get("/server_info")
+    @app.get("/get_server_info")
     async def server_info() -> Response:
         args = dataclasses.asdict(tm.server_args)
         if args.get("api_key"):
@@ -195,6 +201,7 @@ def register_admin_routes(app: FastAPI, tm: TokenizerManager, parse_body: Callab
         return JSONResponse(info)
 
     @app.get("/model_info")
+    @app.get("/get_model_info")
     async def model_info() -> Response:
         return JSONResponse(
             {

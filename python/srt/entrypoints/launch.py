@@ -101,15 +101,23 @@ def prepare_server_args(server_args: ServerArgs) -> ServerArgs:
     """Resolves model and tokenizer to HF folders (once, in main) and fixes the served name."""
     from srt.model_loader.gguf import default_model_path, resolve_model_paths
 
-    served = server_args.served_model_name or server_args.model_path
-    if served is None:  # the default model: named after its GGUF file, not the cache folder
-        served = os.path.basename(default_model_path()).removesuffix(".gguf")
+    served = server_args.served_model_name or default_served_name(
+        server_args.model_path or default_model_path()
+    )
     model_path, tokenizer_path = resolve_model_paths(
         server_args.model_path, server_args.tokenizer_path
     )
     return server_args.replace(
         model_path=model_path, tokenizer_path=tokenizer_path, served_model_name=served
     )
+
+
+def default_served_name(model_path: str) -> str:
+    """The name a model is served under without --served-model-name: its folder's name, or
+    its file's without the .gguf suffix; a hub id (no such local path) as given."""
+    if not os.path.exists(model_path):
+        return model_path
+    return os.path.basename(os.path.normpath(model_path)).removesuffix(".gguf")
 
 
 def scheduler_name(dp_rank: int, rank: int) -> str:

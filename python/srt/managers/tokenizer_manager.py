@@ -318,13 +318,25 @@ class TokenizerManager:
 
     # ---- tokenization and validation ------------------------------------------------------
 
-    def apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
-        """Renders chat messages (role/content dicts) into the prompt text, ready to generate."""
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        **template_kwargs: Any,
+    ) -> str:
+        """Renders chat messages (role/content dicts) into the prompt text: ready to generate
+        the assistant's answer (add_generation_prompt), or to continue the last message
+        (continue_final_message). `template_kwargs` are the template's own variables."""
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise ValueError("this model's tokenizer has no chat template; use /v1/completions")
         try:
             return self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
+                messages,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                **template_kwargs,
             )
         except Exception as e:  # jinja2 errors, raise_exception() in templates
             raise ValueError(f"chat template failed: {e}") from e

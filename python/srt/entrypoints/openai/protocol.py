@@ -1,9 +1,15 @@
 """OpenAI API shapes (pydantic): requests, responses, stream chunks, errors, and SSE framing.
 
-Requests are strict: an unknown field is a 400, and a known field srt does not implement
-(tools, suffix, ...) is a 400 naming it, rather than being silently ignored. srt's own
-sampling knobs (top_k, min_p, repetition_penalty, min_tokens, stop_token_ids, ignore_eos, ...)
-are accepted as extra top-level fields, which is where the openai client puts `extra_body`.
+Requests are lenient where vLLM's and SGLang's users expect it and strict where it matters:
+- an unknown field is ignored (`ignored_fields`; the server logs one line naming them);
+- a field whose silent omission would change the output is a 400 naming it unless it holds
+  its null / default value: OpenAI's (suffix, audio, tools, best_of > n, ...) and other
+  servers' extensions srt does not implement (`OUTPUT_CHANGING`: beam search, guided_grammar,
+  LoRA, ...);
+- types are strict: `"stream": "yes"` or `"n": "2"` is a 400, not a coercion.
+srt's own sampling knobs (top_k, min_p, repetition_penalty, min_tokens, stop_token_ids,
+ignore_eos, stop_regex, ...) are accepted as extra top-level fields, which is where the openai
+client puts `extra_body`.
 """
 
 from __future__ import annotations
@@ -79,15 +85,62 @@ def new_id(prefix: str) -> str:
 # ---- requests ----------------------------------------------------------------------------
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+# Fields of other servers' APIs (vLLM, SGLang) that srt does not implement and whose silent
+# omission would change the output -> the value that asks for nothing. Any other value is a 400.
+OUTPUT_CHANGING: dict[str, Any] = {
+    "prompt_logprobs": None,
+    "use_beam_search": False,
+    "length_penalty": 1.0,
+    "guided_json": None,
+    "guided_regex": None,
+    "guided_choice": None,
+    "guided_grammar": None,
+    "structured_outputs": None,
+    "ebnf": None,
+    "structural_tag": None,
+    "lora_path": None,
+    "return_hidden_states": False,
+    "return_routed_experts": False,
+    "truncate_prompt_tokens": None,
+    "logits_processors": None,
+    "bad_words": None,
+    "allowed_token_ids": None,
+    "max_thinking_tokens": None,
+    "web_search_options": None,
+    "chat_template": None,
+    "documents": None,
+}
+
+
+def asks_for_nothing(value: Any, default: Any) -> bool:
+    """`value` is null, `default`, or (a batch's per-prompt list) only those."""
+    if value is None:
+        return True
+    if isinstance(value, list) and not isinstance(default, list):
+        return all(asks_for_nothing(v, default) for v in value)
+    if isinstance(default, float) and type(value) is int:
+        return value == default
+    # NOTE: by type too, so 0 is not taken for False nor 1 for True.
+    return value == default and type(value) is type(default)
+
+
+class _Lenient(BaseModel):
+    """Strict types; unknown fields are kept aside (`model_extra`) to be reported, not used."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    def _unknown(self, prefix: str = "") -> list[str]:
+        return [prefix + k for k in (self.model_extra or {}) if k not in OUTPUT_CHANGING]
+
+
+class StreamOptions(_Lenient):
     include_usage: bool = False
+    # vLLM's usage on every chunk: not implemented (a 400 when true).
+    continuous_usage_stats: bool = False
 
 
-class _SamplingFields(BaseModel):
+class _SamplingFields(_Lenient):
     """Fields shared by both endpoints; OpenAI's own first, then srt's extras."""
-
-    model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
     n: int = 1
@@ -116,6 +169,9 @@ class _SamplingFields(BaseModel):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     no_stop_trim: bool = False
+    # vLLM's name for no_stop_trim.
+    include_stop_str_in_output: bool = False
+    stop_regex: str | list[str] | None = None
     cache_salt: str = ""
     # Structured output: OpenAI's response_format (text, json_object, json_schema), or srt's
     # `regex` extension; see srt.constrained.grammar.
@@ -123,10 +179,30 @@ class _SamplingFields(BaseModel):
     regex: str | None = None
 
     def check_supported(self) -> None:
-        if self.best_of is not None and self.best_of != self.n:
-            raise RequestError("best_of is not supported", param="best_of")
-        if self.stream_options is not None and not self.stream:
-            raise RequestError("stream_options needs stream=true", param="stream_options")
+        for name, value in (self.model_extra or {}).items():
+            default = OUTPUT_CHANGING.get(name, value)
+            if not asks_for_nothing(value, default):
+                raise RequestError(
+                    f"{name} is not supported (only {json.dumps(default)} is accepted)",
+                    param=name,
+                )
+        if self.best_of is not None and self.best_of > 1 and self.best_of != self.n:
+            raise RequestError("best_of > 1 is not supported", param="best_of")
+        if self.stream_options is not None:
+            if not self.stream:
+                raise RequestError("stream_options needs stream=true", param="stream_options")
+            if self.stream_options.continuous_usage_stats:
+                raise RequestError(
+                    "stream_options.continuous_usage_stats is not supported",
+                    param="stream_options",
+                )
+
+    def ignored_fields(self) -> list[str]:
+        """The unknown fields of the request, which change nothing (the server logs them)."""
+        out = self._unknown()
+        if self.stream_options is not None:
+            out += self.stream_options._unknown("stream_options.")
+        return out
 
     @field_validator("temperature")
     @classmethod
@@ -149,7 +225,8 @@ class _SamplingFields(BaseModel):
             "ignore_eos": self.ignore_eos,
             "skip_special_tokens": self.skip_special_tokens,
             "spaces_between_special_tokens": self.spaces_between_special_tokens,
-            "no_stop_trim": self.no_stop_trim,
+            "no_stop_trim": self.no_stop_trim or self.include_stop_str_in_output,
+            "stop_regex": self.stop_regex,
             "seed": self.seed,
             "logit_bias": self.logit_bias,
             "n": self.n,
@@ -198,8 +275,8 @@ class _SamplingFields(BaseModel):
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
-    # Known OpenAI fields srt does not implement: a 400 when set.
     echo: bool = False
+    # Not implemented: a 400 when set.
     suffix: str | None = None
 
     def logprob_request(self) -> tuple[bool, int]:
@@ -238,13 +315,12 @@ class CompletionRequest(_SamplingFields):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore", strict=True)
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ChatMessage(_Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
@@ -278,10 +354,39 @@ class ChatMessage(BaseModel):
         return {"role": role, "content": content or ""}
 
 
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high"]
+# chat_template_kwargs srt sets itself.
+_RESERVED_TEMPLATE_KWARGS = frozenset(
+    {
+        "conversation",
+        "messages",
+        "tokenize",
+        "add_generation_prompt",
+        "continue_final_message",
+        "chat_template",
+        "tools",
+        "documents",
+        "return_dict",
+        "return_assistant_tokens_mask",
+    }
+)
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage]
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
+    # The chat template's render (vLLM's and SGLang's extensions): the assistant header after
+    # the messages (add_generation_prompt), or the last (assistant) message left open to be
+    # continued (continue_final_message); chat_template_kwargs are the template's variables
+    # (e.g. enable_thinking), reasoning_effort one of them.
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: ReasoningEffort | None = None
+    add_special_tokens: bool = False
+    # The last message's content before the generated one, when both are the assistant's.
+    echo: bool = False
     # Known OpenAI fields srt does not implement: a 400 when set.
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
@@ -319,6 +424,43 @@ class ChatCompletionRequest(_SamplingFields):
             raise RequestError("only the text modality is supported", param="modalities")
         if not self.messages:
             raise RequestError("messages must not be empty", param="messages")
+        if self.continue_final_message:
+            if self.add_generation_prompt:
+                raise RequestError(
+                    "continue_final_message needs add_generation_prompt=false",
+                    param="continue_final_message",
+                )
+            if self.messages[-1].role != "assistant":
+                raise RequestError(
+                    "continue_final_message needs an assistant message last",
+                    param="continue_final_message",
+                )
+        reserved = sorted(_RESERVED_TEMPLATE_KWARGS & set(self.chat_template_kwargs or {}))
+        if reserved:
+            raise RequestError(
+                f"chat_template_kwargs may not set {', '.join(reserved)}",
+                param="chat_template_kwargs",
+            )
+
+    def ignored_fields(self) -> list[str]:
+        out = super().ignored_fields()
+        for i, m in enumerate(self.messages):
+            out += m._unknown(f"messages[{i}].")
+        return out
+
+    def template_kwargs(self) -> dict[str, Any]:
+        """The chat template's extra variables."""
+        kw = dict(self.chat_template_kwargs or {})
+        if self.reasoning_effort is not None:
+            kw.setdefault("reasoning_effort", self.reasoning_effort)
+        return kw
+
+    def echo_prefix(self, messages: list[dict[str, str]]) -> str:
+        """With echo, the content the response starts with: the last message's, when it is
+        the assistant's (the role that answers), else nothing (vLLM's rule)."""
+        if self.echo and messages and messages[-1]["role"] == "assistant":
+            return messages[-1]["content"]
+        return ""
 
     def max_new_tokens(self) -> int | None:
         if self.max_completion_tokens is not None:

@@ -1,6 +1,7 @@
-"""What /v1/completions and /v1/chat/completions share (main process): the model-name check,
-turning prompts x n choices into tokenized requests (all validated before any is sent), running
-them together, and the SSE wrapper that ends every stream with `data: [DONE]`.
+"""What /v1/completions and /v1/chat/completions share (main process): the model-name check
+(another name is served with a warning), turning prompts x n choices into tokenized requests
+(all validated before any is sent), running them together, and the SSE wrapper that ends every
+stream with `data: [DONE]`.
 """
 
 from __future__ import annotations
@@ -42,7 +43,23 @@ class OpenAIServingBase:
         return self.tm.served_model_name
 
     def check_model(self, model: str | None) -> None:
+        """A request naming another model is served all the same (as SGLang does; clients
+        often send a placeholder name), with a warning."""
         if model is not None and model != self.model_name:
+            logger.warning(
+                "request for model %r served by %r (the only model here)", model, self.model_name
+            )
+
+    @staticmethod
+    def log_ignored(req: Any) -> None:
+        """One log line naming the request's unknown fields, which srt ignores."""
+        names = req.ignored_fields()
+        if names:
+            logger.warning("ignoring unknown request fields: %s", ", ".join(names))
+
+    def require_model(self, model: str) -> None:
+        """RequestError (404) unless `model` is the served one (GET /v1/models/{id})."""
+        if model != self.model_name:
             raise RequestError(
                 f"The model `{model}` does not exist; this server serves `{self.model_name}`.",
                 status_code=404,

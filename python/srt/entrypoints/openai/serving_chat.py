@@ -1,8 +1,12 @@
 """POST /v1/chat/completions (main process): ChatCompletionRequest in, the chat template applied
 by the TokenizerManager, ChatCompletionResponse or a stream of chat.completion.chunk out.
 
+The prompt is the chat template's render of the messages (add_generation_prompt,
+continue_final_message, chat_template_kwargs and reasoning_effort go to it); with `echo`, a
+response whose last message is the assistant's starts with that message's content.
+
 Stream shape per choice: a first chunk whose delta is {"role": "assistant", "content": ""},
-content deltas, then one chunk with an empty delta and the finish_reason; with
+(with echo, a chunk with the echoed content,) content deltas, then one chunk with an empty delta and the finish_reason; with
 stream_options.include_usage, one last chunk with `choices: []` and the usage.
 
 `logprobs: true` (+ `top_logprobs: k`) adds choice.logprobs = {"content": [...]} (the content
@@ -40,6 +44,7 @@ class OpenAIServingChat(OpenAIServingBase):
         """A response, or (stream=true) an async iterator of SSE strings ending in [DONE].
         Raises RequestError for anything wrong with the request, before generating."""
         req.check_supported()
+        self.log_ignored(req)
         self.check_model(req.model)
         try:
             sp = req.sampling_params(req.max_new_tokens())
@@ -47,17 +52,24 @@ class OpenAIServingChat(OpenAIServingBase):
             raise RequestError(str(e)) from e
         messages = [m.to_template_dict(i) for i, m in enumerate(req.messages)]
         try:
-            prompt = self.tm.apply_chat_template(messages)
+            prompt = self.tm.apply_chat_template(
+                messages,
+                add_generation_prompt=req.add_generation_prompt,
+                continue_final_message=req.continue_final_message,
+                **req.template_kwargs(),
+            )
         except ValueError as e:
             raise RequestError(str(e), param="messages") from e
         want_lp, top = req.logprob_request()
         obj = GenerateReqInput(
             text=prompt, cache_salt=req.cache_salt, return_logprob=want_lp, top_logprobs_num=top
         )
-        # NOTE: the template already holds the special tokens (BOS, role markers).
-        reqs = await self.tokenize_choices([obj], sp, add_special_tokens=False)
+        # NOTE: the template already holds the special tokens (BOS, role markers), so none
+        # are added unless the client asks (vLLM's add_special_tokens).
+        reqs = await self.tokenize_choices([obj], sp, add_special_tokens=req.add_special_tokens)
+        echo = req.echo_prefix(messages)
         if req.stream:
-            return sse_stream(self._stream(req, reqs))
+            return sse_stream(self._stream(req, reqs, echo))
         outs = await self.run_choices(reqs, raw_request)
         choices = []
         for i, out in enumerate(outs):
@@ -65,7 +77,7 @@ class OpenAIServingChat(OpenAIServingBase):
             choices.append(
                 ChatCompletionResponseChoice(
                     index=i,
-                    message=ChatMessageOut(content=out["text"]),
+                    message=ChatMessageOut(content=echo + out["text"]),
                     logprobs=self._logprobs(out["meta_info"]) if want_lp else None,
                     finish_reason=reason,
                     matched_stop=matched,
@@ -106,12 +118,15 @@ class OpenAIServingChat(OpenAIServingBase):
         )
 
     async def _stream(
-        self, req: ChatCompletionRequest, reqs: list[TokenizedGenerateReqInput]
+        self, req: ChatCompletionRequest, reqs: list[TokenizedGenerateReqInput], echo: str
     ) -> AsyncIterator[ChatCompletionStreamResponse]:
         rid = new_id("chatcmpl")
-        # The role comes first for every choice, before any waiting on the model.
+        # The role comes first for every choice, before any waiting on the model (then the
+        # echoed content, if any).
         for i in range(len(reqs)):
             yield self._chunk(rid, i, DeltaMessage(role="assistant", content=""))
+            if echo:
+                yield self._chunk(rid, i, DeltaMessage(content=echo))
         finals: dict[int, dict[str, Any]] = {}
         async for i, out in self.stream_choices(reqs):
             fr = out["meta_info"]["finish_reason"]

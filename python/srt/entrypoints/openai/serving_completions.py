@@ -36,6 +36,7 @@ class OpenAIServingCompletion(OpenAIServingBase):
         """A response, or (stream=true) an async iterator of SSE strings ending in [DONE].
         Raises RequestError for anything wrong with the request, before generating."""
         req.check_supported()
+        self.log_ignored(req)
         self.check_model(req.model)
         try:
             sp = req.sampling_params(req.max_tokens)
