@@ -467,3 +467,173 @@ def test_openai_response_format(client: openai.OpenAI, live: Live) -> None:
                 "json_schema": {"name": "c", "schema": {"type": "nonsense"}},
             },
         )
+
+
+# ---- SGLang's native API as its clients use it (issue 13, point 5) ----------------------------
+
+
+def test_sglang_info_aliases(live: Live) -> None:
+    info = httpx.get(live.base + "/get_model_info", timeout=30).json()
+    assert info["model_path"] == live.model and info["is_generation"] is True
+    assert "max_total_num_tokens" in httpx.get(live.base + "/get_server_info", timeout=30).json()
+
+
+def test_bench_serving_body(live: Live) -> None:
+    body = {
+        "text": "the quick brown fox",
+        "sampling_params": {"temperature": 0.0, "max_new_tokens": 3, "ignore_eos": True},
+        "lora_path": None,
+        "return_logprob": False,
+        "return_routed_experts": False,
+        "logprob_start_len": -1,
+    }
+    assert live.gen(**body)["meta_info"]["completion_tokens"] == 3
+    r = live.post("/generate", **{**body, "lora_path": "adapter"})
+    assert r.status_code == 400 and r.json()["param"] == "lora_path"
+
+
+def test_return_text_in_logprobs(live: Live) -> None:
+    body = dict(text="hello world", sampling_params=GREEDY, return_logprob=True)
+    with_text = live.gen(**body, return_text_in_logprobs=True)["meta_info"]
+    without = live.gen(**body, return_text_in_logprobs=False)["meta_info"]
+    assert all(isinstance(e[2], str) for e in with_text["output_token_logprobs"])
+    assert [e[2] for e in without["output_token_logprobs"]] == [None] * 8
+    assert [e[:2] for e in without["output_token_logprobs"]] == [
+        e[:2] for e in with_text["output_token_logprobs"]
+    ]
+
+
+def test_stop_regex_ends_at_the_token_completing_the_match(live: Live) -> None:
+    from transformers import AutoTokenizer
+
+    sp = {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True}
+    full = live.gen(text="the capital of france", sampling_params=sp)
+    text = full["text"]
+    # a pattern whose first match ends in the middle of the output
+    mid = len(text) // 2
+    pattern = re.escape(text[mid - 2 : mid]) + "|" + re.escape(text[mid - 2 : mid]) + "x+"
+    out = live.gen(text="the capital of france", sampling_params={**sp, "stop_regex": pattern})
+    fr = out["meta_info"]["finish_reason"]
+    assert fr == {"type": "stop", "matched": pattern}
+    assert text.startswith(out["text"]) and re.search(pattern, out["text"])
+    tok = AutoTokenizer.from_pretrained(live.model)
+    assert re.search(pattern, tok.decode(out["output_ids"][:-1])) is None
+    assert out["meta_info"]["completion_tokens"] == len(out["output_ids"]) < 24
+
+    # streaming gives the same text and the same finish; the server goes on serving
+    r = httpx.post(
+        live.base + "/generate",
+        json={
+            "text": "the capital of france",
+            "sampling_params": {**sp, "stop_regex": [r"\d{9}", pattern]},
+            "stream": True,
+        },
+        timeout=60,
+    )
+    events = [json.loads(x[6:]) for x in r.text.split("\n\n") if x.startswith("data: {")]
+    assert events[-1]["text"] == out["text"]
+    assert events[-1]["meta_info"]["finish_reason"] == fr
+    bad = live.post("/generate", text="x", sampling_params={"stop_regex": "("})
+    assert bad.status_code == 400 and "stop_regex" in bad.json()["message"]
+    assert live.gen(text="x", sampling_params=GREEDY)["meta_info"]["completion_tokens"] == 8
+
+
+def test_sglang_frontend_program(live: Live) -> None:
+    """sgl.gen / select / regex / fork / chat roles / run_batch / streaming through SGLang's own
+    RuntimeEndpoint, unchanged."""
+    sgl = pytest.importorskip(
+        "sglang.lang.api",
+        reason="SGLang's frontend is not installed (pip install --no-deps sglang, plus its "
+        "client-side imports: aiohttp, orjson, pybase64, IPython)",
+    )
+    from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint
+
+    backend = RuntimeEndpoint(live.base)
+
+    @sgl.function
+    def program(s):  # noqa: ANN001, ANN202
+        s += "Q: pick one. A:"
+        s += sgl.gen("free", max_tokens=6, temperature=0)
+        s += sgl.select("choice", choices=["yes", "no", "maybe"])
+        s += sgl.gen("num", max_tokens=4, regex=r"[0-9]{1,3}")
+        s += sgl.gen("rx", max_tokens=32, stop_regex=r"[a-z]", temperature=0)
+        forks = s.fork(2)
+        for i, f in enumerate(forks):
+            f += f"branch {i}:" + sgl.gen("b", max_tokens=3, temperature=0)
+        forks.join()
+
+    state = program.run(backend=backend)
+    assert state["choice"] in ("yes", "no", "maybe")
+    assert re.fullmatch(r"[0-9]{1,3}", state["num"])
+    assert state.get_meta_info("rx")["finish_reason"] == {"type": "stop", "matched": "[a-z]"}
+    assert re.search("[a-z]", state["rx"])
+
+    @sgl.function
+    def chat(s, q):  # noqa: ANN001, ANN202
+        s += sgl.system("be brief")
+        s += sgl.user(q)
+        s += sgl.assistant(sgl.gen("a", max_tokens=4))
+
+    states = chat.run_batch([{"q": "hi"}, {"q": "yo"}], backend=backend)
+    assert all(isinstance(st["a"], str) for st in states)
+    streamed = chat.run(q="stream", stream=True, backend=backend)
+    assert "".join(streamed.text_iter("a")) == streamed["a"]
+
+
+# ---- OpenAI-side leniency (issue 13, point 6) ------------------------------------------------
+
+
+def test_served_name_is_the_folder_name_and_other_names_are_served(
+    client: openai.OpenAI, live: Live
+) -> None:
+    assert [m.id for m in client.models.list().data] == [Path(live.model).name]
+    c = client.completions.create(model="default", prompt="hi", max_tokens=2)
+    assert c.model == Path(live.model).name and c.choices[0].text is not None
+
+
+def test_unknown_fields_are_ignored_wrong_types_are_400(live: Live) -> None:
+    msgs = [{"role": "user", "content": "hi", "weird": 1}]
+    body = {"messages": msgs, "max_tokens": 2, "separate_reasoning": True, "foo": {"a": 1}}
+    r = live.post("/v1/chat/completions", **body)
+    assert r.status_code == 200, r.text
+    r = live.post("/v1/chat/completions", **{**body, "stream": "yes"})
+    assert r.status_code == 400 and "stream" in r.json()["message"]
+    r = live.post("/v1/completions", prompt="x", suffix="!", foo=1)
+    assert r.status_code == 400 and r.json()["param"] == "suffix"
+    r = live.post("/v1/completions", prompt="x", use_beam_search=True)
+    assert r.status_code == 400 and r.json()["param"] == "use_beam_search"
+    assert live.post("/v1/completions", prompt="x", max_tokens=1).status_code == 200
+
+
+def test_chat_template_options(client: openai.OpenAI, live: Live) -> None:
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello"}]
+    kw: dict = dict(model="x", messages=msgs, max_tokens=3, temperature=0)
+    extra = {"ignore_eos": True, "add_generation_prompt": False, "continue_final_message": True}
+    cont = client.chat.completions.create(**kw, extra_body={**extra, "echo": True})
+    assert cont.choices[0].message.content.startswith("Hello")
+    plain = client.chat.completions.create(**kw, extra_body=extra)
+    # the open last message: one token fewer in the prompt than with its end marker
+    closed = client.chat.completions.create(
+        **kw,
+        extra_body={"ignore_eos": True, "add_generation_prompt": False},
+        reasoning_effort="low",
+    )
+    assert plain.usage.prompt_tokens < closed.usage.prompt_tokens
+    assert cont.choices[0].message.content == "Hello" + plain.choices[0].message.content
+    stream = client.chat.completions.create(**kw, stream=True, extra_body={**extra, "echo": True})
+    text = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
+    assert text == cont.choices[0].message.content
+    r = live.post(
+        "/v1/chat/completions",
+        messages=msgs,
+        chat_template_kwargs={"enable_thinking": False},
+        max_tokens=1,
+    )
+    assert r.status_code == 200, r.text
+
+
+def test_tokenize_aliases(live: Live) -> None:
+    toks = live.post("/tokenize", prompt="hello world").json()["tokens"]
+    assert toks == live.post("/v1/tokenize", prompt="hello world").json()["tokens"]
+    out = live.post("/detokenize", tokens=toks).json()
+    assert out["text"] == out["prompt"] and "hello world" in out["text"]

@@ -1,6 +1,6 @@
 """The HTTP server (main process): FastAPI routes over the TokenizerManager, and `launch_server`.
 
-Routes: POST /generate (SGLang's native shape), POST /v1/completions, POST /v1/chat/completions,
+Routes: POST /generate (SGLang's native shape, `native_request`), POST /v1/completions, POST /v1/chat/completions,
 GET /v1/models, GET /health, and the operational ones of `srt.entrypoints.admin` (tokenize,
 server_info, flush_cache, abort_request, metrics, ...). Every error, including malformed JSON
 and pydantic validation failures (FastAPI's 422), is an OpenAI-style body `{"object": "error",
@@ -31,11 +31,12 @@ from typing import Any, TypeVar
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from srt.entrypoints.admin import install_api_key, register_admin_routes
 from srt.entrypoints.guards import RequestGate
+from srt.entrypoints.native_request import GenerateRequest
 from srt.entrypoints.openai.protocol import (
     SSE_DONE,
     ChatCompletionRequest,
@@ -49,7 +50,6 @@ from srt.entrypoints.openai.serving_completions import OpenAIServingCompletion
 from srt.entrypoints.uvicorn_serve import serve_and_announce
 from srt.managers.tokenizer_manager import (
     ClientDisconnected,
-    GenerateReqInput,
     RuntimeDeadError,
     TokenizerManager,
     final_output,
@@ -63,66 +63,6 @@ from srt.server_args import PortArgs, ServerArgs
 logger = logging.getLogger(__name__)
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-class GenerateRequest(BaseModel):
-    """POST /generate: one prompt or a batch (lists), as text or token ids."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    text: str | list[str] | None = None
-    input_ids: list[int] | list[list[int]] | None = None
-    sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None
-    stream: bool = False
-    rid: str | list[str] | None = None
-    cache_salt: str = ""
-    return_logprob: bool = False
-    top_logprobs_num: int = 0
-    logprob_start_len: int = -1
-
-    def to_inputs(self) -> tuple[list[GenerateReqInput], bool]:
-        """The single requests, and whether the body was a batch. ValueError if malformed."""
-        if (self.text is None) == (self.input_ids is None):
-            raise ValueError("give exactly one of `text` and `input_ids`")
-        if self.text is not None:
-            batch = isinstance(self.text, list)
-            prompts: list[Any] = list(self.text) if batch else [self.text]
-            key = "text"
-        else:
-            ids = self.input_ids or []
-            batch = bool(ids) and isinstance(ids[0], list)
-            prompts = list(ids) if batch else [ids]
-            key = "input_ids"
-        if batch and not prompts:
-            raise ValueError(f"`{key}` is an empty batch")
-        sps = self.sampling_params
-        if isinstance(sps, list):
-            if len(sps) != len(prompts):
-                raise ValueError(
-                    f"{len(sps)} sampling_params for {len(prompts)} prompts; give one per prompt"
-                )
-        else:
-            sps = [sps] * len(prompts)
-        rids: list[str | None] = [None] * len(prompts)
-        if self.rid is not None:
-            rids = [self.rid] if isinstance(self.rid, str) else list(self.rid)
-            if len(rids) != len(prompts):
-                raise ValueError("give one rid per prompt")
-        objs = [
-            GenerateReqInput(
-                sampling_params=sp,
-                stream=self.stream,
-                rid=rid,
-                cache_salt=self.cache_salt,
-                return_logprob=self.return_logprob,
-                top_logprobs_num=self.top_logprobs_num,
-                logprob_start_len=self.logprob_start_len,
-            )
-            for sp, rid in zip(sps, rids, strict=True)
-        ]
-        for obj, p in zip(objs, prompts, strict=True):
-            setattr(obj, key, p)
-        return objs, batch
 
 
 def _error(status: int, message: str, type: str = "invalid_request_error", **kw: Any) -> Response:

@@ -56,6 +56,8 @@ class TokenizedGenerateReqInput(msgspec.Struct, kw_only=True):
     return_logprob: bool = False
     top_logprobs_num: int = 0
     logprob_start_len: int = -1
+    # Main only: whether the logprob entries carry the token text.
+    return_text_in_logprobs: bool = True
 
 
 class GenerateReq(msgspec.Struct, tag=True, kw_only=True):

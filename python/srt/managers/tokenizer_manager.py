@@ -103,6 +103,8 @@ class GenerateReqInput:
     return_logprob: bool = False
     top_logprobs_num: int = 0
     logprob_start_len: int = -1
+    # False: the logprob entries' text is None (SGLang's return_text_in_logprobs=false).
+    return_text_in_logprobs: bool = True
 
 
 @dataclasses.dataclass
@@ -434,6 +436,7 @@ class TokenizerManager:
             return_logprob=obj.return_logprob,
             top_logprobs_num=obj.top_logprobs_num if obj.return_logprob else 0,
             logprob_start_len=obj.logprob_start_len if obj.return_logprob else -1,
+            return_text_in_logprobs=obj.return_text_in_logprobs,
         )
 
     # ---- generation ------------------------------------------------------------------------
@@ -501,7 +504,9 @@ class TokenizerManager:
                 if state.finished or req.stream:
                     out = self._make_output(rid, state)
                     if state.logprobs is not None:
-                        self._add_logprobs(out, state, req.top_logprobs_num > 0)
+                        self._add_logprobs(
+                            out, state, req.top_logprobs_num > 0, req.return_text_in_logprobs
+                        )
                     yield out
                 if state.finished:
                     return
@@ -550,15 +555,19 @@ class TokenizerManager:
         """Each token's own text (SGLang's per-token decode)."""
         return self.tokenizer.batch_decode([[t] for t in ids])
 
-    def _add_logprobs(self, out: dict[str, Any], state: ReqState, top: bool) -> None:
-        """Adds SGLang's logprob lists ([logprob, token_id, text] entries) to meta_info
-        (cumulative, like text) and the new output entries to `delta`."""
+    def _add_logprobs(
+        self, out: dict[str, Any], state: ReqState, top: bool, with_text: bool = True
+    ) -> None:
+        """Adds SGLang's logprob lists ([logprob, token_id, text] entries; text None unless
+        `with_text`) to meta_info (cumulative, like text) and the new output entries to
+        `delta`."""
         lp = state.logprobs
         assert lp is not None
         meta = out["meta_info"]
 
         def triples(vals: list, ids: list[int]) -> list[list]:
-            return [[v, t, s] for v, t, s in zip(vals, ids, self.token_texts(ids), strict=True)]
+            texts = self.token_texts(ids) if with_text else [None] * len(ids)
+            return [[v, t, s] for v, t, s in zip(vals, ids, texts, strict=True)]
 
         def top_triples(vals: list[list[float]], ids: list[list[int]]) -> list[list[list]]:
             return [triples(v, i) for v, i in zip(vals, ids, strict=True)]
