@@ -267,7 +267,12 @@ BAD_INPUTS: dict[str, tuple[str, bytes | dict, str]] = {
     "stop_strings_10000": (C, {"prompt": "hi", "stop": [f"s{i}" for i in range(10000)]}, "stop"),
     "n_zero": (C, {"prompt": "hi", "n": 0}, "n"),
     "n_huge": (C, {"prompt": "hi", "n": 10**6}, "n"),
-    "unknown_model": (C, {"prompt": "hi", "model": "nope"}, "nope"),
+    # (another model's name is served with a warning, as SGLang does; unknown fields are
+    # ignored, but a wrong type or a field whose omission would change the output is not)
+    "stream_not_a_bool": (C, {"prompt": "hi", "stream": "yes"}, "stream"),
+    "beam_search": (C, {"prompt": "hi", "use_beam_search": True}, "use_beam_search"),
+    "generate_lora": (G, {"text": "hi", "lora_path": "adapter"}, "lora_path"),
+    "bad_stop_regex": (G, {"text": "hi", "sampling_params": {"stop_regex": "(("}}, "stop_regex"),
 }
 
 
