@@ -25,8 +25,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from srt.cpu_threads import set_scheduler_threads
 from srt.configs.model_config import ModelConfig, resolve_device
+from srt.cpu_threads import set_scheduler_threads
 from srt.distributed.parallel_state import (
     broadcast_bytes,
     cpu_all_reduce_min,
