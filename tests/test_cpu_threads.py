@@ -15,8 +15,8 @@ from srt.managers.io_struct import ProcessReady, encode
 from srt.server_args import PortArgs, ServerArgs
 
 
-def test_children_wait_passively_unless_the_user_chose() -> None:
-    assert cpu_threads.child_env_additions({}) == {"OMP_WAIT_POLICY": "PASSIVE"}
+def test_children_spin_briefly_unless_the_user_chose() -> None:
+    assert cpu_threads.child_env_additions({}) == {"GOMP_SPINCOUNT": "2000"}
     assert cpu_threads.child_env_additions({"OMP_WAIT_POLICY": "ACTIVE"}) == {}
     assert cpu_threads.child_env_additions({"GOMP_SPINCOUNT": "10000"}) == {}
 
@@ -27,8 +27,8 @@ def test_child_environment_leaves_the_callers_environment_as_it_was(
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     with cpu_threads.child_environment():
-        assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
-    assert "OMP_WAIT_POLICY" not in os.environ
+        assert os.environ["GOMP_SPINCOUNT"] == "2000"
+    assert "GOMP_SPINCOUNT" not in os.environ
 
 
 def test_scheduler_threads(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -65,7 +65,7 @@ def _report_env(
     conn.send_bytes(encode(ProcessReady(name="probe", ok=True, info=info)))
 
 
-@pytest.mark.parametrize("user", [None, "ACTIVE"])
+@pytest.mark.parametrize("user", [None, "PASSIVE"])
 def test_spawned_children_get_the_wait_policy(
     user: str | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -78,7 +78,10 @@ def test_spawned_children_get_the_wait_policy(
         ServerArgs(model_path="m"), PortArgs.new(), targets={"probe": _report_env}, timeout=60
     )
     try:
-        assert handle.infos["probe"]["OMP_WAIT_POLICY"] == (user or "PASSIVE")
+        info = handle.infos["probe"]
+        # srt's short spin, or nothing of srt's where the user chose a policy.
+        assert info["GOMP_SPINCOUNT"] == ("2000" if user is None else "")
+        assert info["OMP_WAIT_POLICY"] == (user or "")
     finally:
         handle.shutdown()
-    assert os.environ.get("OMP_WAIT_POLICY") == user  # main's own environment unchanged
+    assert "GOMP_SPINCOUNT" not in os.environ  # main's own environment unchanged

@@ -8,8 +8,11 @@ main and detokenizer processes do no tensor math, so they never start an OpenMP 
 libgomp (torch's OpenMP on Linux) keeps its workers spinning after every parallel region
 (300,000 iterations when no wait policy is set). On an idle machine that costs only power.
 Beside other busy processes, the spinning workers take the cores that the one thread with work
-needs, and a decode step stalls behind them (benches/RESULTS.md, `benches/cpu_threads.py`).
-So srt starts its children with `OMP_WAIT_POLICY=PASSIVE` (idle workers sleep at once). The
+needs, and a decode step stalls behind them: on 2 cores beside one busy process, 5-7x slower
+(benches/RESULTS.md, `benches/cpu_threads.py`). So srt starts its children with
+`GOMP_SPINCOUNT=2000`: a worker spins a few microseconds (enough to catch the next region of a
+running forward) and then sleeps. Measured there, that costs ~7% alone and keeps the slowdown
+beside a busy process under 2x; `OMP_WAIT_POLICY=PASSIVE` (no spin) costs ~15% alone. The
 user's environment wins: nothing is set when it already says how OpenMP waits
 (`OMP_WAIT_POLICY` or `GOMP_SPINCOUNT`).
 """
@@ -28,7 +31,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # Set for the children unless the user set any of USER_WAIT_SETTINGS.
-CHILD_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+CHILD_ENV = {"GOMP_SPINCOUNT": "2000"}
 USER_WAIT_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
@@ -80,8 +83,9 @@ def set_scheduler_threads(server_args: ServerArgs) -> int:
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     logger.info(
-        "torch threads: %d (OMP_WAIT_POLICY=%s)",
+        "torch threads: %d (OMP_WAIT_POLICY=%s, GOMP_SPINCOUNT=%s)",
         threads,
         os.environ.get("OMP_WAIT_POLICY", "unset"),
+        os.environ.get("GOMP_SPINCOUNT", "unset"),
     )
     return threads
