@@ -11,8 +11,9 @@ Beside other busy processes, the spinning workers take the cores that the one th
 needs, and a decode step stalls behind them: on 2 cores beside one busy process, 5-7x slower
 (benches/RESULTS.md, `benches/cpu_threads.py`). So srt starts its children with
 `GOMP_SPINCOUNT=2000`: a worker spins a few microseconds (enough to catch the next region of a
-running forward) and then sleeps. Measured there, that costs ~7% alone and keeps the slowdown
-beside a busy process under 2x; `OMP_WAIT_POLICY=PASSIVE` (no spin) costs ~15% alone. The
+running forward) and then sleeps. Measured there, that costs 8-10% alone and keeps the
+slowdown beside a busy process at 1.6-1.7x; `OMP_WAIT_POLICY=PASSIVE` (no spin) costs 20-28%
+alone. The
 user's environment wins: nothing is set when it already says how OpenMP waits
 (`OMP_WAIT_POLICY` or `GOMP_SPINCOUNT`).
 """
