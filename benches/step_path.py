@@ -13,7 +13,10 @@ Subcommands (the code trees and the model are shared; `all` is the default):
   greedy and sampled (temperature 0.8, top_p 0.9, top_k 50, frequency_penalty 0.5, a seed per
   request). Output tok/s and the mean time per decode step (generate time / 64), the median of
   `--repeats` runs per (code, workload), old and new runs alternating. Greedy outputs of the
-  new code must equal the baseline's, request by request (exit code 1 if not).
+  new code must equal the baseline's, request by request, for at least `--min-identical` of
+  the requests (0.98: the CPU decode attention now sums in another order than SDPA, so a
+  near-tie may flip on some CPUs; every run here gave 256/256), and each code's repeats must
+  agree exactly (exit code 1 if not).
 - `host`: host time of a decode step at batch 1, 64, 256 (step wall time minus the model's
   forward: planning, tensors, sampling, commit, outputs), from this checkout's
   `benches/profile_scheduler.py` run against each tree's Scheduler (it speaks the API before
@@ -21,8 +24,8 @@ Subcommands (the code trees and the model are shared; `all` is the default):
   `batch N: step X ms = forward ... + host Y ms` line.
 - `all`: both.
 
-Exit code: 0 when all ran and the checks passed; 1 when a check failed (greedy outputs differ
-between old and new, or between repeats of one code) or the host part of a tree failed; 2 when
+Exit code: 0 when all ran and the checks passed; 1 when a check failed (too few identical
+greedy outputs between old and new, or any difference between repeats of one code) or the host part of a tree failed; 2 when
 an offline measurement failed. The logs of a failed run are kept (their folder is printed).
 
 Every measurement runs with one torch thread (`OMP_NUM_THREADS=1` in the environment, which the
@@ -393,7 +396,7 @@ def offline(
         same, diff = compare_outputs(reference, runs[("new", workload)][0]["output_ids"])
         row["identical"] = same
         row["first_difference"] = diff
-        if workload == "greedy" and same != len(reference):
+        if workload == "greedy" and same < args.min_identical * len(reference):
             summary["failures"].append(
                 f"FAIL: greedy outputs differ between old and new: {same}/{len(reference)} "
                 f"requests identical; {diff}"
@@ -554,6 +557,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--min-identical",
+        type=float,
+        default=0.98,
+        help="Fraction of greedy requests whose outputs must be identical in old and new. "
+        "Not 1: the new CPU decode attention (srt-kernels) sums in another order than the "
+        "old SDPA, so an argmax near-tie of the random model may flip on some CPUs. Each "
+        "tree's own repeats must still agree exactly.",
+    )
     parser.add_argument("--max-total-tokens", type=int, default=32768, help="KV pool (tokens).")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--host-batches", type=int, nargs="+", default=[1, 64, 256])
