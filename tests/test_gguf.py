@@ -73,8 +73,13 @@ def test_hf_folders_pass_through(tmp_path: Path) -> None:
     for d in (model, tok):
         d.mkdir()
         (d / "config.json").write_text("{}")
-    assert resolve_model_paths(str(model), None) == (str(model), str(model))
+    (tok / "tokenizer.json").write_text("{}")
+    # A folder without a tokenizer is refused, saying what to pass.
+    with pytest.raises(FileNotFoundError, match="has no tokenizer.*--tokenizer-path"):
+        resolve_model_paths(str(model), None)
     assert resolve_model_paths(str(model), str(tok)) == (str(model), str(tok))
+    (model / "tokenizer.json").write_text("{}")
+    assert resolve_model_paths(str(model), None) == (str(model), str(model))
     assert not (tmp_path / "cache").exists()  # nothing converted, nothing cached
 
 

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -77,11 +78,60 @@ def test_startup_error_is_reported(tiny_model_paths: dict[str, str], tmp_path: P
     assert not list(tmp_path.glob("srt-ipc-*"))
 
 
-def test_missing_model_path_is_a_clear_error(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "srt", "serve", "--model-path", str(tmp_path / "nope")]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=subprocess_env())
-    assert out.returncode != 0
-    assert "nope" in out.stderr + out.stdout
+def _serve_fails(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "srt", "serve", *args]
+    env = subprocess_env(TMPDIR=str(tmp_path))
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+
+
+@pytest.mark.parametrize(
+    "mistake", ["missing_path", "hub_id", "no_tokenizer", "busy_port", "unknown_flag"]
+)
+def test_user_mistakes_are_one_line_and_exit_2(
+    mistake: str, tiny_model_paths: dict[str, str], tmp_path: Path
+) -> None:
+    """What a user gets wrong ends in one line that says what to do: exit code 2, no
+    traceback, and before the model loads (a busy port is found first)."""
+    model = tiny_model_paths["llama"]
+    listener = None
+    if mistake == "missing_path":
+        args, hint = ["--model-path", str(tmp_path / "nope")], "does not exist"
+    elif mistake == "hub_id":
+        args, hint = ["--model-path", "SomeOrg/Some-Model-1B"], "srt does not download models"
+    elif mistake == "no_tokenizer":
+        folder = tmp_path / "weights_only"
+        folder.mkdir()
+        for name in ("config.json", "model.safetensors"):
+            (folder / name).write_bytes((Path(model) / name).read_bytes())
+        args, hint = ["--model-path", str(folder)], "pass --tokenizer-path"
+    elif mistake == "busy_port":
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        args, hint = ["--model-path", model, "--port", str(port)], "Pick a free port with --port"
+    else:
+        args, hint = ["--model-path", model, "--modle-path", "x"], "did you mean --model-path?"
+    try:
+        out = _serve_fails(args, tmp_path)
+    finally:
+        if listener is not None:
+            listener.close()
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("srt serve: error:") and hint in last, last
+    if mistake == "unknown_flag":
+        assert "usage: srt serve" in out.stderr  # the command's usage, not the top-level one
+    else:
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not list(tmp_path.glob("srt-ipc-*"))
+
+
+def test_debug_log_level_shows_the_traceback(tmp_path: Path) -> None:
+    out = _serve_fails(["--model-path", str(tmp_path / "nope"), "--log-level", "debug"], tmp_path)
+    assert out.returncode == 2
+    assert "Traceback" in out.stderr and "does not exist" in out.stderr
 
 
 @pytest.mark.skipif(

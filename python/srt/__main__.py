@@ -10,6 +10,7 @@ command registers itself in `COMMANDS` with a function that adds its parser, so 
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 from collections.abc import Callable
 
@@ -36,7 +37,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "/v1/models, /generate and /health.",
     )
     ServerArgs.add_cli_args(p)
-    p.set_defaults(func=_serve)
+    p.set_defaults(func=_serve, command_parser=p)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -78,7 +79,7 @@ def _add_router(sub: argparse._SubParsersAction) -> None:
         "least loaded one when load is uneven.",
     )
     add_cli_args(p)
-    p.set_defaults(func=_router)
+    p.set_defaults(func=_router, command_parser=p)
 
 
 # name -> function adding the command's subparser (which sets `func` to its handler).
@@ -107,11 +108,31 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_main(argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
     if getattr(args, "func", None) is None:
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         parser.print_help()
         return 2
+    if unknown:
+        # NOTE: the command's own usage, not the top-level one, and the flag meant.
+        command_parser: argparse.ArgumentParser = args.command_parser
+        command_parser.error(unknown_flags_message(command_parser, unknown))
     return int(args.func(args) or 0)
+
+
+def unknown_flags_message(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
+    """`unrecognized arguments: ...`, with the closest known flag of each unknown one."""
+    known = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    hints = []
+    for arg in unknown:
+        flag = arg.split("=", 1)[0]
+        if flag.startswith("--"):
+            close = difflib.get_close_matches(flag, known, n=1, cutoff=0.75)
+            if close:
+                hints.append(f"{flag}: did you mean {close[0]}?")
+    message = f"unrecognized arguments: {' '.join(unknown)}"
+    return f"{message} ({'; '.join(hints)})" if hints else message
 
 
 if __name__ == "__main__":

@@ -22,6 +22,11 @@ ATTENTION_BACKEND_CHOICES = ("auto", "flashinfer", "torch_native")
 LOAD_BALANCE_METHODS = ("cache_aware", "round_robin", "shortest_queue")
 
 
+class UsageError(ValueError):
+    """A mistake in how srt was started (a flag, a path, a busy port): `srt serve` prints its
+    one-line message, which says what to do, and exits 2 without a traceback."""
+
+
 def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
     return field(default=default, metadata={"help": help, "choices": choices})
 

@@ -23,8 +23,10 @@ import logging
 import math
 import os
 import signal
+import socket
 import sys
 import threading
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -58,7 +60,7 @@ from srt.managers.tokenizer_manager import (
     requested_n,
     run_all,
 )
-from srt.server_args import PortArgs, ServerArgs
+from srt.server_args import PortArgs, ServerArgs, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -244,6 +246,25 @@ async def _generate_stream(tm: TokenizerManager, reqs: list, batch: bool) -> Asy
 # ---- launching -----------------------------------------------------------------------------
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Raises UsageError when (host, port) cannot be bound (in use, or not an address here)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise UsageError(f"--host {host!r} is not an address of this machine ({e})") from e
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        # NOTE: as uvicorn binds (SO_REUSEADDR), so a port in TIME_WAIT is not taken for busy.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(addr)
+        except OSError as e:
+            raise UsageError(
+                f"cannot listen on {host}:{port} ({e.strerror}); is another server running "
+                f"there? Pick a free port with --port"
+            ) from e
+
+
 def launch_server(server_args: ServerArgs) -> int:
     """Runs the server until SIGINT/SIGTERM; returns the process exit code."""
     import uvicorn
@@ -278,7 +299,12 @@ def launch_server(server_args: ServerArgs) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        server_args = prepare_server_args(server_args)
+        # NOTE: the user's mistakes first, before the slow part (conversion, model load).
+        check_port_free(server_args.host, server_args.port)
+        try:
+            server_args = prepare_server_args(server_args)
+        except (FileNotFoundError, ValueError) as e:
+            raise UsageError(str(e)) from e
         port_args = PortArgs.new(server_args)
         procs = launch_subprocesses(server_args, port_args)
         tm = TokenizerManager(server_args, port_args, procs.scheduler_info)
@@ -319,6 +345,11 @@ def launch_server(server_args: ServerArgs) -> int:
             return 0
         ok = asyncio.run(_serve(server, server_args, stop_signals))
         return 0 if ok or stop_signals else 1
+    except UsageError as e:
+        print(f"srt serve: error: {e}", file=sys.stderr)
+        if server_args.log_level == "debug":
+            traceback.print_exc()
+        return 2
     except SystemExit as e:  # uvicorn exits this way when it cannot bind the port
         return e.code if isinstance(e.code, int) else 1
     except LaunchError as e:

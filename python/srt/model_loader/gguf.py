@@ -20,6 +20,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -40,6 +41,10 @@ _GGUF_EOS_KEYS = (
     "tokenizer.ggml.eot_token_id",
     "tokenizer.ggml.eom_token_id",
 )
+# A hub id as users type it ("org/name"): a hint that srt will not download it.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# Any of these makes a folder hold a tokenizer the runtime can load.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 _GENERATED_FILES = (
     "config.json",
     "model.safetensors",
@@ -94,6 +99,12 @@ def ensure_hf_folder(path: str) -> str:
     """
     p = Path(path).expanduser()
     if not p.exists():
+        if _HUB_ID.fullmatch(path):
+            raise FileNotFoundError(
+                f"model path {path!r} does not exist here, and srt does not download models: "
+                f"download it first (e.g. `hf download {path} --local-dir "
+                f"{path.split('/')[-1]}`) and pass that folder to --model-path"
+            )
         raise FileNotFoundError(
             f"model path {path!r} does not exist; expected an HF model folder (with config.json) "
             f"or a .gguf file"
@@ -114,9 +125,18 @@ def ensure_hf_folder(path: str) -> str:
 
 
 def resolve_model_paths(model_path: str | None, tokenizer_path: str | None) -> tuple[str, str]:
-    """The (model folder, tokenizer folder) actually used for the given CLI values."""
+    """The (model folder, tokenizer folder) actually used for the given CLI values.
+
+    Raises FileNotFoundError (a message that says what to pass instead) when either is missing
+    or the tokenizer folder holds no tokenizer."""
     model_dir = ensure_hf_folder(model_path if model_path is not None else default_model_path())
     tokenizer_dir = ensure_hf_folder(tokenizer_path) if tokenizer_path is not None else model_dir
+    if not any((Path(tokenizer_dir) / name).is_file() for name in _TOKENIZER_FILES):
+        flag = "--tokenizer-path" if tokenizer_path is not None else "--model-path"
+        raise FileNotFoundError(
+            f"{flag} folder {tokenizer_dir!r} has no tokenizer ({', '.join(_TOKENIZER_FILES)}); "
+            f"pass --tokenizer-path with the folder of the model's tokenizer"
+        )
     return model_dir, tokenizer_dir
 
 
