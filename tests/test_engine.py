@@ -129,3 +129,27 @@ def test_shutdown_leaves_no_processes(model: str) -> None:
     e.shutdown()  # idempotent
     with pytest.raises(RuntimeError):
         e.generate("hi")
+
+
+def test_engine_from_a_plain_script_without_a_main_guard(model: str, tmp_path) -> None:
+    # A newcomer's first script: no `if __name__ == "__main__":`. The children must not run it
+    # again (they would each start another Engine).
+    import subprocess
+    import sys
+
+    from _live import subprocess_env
+
+    script = tmp_path / "first.py"
+    script.write_text(
+        "import srt\n"
+        f"with srt.Engine(model_path={model!r}, max_total_tokens=256) as engine:\n"
+        "    out = engine.generate('Hello', {'max_new_tokens': 4, 'temperature': 0})\n"
+        "print('TEXT', repr(out['text']), out['meta_info']['completion_tokens'])\n"
+    )
+    env = subprocess_env(TMPDIR=str(tmp_path))
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("TEXT") == 1, result.stdout
+    assert result.stdout.strip().endswith(" 4")

@@ -13,6 +13,7 @@ socket files and calls the owner's `on_death` (the server exits nonzero).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import logging
@@ -24,7 +25,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from multiprocessing.process import BaseProcess
 from typing import Any
 
@@ -227,6 +228,29 @@ class Subprocesses:
             self.port_args.cleanup()
 
 
+@contextlib.contextmanager
+def caller_main_hidden() -> Iterator[None]:
+    """While children start: the caller's `__main__` (a script, or a `-m` module) hidden from
+    multiprocessing, so a spawned child does not import it again.
+
+    "spawn" re-imports the parent's main module in every child, running whatever it does at
+    top level: an `srt.Engine` in a plain script without `if __name__ == "__main__":` would
+    start another Engine in each child. srt's children run srt's own entry points and need
+    nothing from that module, so the preparation data is built without it."""
+    main = sys.modules.get("__main__")
+    if main is None:
+        yield
+        return
+    saved = {name: main.__dict__[name] for name in ("__spec__", "__file__") if name in vars(main)}
+    main.__spec__ = None
+    main.__dict__.pop("__file__", None)
+    try:
+        yield
+    finally:
+        main.__dict__.pop("__spec__", None)
+        main.__dict__.update(saved)
+
+
 def launch_subprocesses(
     server_args: ServerArgs,
     port_args: PortArgs,
@@ -252,7 +276,8 @@ def launch_subprocesses(
             # shutdown() and PR_SET_PDEATHSIG are what guarantee that none outlives main.
             daemon=False,
         )
-        with child_environment():  # e.g. OpenMP's wait policy (srt.cpu_threads)
+        # e.g. OpenMP's wait policy (srt.cpu_threads); the caller's script not re-run.
+        with child_environment(), caller_main_hidden():
             p.start()
         writer.close()  # so a child's death shows as EOF on `reader`
         procs[name] = p
