@@ -571,3 +571,15 @@ def test_offline_tiny(tiny_model: str, tmp_path: Path) -> None:
     assert rec["output_throughput"] == pytest.approx(
         rec["total_output_tokens"] / rec["duration_s"], rel=1e-9
     )
+
+
+def test_plot_without_matplotlib_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Found before the run (nothing is sent: the URL is never reached).
+    from srt.bench.__main__ import main
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    argv = ["serving", "--base-url", "http://127.0.0.1:9", "--model", "m", "--plot", "x.png"]
+    assert main(argv) == 1
+    assert "pip install 'srt[bench]'" in capsys.readouterr().err

@@ -43,6 +43,17 @@ def in_flight(results: Sequence[RequestResult], times: np.ndarray) -> np.ndarray
     return np.array([int(np.sum((starts <= t) & (ends > t))) for t in times])
 
 
+def require_matplotlib() -> None:
+    """Raises ValueError saying what to install when matplotlib is missing (checked before a
+    run, so a long run is not lost at its end)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as e:
+        raise ValueError(
+            "--plot needs matplotlib: pip install 'srt[bench]' (or pip install matplotlib)"
+        ) from e
+
+
 def plot_serving(
     results: Sequence[RequestResult], duration: float, path: str | Path, title: str = ""
 ) -> None:

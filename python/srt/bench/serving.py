@@ -227,6 +227,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm import tqdm
 
     resolve_dataset_name(args)
+    if args.plot:
+        from srt.bench.plot import require_matplotlib
+
+        require_matplotlib()
     if args.max_concurrency is not None and args.max_concurrency < 1:
         raise ValueError("--max-concurrency must be >= 1")
     if args.model is None:
