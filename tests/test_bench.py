@@ -583,3 +583,21 @@ def test_plot_without_matplotlib_says_what_to_install(
     argv = ["serving", "--base-url", "http://127.0.0.1:9", "--model", "m", "--plot", "x.png"]
     assert main(argv) == 1
     assert "pip install 'srt[bench]'" in capsys.readouterr().err
+
+
+@NEEDS_SERVER
+def test_serving_bench_takes_the_tokenizer_from_the_server(
+    live_server: str, tiny_model: str, tmp_path: Path
+) -> None:
+    from srt.bench.serving import fetch_tokenizer_path
+
+    # The live server serves tiny_model: it reports its tokenizer folder, so no --tokenizer.
+    assert fetch_tokenizer_path(live_server) == tiny_model
+    assert fetch_tokenizer_path("http://127.0.0.1:9") is None  # nothing there
+    out = tmp_path / "serving.jsonl"
+    argv = _serving_args(live_server, tiny_model, out)
+    i = argv.index("--tokenizer")
+    proc = _run_bench(argv[:i] + argv[i + 2 :])
+    assert "Serving Benchmark Result" in proc.stdout
+    (rec,) = _records(out)
+    assert (rec["completed"], rec["failed"]) == (8, 0)

@@ -40,7 +40,8 @@ class BenchRequest:
 
 
 def load_tokenizer(path: str) -> Any:
-    """An HF tokenizer from a folder (or hub-style id already in the local cache) or .gguf file."""
+    """An HF tokenizer from a folder (or hub-style id already in the local cache) or .gguf file.
+    Never from the network: the benchmarks measure a server, they do not download."""
     from transformers import AutoTokenizer
 
     if path.endswith(".gguf"):
@@ -48,7 +49,7 @@ def load_tokenizer(path: str) -> Any:
         from srt.model_loader.gguf import resolve_model_paths
 
         path = resolve_model_paths(path, None)[1]
-    return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 def plain_token_ids(tokenizer: Any) -> list[int]:

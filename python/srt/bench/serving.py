@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -223,6 +224,18 @@ def fetch_model_id(base_url: str) -> str:
     return data[0]["id"]
 
 
+def fetch_tokenizer_path(base_url: str) -> str | None:
+    """The tokenizer folder an srt (or SGLang) server reports at /get_model_info, when it
+    exists on this machine; None otherwise (another server, or a remote one)."""
+    try:
+        resp = httpx.get(base_url.rstrip("/") + "/get_model_info", timeout=30.0, trust_env=False)
+        resp.raise_for_status()
+        path = resp.json().get("tokenizer_path")
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return None
+    return path if isinstance(path, str) and os.path.isdir(path) else None
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm import tqdm
 
@@ -235,7 +248,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("--max-concurrency must be >= 1")
     if args.model is None:
         args.model = fetch_model_id(args.base_url)
-    tokenizer_path = args.tokenizer or args.model
+    # NOTE: the server's own tokenizer when it tells us where it is, so nothing is looked up
+    # under the model's name (which would be a hub id).
+    tokenizer_path = args.tokenizer or fetch_tokenizer_path(args.base_url) or args.model
     try:
         tokenizer = load_tokenizer(tokenizer_path)
     except Exception as e:
@@ -300,7 +315,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tokenizer",
         default=None,
-        help="Tokenizer folder (default: the model name as a local path).",
+        help="Tokenizer folder (default: the one the server reports at /get_model_info when "
+        "it is on this machine, else the model name as a local path). Never downloaded.",
     )
     add_dataset_args(parser, num_prompts=200)
     parser.add_argument(
