@@ -261,7 +261,11 @@ def test_abort_all(live: Live) -> None:
         results.append(
             live.post(
                 "/generate",
-                json={"text": f"go {i}", "sampling_params": {"max_new_tokens": 1000}},
+                # NOTE: ignore_eos, or a sampled EOS may end one before the abort does.
+                json={
+                    "text": f"go {i}",
+                    "sampling_params": {"max_new_tokens": 1000, "ignore_eos": True},
+                },
             )
         )
 
