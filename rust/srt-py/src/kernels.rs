@@ -126,19 +126,11 @@ fn sample_draw<'py>(
     let d = Draw {
         probs: probs.as_slice().map_err(contiguous)?,
         vocab: probs.shape()[1],
-        sorted: sorted
-            .as_ref()
-            .map(|s| s.as_slice())
-            .transpose()
-            .map_err(contiguous)?,
+        sorted: optional_slice(&sorted).map_err(contiguous)?,
         candidates,
         top_k: top_k.as_slice().map_err(contiguous)?,
         top_p: top_p.as_slice().map_err(contiguous)?,
-        min_p: min_p
-            .as_ref()
-            .map(|m| m.as_slice())
-            .transpose()
-            .map_err(contiguous)?,
+        min_p: optional_slice(&min_p).map_err(contiguous)?,
         seeds: seeds.as_slice().map_err(contiguous)?,
         steps: steps.as_slice().map_err(contiguous)?,
     };
@@ -201,6 +193,13 @@ fn rope_neox_inplace(
     }
 }
 
+/// The slice of an optional C-contiguous array (None stays None).
+fn optional_slice<'a, T: Element, D: numpy::ndarray::Dimension>(
+    a: &'a Option<numpy::PyReadonlyArray<'_, T, D>>,
+) -> Result<Option<&'a [T]>, numpy::NotContiguousError> {
+    a.as_ref().map(|x| x.as_slice()).transpose()
+}
+
 /// `(probs [S, V], argmax [S])` of `sample_softmax`.
 type Distributions<'py> = (Bound<'py, numpy::PyArray2<f32>>, Bound<'py, PyArray1<i64>>);
 
@@ -231,18 +230,10 @@ fn sample_softmax<'py>(
         logits: logits.as_slice().map_err(contiguous)?,
         vocab: v,
         temperature: temperature.as_slice().map_err(contiguous)?,
-        counts: counts
-            .as_ref()
-            .map(|c| c.as_slice())
-            .transpose()
-            .map_err(contiguous)?,
+        counts: optional_slice(&counts).map_err(contiguous)?,
         rows: rows.as_slice().map_err(contiguous)?,
         frequency: frequency.as_slice().map_err(contiguous)?,
-        presence: presence
-            .as_ref()
-            .map(|p| p.as_slice())
-            .transpose()
-            .map_err(contiguous)?,
+        presence: optional_slice(&presence).map_err(contiguous)?,
     };
     let mut probs = vec![0f32; n * v];
     let mut argmax = vec![0i64; n];
