@@ -6,6 +6,7 @@ tokens, round robin, KV returned after aborts, and a dead replica ending the ser
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -319,7 +320,7 @@ async def _drop_stream(base: str, i: int) -> None:
 
 
 async def _give_up(base: str, i: int) -> None:
-    body = {"prompt": f"impatient {i}", "max_tokens": 500, "ignore_eos": True}
+    body = {"prompt": f"impatient {i}", "max_tokens": 900, "ignore_eos": True}
     async with httpx.AsyncClient(base_url=base, timeout=30) as c:
         with pytest.raises(asyncio.TimeoutError):
             await asyncio.wait_for(c.post("/v1/completions", json=body), 0.3)
@@ -333,17 +334,25 @@ def test_aborts_and_disconnects_leave_no_kv_on_any_replica(dp2: Live) -> None:
         )
         # /abort_request of a request running on some replica.
         async with httpx.AsyncClient(base_url=dp2.base, timeout=30) as c:
+            # NOTE: streamed, and aborted once its first chunk arrived: a sleep before the
+            # abort lets the tiny model finish all its tokens first on a fast machine.
             body = {
                 "text": "abort me",
                 "rid": "dp-abort-1",
-                "sampling_params": {"max_new_tokens": 500, "ignore_eos": True},
+                "stream": True,
+                "sampling_params": {"max_new_tokens": 900, "ignore_eos": True},
             }
-            task = asyncio.ensure_future(c.post("/generate", json=body))
-            await asyncio.sleep(0.5)
-            r = await c.post("/abort_request", json={"rid": "dp-abort-1"})
-            assert r.status_code == 200, r.text
-            out = (await task).json()
-            assert out["meta_info"]["finish_reason"]["type"] == "abort"
+            chunks = []
+            async with c.stream("POST", "/generate", json=body) as resp:
+                assert resp.status_code == 200
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data:") or line.strip() == "data: [DONE]":
+                        continue
+                    chunks.append(json.loads(line[len("data:") :]))
+                    if len(chunks) == 1:
+                        r = await c.post("/abort_request", json={"rid": "dp-abort-1"})
+                        assert r.status_code == 200, r.text
+            assert chunks[-1]["meta_info"]["finish_reason"]["type"] == "abort"
 
     asyncio.run(asyncio.wait_for(main(), 60))
     _replicas_idle(dp2)
