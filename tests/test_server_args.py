@@ -102,6 +102,22 @@ def test_serve_subcommand_help_lists_flags(capsys: pytest.CaptureFixture[str]) -
     assert "--model-path" in out and "--max-total-tokens" in out and "--log-level" in out
 
 
+def test_help_names_each_default_once() -> None:
+    """A flag's help says its default once, in words for a None default ("Default: no limit",
+    never "(default: None)"), as the value for any other; a switch is off unless given."""
+    for action in _parser()._actions:
+        if action.dest == "help":
+            continue
+        text = action.help.lower()
+        if isinstance(action, argparse._StoreTrueAction):
+            assert "(default:" not in text, action.dest
+            continue
+        assert text.count("default") == 1, f"--{action.dest}: {action.help!r}"
+        assert "default: none)" not in text, f"--{action.dest}: {action.help!r}"
+        if action.default is not None:
+            assert str(action.default).lower() in text, f"--{action.dest}: {action.help!r}"
+
+
 def test_serve_rejects_invalid_values_before_starting(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--port", "99999"]) == 2
     assert "--port" in capsys.readouterr().err

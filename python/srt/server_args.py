@@ -72,7 +72,7 @@ class ServerArgs:
         "--max-total-tokens is not given (default 0.88 on GPU, 0.3 of RAM on CPU).",
     )
     max_total_tokens: int | None = _f(
-        None, "KV pool size in tokens; overrides the memory-based size."
+        None, "KV pool size in tokens. Default: sized by --mem-fraction-static."
     )
     max_running_requests: int | None = _f(
         None, "Most requests decoding at once (default: min(256, pool / 32) or at least 8)."
@@ -116,9 +116,11 @@ class ServerArgs:
     enable_metrics: bool = _f(False, "Serve Prometheus metrics at GET /metrics.")
     api_key: str | None = _f(
         None,
-        "Require `Authorization: Bearer KEY` on every HTTP route but /health and /metrics "
-        "(the Engine ignores it).",
+        "Require `Authorization: Bearer KEY` on every HTTP route but /health, /metrics and "
+        "the pages (the chat page asks for the key; the Engine ignores it). Default: none, "
+        "every route is open.",
     )
+    disable_web_ui: bool = _f(False, "Do not serve the chat page at / (its URL is then a 404).")
 
     max_queued_requests: int | None = _f(
         None,
@@ -159,7 +161,7 @@ class ServerArgs:
     dist_init_addr: str | None = _f(
         None,
         "HOST:PORT of the torch.distributed rendezvous (rank 0's machine); required when "
-        "--nnodes > 1, a free local port otherwise.",
+        "--nnodes > 1. Default: a free local port.",
     )
     base_gpu_id: int = _f(0, "First GPU of this node used by its ranks (rank i uses base + i).")
     shutdown_timeout: float = _f(
@@ -247,7 +249,7 @@ class ServerArgs:
                 type=base,
                 default=f.default,
                 choices=f.metadata.get("choices"),
-                help=f"{help_text} (default: {f.default})",
+                help=_with_default(help_text, f.default),
             )
 
     @classmethod
@@ -309,6 +311,15 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _with_default(help_text: str, default: Any) -> str:
+    """The help of a flag, naming its default once: a help that speaks of its default already
+    says it best (a None default always must: "None" tells a user nothing), else the value is
+    appended."""
+    if default is None or "default" in help_text.lower():
+        return help_text
+    return f"{help_text} (default: {default})"
 
 
 def _strip_optional(tp: Any) -> Any:
