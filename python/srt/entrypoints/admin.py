@@ -3,12 +3,13 @@
 Routes: GET /health_generate, GET /v1/models/{id}, POST /v1/tokenize (also /tokenize),
 POST /v1/detokenize (also /detokenize), GET /server_info (also SGLang's /get_server_info),
 GET /model_info (also SGLang's /get_model_info), POST /flush_cache, POST /abort_request, and
-GET /metrics (only with --enable-metrics). Scheduler numbers come from the schedulers over the control path
+GET /metrics (without --enable-metrics, a 404 that names the flag). Scheduler numbers come from the schedulers over the control path
 (`TokenizerManager.scheduler_stats`; summed over data-parallel replicas, each replica's under
 `stats.replicas`); /flush_cache empties every replica's cache. Errors use the OpenAI error body
 like every other route.
 
-With --api-key, every route except /health and /metrics needs `Authorization: Bearer KEY`.
+With --api-key, every route except /health, /metrics and the browser pages
+(`srt.entrypoints.web.pages`) needs `Authorization: Bearer KEY`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from srt.entrypoints.openai.protocol import ChatMessage, RequestError, error_body
 from srt.entrypoints.openai.serving_base import OpenAIServingBase
+from srt.entrypoints.web import pages
+from srt.entrypoints.web.openapi import request_body
 from srt.managers.tokenizer_manager import (
     GenerateReqInput,
     RuntimeDeadError,
@@ -38,8 +41,9 @@ from srt.version import __version__
 HEALTH_GENERATE_TIMEOUT_S = 20.0
 # How long a control request (stats, flush) waits for the scheduler.
 CONTROL_TIMEOUT_S = 10.0
-# Routes open without the API key: liveness probes and Prometheus scrapers.
-PUBLIC_PATHS = frozenset({"/health", "/metrics"})
+# Routes open without the API key: liveness probes, Prometheus scrapers and the pages.
+PUBLIC_PATHS = frozenset({"/health", "/metrics"}) | pages.PUBLIC_PATHS
+PUBLIC_PREFIXES = pages.PUBLIC_PREFIXES
 
 
 class TokenizeRequest(BaseModel):
@@ -81,7 +85,12 @@ class ApiKeyMiddleware:
         self.expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS:
+        path = scope.get("path", "")
+        if (
+            scope["type"] == "http"
+            and path not in PUBLIC_PATHS
+            and not path.startswith(PUBLIC_PREFIXES)
+        ):
             given = dict(scope["headers"]).get(b"authorization", b"")
             # NOTE: a constant-time comparison, so the key cannot be guessed from timings.
             if not hmac.compare_digest(given, self.expected):
@@ -154,6 +163,7 @@ def register_admin_routes(app: FastAPI, tm: TokenizerManager, parse_body: Callab
 
     @app.post("/v1/tokenize")
     @app.post("/tokenize")
+    @request_body(TokenizeRequest)
     async def tokenize(request: Request) -> Response:
         body = await parse_body(request, TokenizeRequest)
         base.check_model(body.model)
@@ -175,6 +185,7 @@ def register_admin_routes(app: FastAPI, tm: TokenizerManager, parse_body: Callab
 
     @app.post("/v1/detokenize")
     @app.post("/detokenize")
+    @request_body(DetokenizeRequest)
     async def detokenize(request: Request) -> Response:
         body = await parse_body(request, DetokenizeRequest)
         base.check_model(body.model)
@@ -226,6 +237,7 @@ def register_admin_routes(app: FastAPI, tm: TokenizerManager, parse_body: Callab
         return JSONResponse({"success": True, "message": resp.message})
 
     @app.post("/abort_request")
+    @request_body(AbortRequest)
     async def abort_request(request: Request) -> Response:
         body = await parse_body(request, AbortRequest)
         if body.abort_all == (body.rid is not None):
@@ -252,6 +264,17 @@ def register_admin_routes(app: FastAPI, tm: TokenizerManager, parse_body: Callab
             except (RequestError, RuntimeDeadError):
                 pass
             return Response(content=metrics.render(), media_type=CONTENT_TYPE)
+
+    else:
+
+        @app.get("/metrics", include_in_schema=False)
+        async def metrics_off() -> Response:
+            return _err(
+                404,
+                "metrics are off: start the server with --enable-metrics to serve Prometheus "
+                "metrics at /metrics",
+                "NotFoundError",
+            )
 
 
 def _render_chat(tm: TokenizerManager, messages: list[ChatMessage], gen_prompt: bool) -> str:

@@ -1,8 +1,9 @@
 """The HTTP server (main process): FastAPI routes over the TokenizerManager, and `launch_server`.
 
 Routes: POST /generate (SGLang's native shape, `native_request`), POST /v1/completions, POST /v1/chat/completions,
-GET /v1/models, GET /health, and the operational ones of `srt.entrypoints.admin` (tokenize,
-server_info, flush_cache, abort_request, metrics, ...). Every error, including malformed JSON
+GET /v1/models, GET /health, the operational ones of `srt.entrypoints.admin` (tokenize,
+server_info, flush_cache, abort_request, metrics, ...), and the browser pages of
+`srt.entrypoints.web` (the chat page at /, the API docs at /docs and /redoc). Every error, including malformed JSON
 and pydantic validation failures (FastAPI's 422), is an OpenAI-style body `{"object": "error",
 "message", "type", "param", "code"}` with a 4xx status for client mistakes.
 
@@ -36,7 +37,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from srt.entrypoints.admin import install_api_key, register_admin_routes
+from srt.entrypoints.admin import PUBLIC_PATHS, install_api_key, register_admin_routes
 from srt.entrypoints.guards import RequestGate
 from srt.entrypoints.native_request import GenerateRequest
 from srt.entrypoints.openai.protocol import (
@@ -50,6 +51,8 @@ from srt.entrypoints.openai.protocol import (
 from srt.entrypoints.openai.serving_chat import OpenAIServingChat
 from srt.entrypoints.openai.serving_completions import OpenAIServingCompletion
 from srt.entrypoints.uvicorn_serve import serve_and_announce
+from srt.entrypoints.web.openapi import install_openapi, request_body
+from srt.entrypoints.web.pages import register_pages
 from srt.managers.tokenizer_manager import (
     ClientDisconnected,
     RuntimeDeadError,
@@ -148,9 +151,13 @@ def create_app(tokenizer_manager: TokenizerManager) -> FastAPI:
         tm.start()
         yield
 
-    app = FastAPI(title="srt", lifespan=lifespan)
+    # NOTE: FastAPI's own /docs and /redoc load their scripts from a CDN; `register_pages`
+    # serves them from the package.
+    app = FastAPI(title="srt", lifespan=lifespan, docs_url=None, redoc_url=None)
     install_api_key(app, tm.server_args.api_key)
+    install_openapi(app, PUBLIC_PATHS if tm.server_args.api_key else None)
     register_admin_routes(app, tm, parse_body)
+    register_pages(app, chat_page=not tm.server_args.disable_web_ui)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> Response:
@@ -189,6 +196,7 @@ def create_app(tokenizer_manager: TokenizerManager) -> FastAPI:
         return _json(completions.model_list())
 
     @app.post("/generate")
+    @request_body(GenerateRequest)
     async def generate(request: Request) -> Response:
         body = await parse_body(request, GenerateRequest)
         try:
@@ -212,6 +220,7 @@ def create_app(tokenizer_manager: TokenizerManager) -> FastAPI:
         return JSONResponse(result)
 
     @app.post("/v1/completions")
+    @request_body(CompletionRequest)
     async def v1_completions(request: Request) -> Response:
         body = await parse_body(request, CompletionRequest)
         out = await completions.create(body, request)
@@ -220,6 +229,7 @@ def create_app(tokenizer_manager: TokenizerManager) -> FastAPI:
         return StreamingResponse(out, media_type="text/event-stream", headers=_SSE_HEADERS)
 
     @app.post("/v1/chat/completions")
+    @request_body(ChatCompletionRequest)
     async def v1_chat_completions(request: Request) -> Response:
         body = await parse_body(request, ChatCompletionRequest)
         out = await chat.create(body, request)
