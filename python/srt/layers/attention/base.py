@@ -5,6 +5,9 @@ One backend object serves every layer of the model. The ModelRunner builds it by
 (`bind_pools`), calls `init_forward_metadata` once per step (index tensors shared by all layers),
 then each layer calls `forward`, which stores the new tokens' K/V at `out_cache_loc` and attends.
 
+Each AttentionLayer registers itself at construction (`register_layer`), so a backend that
+plans per kind of layer (window, soft-cap, scale) knows the kinds before the first step.
+
 A backend whose decode step can be captured in a CUDA graph sets `supports_cuda_graph` and
 implements the two `*_cuda_graph` methods: the CudaGraphRunner calls `init_cuda_graph_state`
 once, then `init_forward_metadata_cuda_graph` before capturing and before every replay of a
@@ -15,6 +18,7 @@ captured kernels read at a fixed address.
 from __future__ import annotations
 
 import abc
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -26,12 +30,30 @@ if TYPE_CHECKING:
     from srt.mem_cache.memory_pool import KVPool, ReqToTokenPool
 
 
+@dataclass(frozen=True)
+class LayerKind:
+    """The attention options a backend may have to plan or run differently."""
+
+    scaling: float
+    sliding_window: int | None
+    logit_softcap: float | None
+
+    @staticmethod
+    def of(layer: AttentionLayer) -> LayerKind:
+        return LayerKind(layer.scaling, layer.sliding_window, layer.logit_softcap)
+
+
 class AttentionBackend(abc.ABC):
     supports_cuda_graph = False
 
     def __init__(self) -> None:
         self.req_to_token_pool: ReqToTokenPool | None = None
         self.kv_pool: KVPool | None = None
+        self.layer_kinds: dict[int, LayerKind] = {}  # layer id -> its attention options
+
+    def register_layer(self, layer: AttentionLayer) -> None:
+        """Called by each AttentionLayer as it is built."""
+        self.layer_kinds[layer.layer_id] = LayerKind.of(layer)
 
     def bind_pools(self, req_to_token_pool: ReqToTokenPool, kv_pool: KVPool) -> None:
         """Called once by the ModelRunner: the pools are sized after the weights are loaded."""

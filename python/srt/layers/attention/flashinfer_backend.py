@@ -15,8 +15,14 @@ gathered on the GPU from `req_to_token` (`page_table`), so planning never waits 
 Page size 1 makes every KV slot its own page (indices = slots); for larger pages the page of
 position j * page_size is its slot // page_size (sequences are laid out page-aligned).
 
-CUDA graphs: one decode wrapper per captured batch size, all over the same fixed index buffers
-(`init_cuda_graph_state`); replanning before a replay only rewrites those buffers.
+Layer kinds: layers that differ in scale, sliding window or logit soft-cap (Gemma 2/3 alternate
+local and global layers) are planned separately, one prefill and one decode wrapper per kind
+(`LayerKind`), all sharing the page table; FlashInfer's `window_left` is the number of keys
+left of the query's own, so HF's window W (W keys including its own) is `window_left = W - 1`,
+and `logits_soft_cap` applies cap * tanh(scores / cap) to the scaled scores, as HF does.
+
+CUDA graphs: one decode wrapper per captured batch size and layer kind, all over the same fixed
+index buffers (`init_cuda_graph_state`); replanning before a replay only rewrites those buffers.
 
 flashinfer is imported when the backend is built, never at module import: CPU installs
 (and CI) do not need it.
@@ -29,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from srt.layers.attention.base import AttentionBackend
+from srt.layers.attention.base import AttentionBackend, LayerKind
 from srt.layers.attention.layer import AttentionLayer
 from srt.model_executor.forward_batch import ForwardBatch
 
@@ -85,7 +91,6 @@ class FlashInferAttnBackend(AttentionBackend):
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
-        scaling: float | None = None,
     ) -> None:
         super().__init__()
         import flashinfer
@@ -103,17 +108,16 @@ class FlashInferAttnBackend(AttentionBackend):
         self.head_dim = head_dim
         self.dtype = dtype
         self.device = device
-        self.sm_scale = scaling if scaling is not None else head_dim**-0.5
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
-        self.prefill_wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
-        self.decode_wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            self.workspace, "NHD", use_tensor_cores=True
-        )
-        self._decode: Any = self.decode_wrapper  # the wrapper planned for this step's decode
+        # One wrapper per layer kind (made on first use); `_decode` maps each kind to the
+        # wrapper planned for this step's decode (a CUDA graph's, or the plain one).
+        self._prefill_wrappers: dict[LayerKind, Any] = {}
+        self._decode_wrappers: dict[LayerKind, Any] = {}
+        self._decode: dict[LayerKind, Any] = {}
         self._kv_pages: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._first_layer = 0  # layer id of _kv_pages[0] (a pipeline stage holds a slice)
         # CUDA graph state (init_cuda_graph_state).
-        self._graph_wrappers: dict[int, Any] = {}
+        self._graph_wrappers: dict[tuple[int, LayerKind], Any] = {}
         self._graph_indptr: torch.Tensor | None = None
         self._graph_indices: torch.Tensor | None = None
         self._graph_last: torch.Tensor | None = None
@@ -146,39 +150,60 @@ class FlashInferAttnBackend(AttentionBackend):
             self.kv_pool.page_size,
         )
 
-    def _plan_args(self) -> dict[str, Any]:
+    def _kinds(self) -> list[LayerKind]:
+        kinds = sorted(set(self.layer_kinds.values()), key=repr)
+        if not kinds:
+            raise RuntimeError("no attention layer registered with the flashinfer backend")
+        return kinds
+
+    def _plan_args(self, kind: LayerKind) -> dict[str, Any]:
         assert self.kv_pool is not None
+        window = kind.sliding_window
         return dict(
             num_qo_heads=self.num_qo_heads,
             num_kv_heads=self.kv_pool.num_kv_heads,
             page_size=self.kv_pool.page_size,
             q_data_type=self.dtype,
             kv_data_type=self.dtype,
-            sm_scale=self.sm_scale,
+            sm_scale=kind.scaling,
+            # HF's window counts the query's own key; FlashInfer's counts the keys left of it.
+            window_left=-1 if window is None else window - 1,
+            logits_soft_cap=kind.logit_softcap or 0.0,
         )
 
     def init_forward_metadata(self, forward_batch: ForwardBatch) -> None:
         indptr, indices, last = self._pages(forward_batch)
         if forward_batch.is_decode:
-            self.decode_wrapper.plan(
-                indptr, indices, last, head_dim=self.head_dim, **self._plan_args()
-            )
-            self._decode = self.decode_wrapper
+            self._decode = {}
+            for kind in self._kinds():
+                wrapper = self._decode_wrappers.get(kind)
+                if wrapper is None:
+                    wrapper = self._fi.BatchDecodeWithPagedKVCacheWrapper(
+                        self.workspace, "NHD", use_tensor_cores=True
+                    )
+                    self._decode_wrappers[kind] = wrapper
+                wrapper.plan(indptr, indices, last, head_dim=self.head_dim, **self._plan_args(kind))
+                self._decode[kind] = wrapper
             return
         extend_lens = forward_batch.extend_seq_lens_cpu
         if extend_lens is None:
             assert forward_batch.extend_seq_lens is not None
             extend_lens = forward_batch.extend_seq_lens.cpu().numpy()
         qo_indptr = torch.from_numpy(np.concatenate(([0], np.cumsum(extend_lens))).astype(np.int32))
-        self.prefill_wrapper.plan(
-            qo_indptr,
-            indptr,
-            indices,
-            last,
-            head_dim_qk=self.head_dim,
-            causal=True,
-            **self._plan_args(),
-        )
+        for kind in self._kinds():
+            wrapper = self._prefill_wrappers.get(kind)
+            if wrapper is None:
+                wrapper = self._fi.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
+                self._prefill_wrappers[kind] = wrapper
+            wrapper.plan(
+                qo_indptr,
+                indptr,
+                indices,
+                last,
+                head_dim_qk=self.head_dim,
+                causal=True,
+                **self._plan_args(kind),
+            )
 
     def init_cuda_graph_state(self, max_bs: int, max_context_len: int) -> None:
         assert self.kv_pool is not None, "bind_pools() must be called first"
@@ -191,30 +216,33 @@ class FlashInferAttnBackend(AttentionBackend):
         assert forward_batch.is_decode
         assert self._graph_indptr is not None, "init_cuda_graph_state() must be called first"
         bs = forward_batch.batch_size
-        wrapper = self._graph_wrappers.get(bs)
-        if wrapper is None:
-            # The wrapper's buffers are views of the shared ones; its batch size is fixed.
-            wrapper = self._fi.BatchDecodeWithPagedKVCacheWrapper(
-                self.workspace,
-                "NHD",
-                use_cuda_graph=True,
-                use_tensor_cores=True,
-                paged_kv_indptr_buffer=self._graph_indptr[: bs + 1],
-                paged_kv_indices_buffer=self._graph_indices,
-                paged_kv_last_page_len_buffer=self._graph_last[:bs],
-            )
-            self._graph_wrappers[bs] = wrapper
         indptr, indices, last = self._pages(forward_batch)
-        wrapper.plan(indptr, indices, last, head_dim=self.head_dim, **self._plan_args())
-        self._decode = wrapper
+        self._decode = {}
+        for kind in self._kinds():
+            wrapper = self._graph_wrappers.get((bs, kind))
+            if wrapper is None:
+                # The wrapper's buffers are views of the shared ones; its batch size is fixed.
+                # NOTE: every kind's wrapper reads the same index buffers: one page table.
+                wrapper = self._fi.BatchDecodeWithPagedKVCacheWrapper(
+                    self.workspace,
+                    "NHD",
+                    use_cuda_graph=True,
+                    use_tensor_cores=True,
+                    paged_kv_indptr_buffer=self._graph_indptr[: bs + 1],
+                    paged_kv_indices_buffer=self._graph_indices,
+                    paged_kv_last_page_len_buffer=self._graph_last[:bs],
+                )
+                self._graph_wrappers[(bs, kind)] = wrapper
+            wrapper.plan(indptr, indices, last, head_dim=self.head_dim, **self._plan_args(kind))
+            self._decode[kind] = wrapper
 
     # ---- attention -----------------------------------------------------------------------
 
     def _check(self, layer: AttentionLayer) -> None:
-        if layer.scaling != self.sm_scale or layer.num_heads != self.num_qo_heads:
+        if layer.num_heads != self.num_qo_heads:
             raise ValueError(
-                f"layer {layer.layer_id} has {layer.num_heads} heads and scale {layer.scaling}; "
-                f"the flashinfer backend was planned for {self.num_qo_heads} and {self.sm_scale}"
+                f"layer {layer.layer_id} has {layer.num_heads} heads; "
+                f"the flashinfer backend was planned for {self.num_qo_heads}"
             )
 
     def forward_extend(
@@ -226,9 +254,8 @@ class FlashInferAttnBackend(AttentionBackend):
         forward_batch: ForwardBatch,
     ) -> torch.Tensor:
         self._check(layer)
-        o = self.prefill_wrapper.run(
-            q.contiguous(), self._kv_pages[layer.layer_id - self._first_layer]
-        )
+        wrapper = self._prefill_wrappers[self.layer_kinds[layer.layer_id]]
+        o = wrapper.run(q.contiguous(), self._kv_pages[layer.layer_id - self._first_layer])
         return o.view(q.shape[0], -1)
 
     def forward_decode(
@@ -240,5 +267,6 @@ class FlashInferAttnBackend(AttentionBackend):
         forward_batch: ForwardBatch,
     ) -> torch.Tensor:
         self._check(layer)
-        o = self._decode.run(q.contiguous(), self._kv_pages[layer.layer_id - self._first_layer])
+        wrapper = self._decode[self.layer_kinds[layer.layer_id]]
+        o = wrapper.run(q.contiguous(), self._kv_pages[layer.layer_id - self._first_layer])
         return o.view(q.shape[0], -1)

@@ -11,11 +11,17 @@
   point at the padding page and are masked out.
 GQA is handled by SDPA's `enable_gqa`, or by folding a KV head's query heads into its query
 rows (no materialized repeat of K/V).
+
+Layer options (`AttentionLayer`): a sliding window narrows the mask to the keys at absolute
+positions > p - W (one mask per window size per step, built on first use); a logit soft-cap
+replaces SDPA by the explicit softmax(cap * tanh(scores / cap)) (`_attend`). The native decode
+kernel serves the layers with neither; a decode step of a layer with either runs the batched
+SDPA path, whose plan is then built once for the step.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -34,6 +40,40 @@ _PADDED_MASK_MAX = 1 << 24
 _PADDED_WASTE_MAX = 4
 
 
+def _attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    layer: AttentionLayer,
+    gqa: bool = True,
+) -> torch.Tensor:
+    """SDPA over q [..., Hq, T, D] and k/v [..., Hkv, S, D] with `layer`'s scale, or, when the
+    layer soft-caps its logits, the same attention written out (SDPA has no soft-cap). `mask`
+    bool [..., T, S] (True: attend); None: causal, aligned at the top left (T == S)."""
+    cap = layer.logit_softcap
+    if cap is None:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, scale=layer.scaling, enable_gqa=gqa
+        )
+    group = q.shape[-3] // k.shape[-3]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * layer.scaling
+    scores = torch.tanh(scores / cap) * cap
+    if mask is None:
+        t, s = scores.shape[-2:]
+        mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril_()
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v)
+
+
+def _window(mask: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, w: int) -> torch.Tensor:
+    """`mask` [..., T, S] narrowed to keys at positions > query position - w."""
+    return mask & (k_pos.unsqueeze(-2) > q_pos.unsqueeze(-1) - w)
+
+
 @dataclass
 class _PaddedExtend:
     """One SDPA for a whole extend batch: sequences padded to the longest."""
@@ -43,6 +83,16 @@ class _PaddedExtend:
     slots: torch.Tensor  # [B * Smax] KV slot of each padded key (0, the padding page, past an end)
     mask: torch.Tensor  # [B, 1, Tmax, Smax] bool: causal within each sequence, no padding keys
     shape: tuple[int, int, int]  # B, Tmax, Smax
+    q_pos: torch.Tensor  # [B, 1, Tmax] position of each padded query row
+    windowed: dict[int, torch.Tensor]  # window -> `mask` narrowed to it (built on first use)
+
+    def mask_for(self, window: int | None) -> torch.Tensor:
+        if window is None:
+            return self.mask
+        if window not in self.windowed:
+            k_pos = torch.arange(self.shape[2], device=self.mask.device)
+            self.windowed[window] = _window(self.mask, self.q_pos, k_pos, window)
+        return self.windowed[window]
 
 
 @dataclass
@@ -61,6 +111,37 @@ class _ExtendSeq:
     prefix_len: int
     slots: torch.Tensor | None  # [seq_len] KV slots; None when there is no prefix
     mask: torch.Tensor | None  # [num_new, seq_len] bool; None when plain causal
+    windowed: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def mask_for(self, window: int | None, device: torch.device) -> torch.Tensor | None:
+        if window is None or window >= self.prefix_len + self.num_new:
+            return self.mask  # the window reaches back to position 0 for every query
+        if window not in self.windowed:
+            seq_len = self.prefix_len + self.num_new
+            q_pos = torch.arange(self.prefix_len, seq_len, device=device)
+            k_pos = torch.arange(seq_len, device=device)
+            causal = k_pos[None, :] <= q_pos[:, None]
+            self.windowed[window] = _window(causal, q_pos, k_pos, window)
+        return self.windowed[window]
+
+
+@dataclass
+class _PaddedDecode:
+    """A decode step as one SDPA over the sequences' keys padded to the longest."""
+
+    slots: torch.Tensor  # [B * max_len] KV slot of each padded key
+    mask: torch.Tensor  # [B, 1, 1, max_len] bool: the sequence's keys
+    lens: torch.Tensor  # [B, 1, 1, 1] each sequence's length
+    windowed: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def mask_for(self, window: int | None) -> torch.Tensor:
+        if window is None:
+            return self.mask
+        if window not in self.windowed:
+            # The query sits at position len - 1: keys > len - 1 - window.
+            k_pos = torch.arange(self.mask.shape[-1], device=self.mask.device)
+            self.windowed[window] = self.mask & (k_pos >= self.lens - window)
+        return self.windowed[window]
 
 
 class TorchNativeAttnBackend(AttentionBackend):
@@ -68,19 +149,27 @@ class TorchNativeAttnBackend(AttentionBackend):
         super().__init__()
         self._extend: list[_ExtendSeq] = []
         self._padded: _PaddedExtend | None = None
-        self._decode_slots: torch.Tensor | None = None  # [B * max_len]
-        self._decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_len]
+        self._decode: _PaddedDecode | None = None
         self._native: _NativeDecode | None = None
+        self._batch: ForwardBatch | None = None  # this step's, for a plan built on first use
 
     def _native_decode(self) -> bool:
         """Whether decode steps run the native kernel: a CPU pool of a dtype it reads."""
         assert self.kv_pool is not None
         return self.kv_pool.device.type == "cpu" and self.kv_pool.dtype in _NATIVE_DECODE_VIEW
 
+    @staticmethod
+    def _native_serves(layer: AttentionLayer) -> bool:
+        """Whether the native decode kernel computes this layer's attention (it has no
+        window and no soft-cap)."""
+        return layer.sliding_window is None and layer.logit_softcap is None
+
     def init_forward_metadata(self, forward_batch: ForwardBatch) -> None:
         assert self.req_to_token_pool is not None, "bind_pools() must be called first"
         table = self.req_to_token_pool.req_to_token
         self._native = None
+        self._decode = None
+        self._batch = forward_batch
         seq_lens = forward_batch.seq_lens_cpu
         if seq_lens is None:
             seq_lens = forward_batch.seq_lens.cpu().numpy()
@@ -89,15 +178,7 @@ class TorchNativeAttnBackend(AttentionBackend):
             self._native = _NativeDecode(table.numpy(), rows, np.asarray(seq_lens, np.int64))
             return
         if forward_batch.is_decode:
-            max_len = int(seq_lens.max())
-            device = table.device
-            lens = forward_batch.seq_lens.to(device)
-            valid = torch.arange(max_len, device=device)[None, :] < lens[:, None]
-            rows = forward_batch.req_pool_indices.to(device)
-            slots = table[:, :max_len].index_select(0, rows).long()
-            # Stale entries past a sequence's end point at page 0 (finite, masked out).
-            self._decode_slots = slots.masked_fill_(~valid, 0).view(-1)
-            self._decode_mask = valid[:, None, None, :]
+            self._decode = self._plan_decode(forward_batch, seq_lens)
             return
         prefix_lens = forward_batch.extend_prefix_lens_cpu
         if prefix_lens is None:
@@ -122,6 +203,19 @@ class TorchNativeAttnBackend(AttentionBackend):
                 mask = torch.arange(seq_len, device=table.device)[None, :] <= q_pos[:, None]
             self._extend.append(_ExtendSeq(start, num_new, prefix_len, slots, mask))
             start += num_new
+
+    def _plan_decode(self, forward_batch: ForwardBatch, seq_lens: np.ndarray) -> _PaddedDecode:
+        assert self.req_to_token_pool is not None
+        table = self.req_to_token_pool.req_to_token
+        max_len = int(seq_lens.max())
+        device = table.device
+        lens = forward_batch.seq_lens.to(device)
+        valid = torch.arange(max_len, device=device)[None, :] < lens[:, None]
+        rows = forward_batch.req_pool_indices.to(device)
+        slots = table[:, :max_len].index_select(0, rows).long()
+        # Stale entries past a sequence's end point at page 0 (finite, masked out).
+        slots = slots.masked_fill_(~valid, 0).view(-1)
+        return _PaddedDecode(slots, valid[:, None, None, :], lens.view(-1, 1, 1, 1))
 
     def _plan_padded(
         self, forward_batch: ForwardBatch, seq_lens: np.ndarray, prefix_lens: np.ndarray
@@ -156,6 +250,8 @@ class TorchNativeAttnBackend(AttentionBackend):
             slots=slots.view(-1),
             mask=mask[:, None],
             shape=(b, t_max, s_max),
+            q_pos=q_pos[:, None],
+            windowed={},
         )
 
     def forward_extend(
@@ -180,14 +276,12 @@ class TorchNativeAttnBackend(AttentionBackend):
                 k_seq, v_seq = k[rows], v[rows]
             else:
                 k_seq, v_seq = k_buf[seq.slots], v_buf[seq.slots]
-            o = F.scaled_dot_product_attention(
+            o = _attend(
                 q[rows].transpose(0, 1),
                 k_seq.transpose(0, 1).to(q.dtype),
                 v_seq.transpose(0, 1).to(q.dtype),
-                attn_mask=seq.mask,
-                is_causal=seq.mask is None,
-                scale=layer.scaling,
-                enable_gqa=True,
+                seq.mask_for(layer.sliding_window, q.device),
+                layer,
             )
             out[rows] = o.transpose(0, 1).reshape(seq.num_new, -1)
         return out
@@ -206,9 +300,7 @@ class TorchNativeAttnBackend(AttentionBackend):
         keys = k_buf.index_select(0, plan.slots).view(kv_shape).transpose(1, 2).to(q.dtype)
         values = v_buf.index_select(0, plan.slots).view(kv_shape).transpose(1, 2).to(q.dtype)
         # NOTE: padding query rows see no key and come out NaN; they are dropped below.
-        o = F.scaled_dot_product_attention(
-            qp, keys, values, attn_mask=plan.mask, scale=layer.scaling, enable_gqa=True
-        )
+        o = _attend(qp, keys, values, plan.mask_for(layer.sliding_window), layer)
         o = o.transpose(1, 2).reshape(b * t_max, -1)
         return o.index_select(0, plan.out_index)
 
@@ -222,24 +314,28 @@ class TorchNativeAttnBackend(AttentionBackend):
     ) -> torch.Tensor:
         assert self.kv_pool is not None
         k_buf, v_buf = self.kv_pool.get_kv(layer.layer_id)
-        if self._native is not None:
+        if self._native is not None and self._native_serves(layer):
             return self._forward_native(q, k_buf, v_buf, layer, self._native)
-        assert self._decode_slots is not None and self._decode_mask is not None
-        shape = (q.shape[0], self._decode_mask.shape[-1], *k_buf.shape[1:])
+        if self._decode is None:  # a native step with a windowed or soft-capped layer
+            assert self._batch is not None and self._native is not None
+            self._decode = self._plan_decode(self._batch, self._native.lens)
+        plan = self._decode
+        shape = (q.shape[0], plan.mask.shape[-1], *k_buf.shape[1:])
         # NOTE: index_select, not advanced indexing: ~3x faster for whole-row gathers on CPU.
-        keys = k_buf.index_select(0, self._decode_slots).view(shape)
-        values = v_buf.index_select(0, self._decode_slots).view(shape)
+        keys = k_buf.index_select(0, plan.slots).view(shape)
+        values = v_buf.index_select(0, plan.slots).view(shape)
         keys = keys.transpose(1, 2).to(q.dtype)  # [B, Hkv, L, D]
         values = values.transpose(1, 2).to(q.dtype)
         b, h_kv = q.shape[0], keys.shape[1]
         # NOTE: the query heads sharing a KV head are that head's query rows ([B, Hkv, G, D]):
         # the same attention as GQA over [B, Hq, 1, D], at ~0.8x of its cost on the CPU.
-        o = F.scaled_dot_product_attention(
+        o = _attend(
             q.view(b, h_kv, -1, q.shape[-1]),
             keys,
             values,
-            attn_mask=self._decode_mask,
-            scale=layer.scaling,
+            plan.mask_for(layer.sliding_window),
+            layer,
+            gqa=False,
         )
         return o.reshape(b, -1)
 
