@@ -1,4 +1,5 @@
-"""SiluAndMul: the gated activation of Llama/Qwen MLPs, applied to the fused gate_up output."""
+"""Gated activations of the MLPs, applied to the fused gate_up output: SiLU (Llama, Qwen,
+Mistral, Phi-3, the MoE experts) and tanh-approximated GELU (Gemma 2/3)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from srt.layers import flashinfer_ops
+
+# HF `hidden_act` / `hidden_activation` names -> the GELU approximation, or None for SiLU.
+_GATED = {"silu": None, "gelu_pytorch_tanh": "tanh", "gelu": "none"}
+SUPPORTED_ACTIVATIONS = tuple(_GATED)
 
 
 class SiluAndMul(nn.Module):
@@ -24,3 +29,30 @@ class SiluAndMul(nn.Module):
             return self._fused.silu_and_mul(x)
         d = x.shape[-1] // 2
         return F.silu(x[..., :d]) * x[..., d:]
+
+
+class GeluAndMul(nn.Module):
+    """[..., 2 * d] (gate then up) -> gelu(gate) * up, exact or tanh-approximated GELU."""
+
+    def __init__(self, approximate: str = "tanh") -> None:
+        super().__init__()
+        self.approximate = approximate
+        fused = flashinfer_ops.kernels(torch.get_default_device(), torch.get_default_dtype())
+        name = "gelu_tanh_and_mul" if approximate == "tanh" else "gelu_and_mul"
+        self._fused_fn = getattr(fused, name, None) if fused is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fused_fn is not None and x.is_contiguous():
+            return self._fused_fn(x)
+        d = x.shape[-1] // 2
+        return F.gelu(x[..., :d], approximate=self.approximate) * x[..., d:]
+
+
+def gated_activation(name: str) -> nn.Module:
+    """The gated activation of an HF `hidden_act` name; a clear error for others."""
+    if name not in _GATED:
+        raise ValueError(
+            f"unsupported hidden activation {name!r}; supported: {', '.join(SUPPORTED_ACTIVATIONS)}"
+        )
+    approximate = _GATED[name]
+    return SiluAndMul() if approximate is None else GeluAndMul(approximate)
