@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from srt.models.llama import AttentionVariant, LlamaForCausalLM
+from srt.models.llama import DecoderOptions, LlamaForCausalLM
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
     @classmethod
-    def attention_variant(cls, config: Any) -> AttentionVariant:
-        return AttentionVariant(qkv_bias=True, o_bias=False)
+    def decoder_options(cls, config: Any) -> DecoderOptions:
+        base = super().decoder_options(config)
+        return dataclasses.replace(base, qkv_bias=True, o_bias=False)

@@ -3,13 +3,13 @@ head_dim (which may differ from hidden_size / num_heads)."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from srt.models.llama import AttentionVariant, LlamaForCausalLM
+from srt.models.llama import DecoderOptions, LlamaForCausalLM
 
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
     @classmethod
-    def attention_variant(cls, config: Any) -> AttentionVariant:
-        bias = bool(getattr(config, "attention_bias", False))
-        return AttentionVariant(qkv_bias=bias, o_bias=bias, qk_norm=True)
+    def decoder_options(cls, config: Any) -> DecoderOptions:
+        return dataclasses.replace(super().decoder_options(config), qk_norm=True)

@@ -11,6 +11,11 @@ _MODELS: dict[str, tuple[str, str]] = {
     "MistralForCausalLM": ("srt.models.llama", "MistralForCausalLM"),
     "Qwen2ForCausalLM": ("srt.models.qwen2", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("srt.models.qwen3", "Qwen3ForCausalLM"),
+    "Qwen3MoeForCausalLM": ("srt.models.qwen3_moe", "Qwen3MoeForCausalLM"),
+    "MixtralForCausalLM": ("srt.models.mixtral", "MixtralForCausalLM"),
+    "Phi3ForCausalLM": ("srt.models.phi3", "Phi3ForCausalLM"),
+    "Gemma2ForCausalLM": ("srt.models.gemma", "Gemma2ForCausalLM"),
+    "Gemma3ForCausalLM": ("srt.models.gemma", "Gemma3ForCausalLM"),
 }
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_MODELS)

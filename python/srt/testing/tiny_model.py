@@ -5,6 +5,13 @@ random weights), generation_config.json, and a byte-level BPE tokenizer trained 
 `tokenizers` library (tokenizer.json + tokenizer_config.json with a ChatML chat template).
 HF transformers loads the folder, which makes it the oracle for srt's own model code.
 Nothing is downloaded.
+
+`ARCHS` are the dense families every model test covers; `FAMILY_ARCHS` the other supported
+families (Mistral, Gemma 2/3, Phi-3, Mixtral, Qwen3-MoE), built with their distinguishing
+features switched on at tiny scale: a sliding window when `sliding_window` is given (Gemma's
+local layers always have one), soft-caps small enough to bite (Gemma 2), a q/k norm and a
+local RoPE base (Gemma 3), LongRoPE when `rope_scaling` says so (Phi-3), 4 experts of which 2
+per token, and one dense layer (Qwen3-MoE).
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ import random
 from pathlib import Path
 
 ARCHS = ("llama", "qwen2", "qwen3")
+FAMILY_ARCHS = ("mistral", "gemma2", "gemma3", "phi3", "mixtral", "qwen3_moe")
+ALL_ARCHS = ARCHS + FAMILY_ARCHS
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -103,13 +112,17 @@ def make_tiny_model(
     tie_word_embeddings: bool = False,
     rope_scaling: dict | None = None,
     vocab_size: int = 512,
+    sliding_window: int | None = None,
+    num_experts: int = 4,
 ) -> str:
-    """Writes a tiny random-weight `arch` model folder at `path` and returns the path."""
+    """Writes a tiny random-weight `arch` model folder at `path` and returns the path.
+    `sliding_window` applies to Mistral, Phi-3 and Mixtral (every layer) and to Gemma's local
+    layers (default 16 there)."""
     import torch
     import transformers
 
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+    if arch not in ALL_ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {ALL_ARCHS}")
     path = Path(path)
     train_tokenizer(path, vocab_size=vocab_size, seed=seed)
     from tokenizers import Tokenizer
@@ -137,13 +150,67 @@ def make_tiny_model(
     rope = {"rope_type": "default", "rope_theta": 10000.0}
     if rope_scaling:
         rope = {"rope_theta": 10000.0, **rope_scaling}
+    head_dim = hidden_size // num_heads
+    moe = dict(num_experts_per_tok=2)
     if arch == "llama":
         config = transformers.LlamaConfig(**common, rope_parameters=rope)
     elif arch == "qwen2":
         config = transformers.Qwen2Config(**common, rope_parameters=rope, use_sliding_window=False)
-    else:
-        config = transformers.Qwen3Config(
-            **common, rope_parameters=rope, head_dim=hidden_size // num_heads
+    elif arch == "qwen3":
+        config = transformers.Qwen3Config(**common, rope_parameters=rope, head_dim=head_dim)
+    elif arch == "mistral":
+        config = transformers.MistralConfig(
+            **common, rope_parameters=rope, head_dim=head_dim, sliding_window=sliding_window
+        )
+    elif arch in ("gemma2", "gemma3"):
+        gemma = dict(
+            common,
+            head_dim=head_dim,
+            query_pre_attn_scalar=2 * head_dim,  # not head_dim: a wrong scale shows
+            sliding_window=sliding_window or 16,
+            layer_types=["sliding_attention", "full_attention"] * (num_layers // 2)
+            + ["sliding_attention"] * (num_layers % 2),
+            tie_word_embeddings=True,
+        )
+        if arch == "gemma2":
+            config = transformers.Gemma2Config(
+                **gemma,
+                rope_parameters=rope,
+                attn_logit_softcapping=3.0,
+                final_logit_softcapping=2.0,
+            )
+        else:
+            local = {"rope_type": "default", "rope_theta": 100.0}
+            config = transformers.Gemma3TextConfig(
+                **gemma,
+                rope_parameters={"sliding_attention": local, "full_attention": rope},
+                final_logit_softcapping=8.0,
+            )
+    elif arch == "phi3":
+        extra: dict = {}
+        if rope.get("rope_type") == "longrope":
+            extra["original_max_position_embeddings"] = rope["original_max_position_embeddings"]
+        config = transformers.Phi3Config(
+            **common, rope_parameters=rope, sliding_window=sliding_window, **extra
+        )
+    elif arch == "mixtral":
+        config = transformers.MixtralConfig(
+            **common,
+            rope_parameters=rope,
+            num_local_experts=num_experts,
+            sliding_window=sliding_window,
+            **moe,
+        )
+    else:  # qwen3_moe: the last layer keeps a dense MLP
+        config = transformers.Qwen3MoeConfig(
+            **common,
+            rope_parameters=rope,
+            head_dim=head_dim,
+            num_experts=num_experts,
+            moe_intermediate_size=intermediate_size // 2,
+            norm_topk_prob=False,
+            mlp_only_layers=[num_layers - 1],
+            **moe,
         )
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -156,10 +223,18 @@ def make_tiny_model(
                     layer.self_attn.v_proj,
                 ):
                     proj.bias.normal_(0.0, 0.3)
-    with torch.no_grad():  # norms start at one; perturb so a wrong norm shows
+    with torch.no_grad():  # norms start at one (Gemma: zero); perturb so a wrong norm shows
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name and arch.startswith("gemma"):
+                p.add_(0.2 * torch.randn_like(p))
+            elif "embed_tokens" in name and arch.startswith("gemma"):
+                # Undo the sqrt(hidden) scale of the input: otherwise the tied embedding
+                # dominates the residual stream and the model echoes its input token.
+                p.mul_(hidden_size**-0.5)
+            elif "norm" in name:
                 p.mul_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith("mlp.gate.weight"):  # routers: spread so top-k choices vary
+                p.normal_(0.0, 1.0)
     model.generation_config = transformers.GenerationConfig(
         eos_token_id=eos, pad_token_id=pad, bos_token_id=None
     )

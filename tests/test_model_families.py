@@ -1,0 +1,201 @@
+"""The model families beyond Llama/Qwen (Mistral, Gemma 2/3, Phi-3, Mixtral, Qwen3-MoE) against
+HF transformers in fp32 on CPU, on tiny random-weight models whose distinguishing features are
+switched on (srt.testing.tiny_model): greedy tokens and logits equal HF's alone, and batched
+with other requests while one arrives in chunks and one reuses another's cached prefix, with a
+sliding window (8 tokens) shorter than the prompts; removing a feature from srt's config makes
+it disagree with HF (so the tests see each feature); tensor parallel 2 through the server.
+
+The ModelRunner-level steps reuse test_model_runner's `Sched` stand-in for the scheduler.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from _live import start_server
+from test_model_runner import ATOL, Sched, hf_greedy, make_runner, prompt, srt_greedy
+from test_parallel import hf_greedy as hf_greedy_many
+from test_parallel import stop
+
+from srt.model_executor.model_runner import ModelRunner
+from srt.testing.tiny_model import FAMILY_ARCHS, make_tiny_model
+
+WINDOW = 8
+# Phi-3 with LongRoPE: short factors up to 24 positions, long ones past them.
+LONGROPE = {
+    "rope_type": "longrope",
+    "short_factor": [1.0 + 0.1 * i for i in range(8)],
+    "long_factor": [2.0 + 0.5 * i for i in range(8)],
+    "original_max_position_embeddings": 24,
+}
+
+
+@pytest.fixture(scope="module")
+def family_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("families")
+    paths = {a: make_tiny_model(root / a, a, sliding_window=WINDOW) for a in FAMILY_ARCHS}
+    paths["phi3_longrope"] = make_tiny_model(root / "phi3_lr", "phi3", rope_scaling=LONGROPE)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def runners(family_paths: dict[str, str]) -> dict[str, ModelRunner]:
+    return {a: make_runner(family_paths[a], page_size=4) for a in FAMILY_ARCHS}
+
+
+def assert_close_logits(got: torch.Tensor, want: torch.Tensor, msg: str) -> None:
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0, msg=msg)
+
+
+@pytest.mark.parametrize("arch", FAMILY_ARCHS)
+def test_greedy_matches_hf(
+    arch: str, family_paths: dict[str, str], runners: dict[str, ModelRunner]
+) -> None:
+    # 21 prompt tokens and 14 generated: every layer's window (8) slides all along.
+    path, ids, steps = family_paths[arch], prompt(21, seed=1), 14
+    ref_tokens, ref_logits = hf_greedy(path, ids, steps)
+    tokens, logits = srt_greedy(runners[arch], ids, steps)
+    for step, (got, want) in enumerate(zip(logits, ref_logits, strict=True)):
+        assert_close_logits(got, want, f"{arch} step {step}")
+    assert tokens == ref_tokens
+    assert len(set(tokens)) > 1, "a model that repeats one token tests little"
+
+
+@pytest.mark.parametrize("arch", FAMILY_ARCHS)
+def test_batched_with_chunks_and_cached_prefix_match_hf(
+    arch: str, family_paths: dict[str, str], runners: dict[str, ModelRunner]
+) -> None:
+    """Three requests decoded together: A prefilled in two chunks, B reusing the KV slots of
+    A's first 8 tokens (a page-aligned prefix-cache hit) for its own 21-token prompt, C a fresh 5-token prompt whose
+    generation runs past the window. Each must produce HF's greedy tokens and logits."""
+    runner, path, steps = runners[arch], family_paths[arch], 10
+    a_ids = prompt(25, seed=3)
+    b_ids = a_ids[:8] + prompt(13, seed=4)
+    c_ids = prompt(5, seed=5)
+    sched = Sched(runner)
+    a, c = sched.new_req(), sched.new_req()
+    first = sched.extend([a], [a_ids[:10]])
+    b = sched.new_req(shared_prefix=a.slots[:8])
+    logits = list(sched.extend([a, b, c], [a_ids[10:], b_ids[8:], c_ids]))
+    got: list[list[torch.Tensor]] = [[x] for x in logits]
+    for _ in range(steps - 1):
+        logits = list(sched.decode([a, b, c], [int(x.argmax()) for x in logits]))
+        for seq, x in zip(got, logits, strict=True):
+            seq.append(x)
+    ref_first = hf_greedy(path, a_ids[:10], 1)[1][0]
+    assert_close_logits(first[0], ref_first, f"{arch} first chunk")
+    for name, ids, seq in (("A", a_ids, got[0]), ("B", b_ids, got[1]), ("C", c_ids, got[2])):
+        ref_tokens, ref_logits = hf_greedy(path, ids, steps)
+        for step, (x, want) in enumerate(zip(seq, ref_logits, strict=True)):
+            assert_close_logits(x, want, f"{arch} request {name} step {step}")
+        assert [int(x.argmax()) for x in seq] == ref_tokens
+
+
+def test_phi3_longrope_matches_hf(family_paths: dict[str, str]) -> None:
+    """Long factors for a prompt past the original context (24), short ones within it."""
+    path = family_paths["phi3_longrope"]
+    runner = make_runner(path, page_size=4)
+    for ids, steps in ((prompt(30, seed=6), 8), (prompt(6, seed=7), 12)):
+        ref_tokens, ref_logits = hf_greedy(path, ids, steps)
+        tokens, logits = srt_greedy(runner, ids, steps)
+        for step, (got, want) in enumerate(zip(logits, ref_logits, strict=True)):
+            assert_close_logits(got, want, f"{len(ids)}-token prompt, step {step}")
+        assert tokens == ref_tokens
+
+
+def _without(path: str, dest: Path, **overrides: object) -> str:
+    """A copy of the model folder whose config.json has `overrides` applied."""
+    dest.mkdir()
+    for f in Path(path).iterdir():
+        (dest / f.name).symlink_to(f)
+    config = json.loads((Path(path) / "config.json").read_text())
+    (dest / "config.json").unlink()
+    (dest / "config.json").write_text(json.dumps({**config, **overrides}))
+    return str(dest)
+
+
+@pytest.mark.parametrize(
+    ("arch", "overrides"),
+    [
+        ("mistral", {"sliding_window": None}),
+        ("gemma2", {"attn_logit_softcapping": None}),
+        ("gemma2", {"final_logit_softcapping": None}),
+        ("gemma2", {"query_pre_attn_scalar": 16}),
+        ("gemma3", {"layer_types": ["full_attention"] * 2}),
+        ("gemma3", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}),
+        ("mixtral", {"num_experts_per_tok": 1}),
+        ("qwen3_moe", {"norm_topk_prob": True}),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "-".join(v),
+)
+def test_each_feature_is_seen(
+    arch: str, overrides: dict, family_paths: dict[str, str], tmp_path: Path
+) -> None:
+    """srt without one feature of the family disagrees with HF: the tests above would see
+    that feature done wrong."""
+    path = family_paths[arch]
+    ids = prompt(21, seed=1)
+    _, ref_logits = hf_greedy(path, ids, 1)
+    runner = make_runner(_without(path, tmp_path / "changed", **overrides))
+    _, logits = srt_greedy(runner, ids, 1)
+    assert (logits[0] - ref_logits[0]).abs().max() > 100 * ATOL
+
+
+def test_phi3_fused_weights_split_per_rank() -> None:
+    """Phi-3's fused qkv_proj and gate_up_proj are cut into q/k/v and gate/up before each rank
+    takes its slice: a wrong cut would load k rows as q rows."""
+    from srt.models.phi3 import Phi3ForCausalLM
+
+    class Cfg:
+        num_attention_heads, num_key_value_heads, hidden_size, intermediate_size = 4, 2, 16, 8
+
+    model = Phi3ForCausalLM.__new__(Phi3ForCausalLM)
+    model.config = Cfg()
+    qkv = torch.arange(32.0)[:, None].expand(32, 16)  # q: rows 0-15, k 16-23, v 24-31
+    parts = dict(model.checkpoint_tensors("model.layers.0.self_attn.qkv_proj.weight", qkv))
+    assert [int(parts[f"model.layers.0.self_attn.{p}_proj.weight"][0, 0]) for p in "qkv"] == [
+        0,
+        16,
+        24,
+    ]
+    gate_up = torch.arange(16.0)[:, None].expand(16, 16)
+    parts = dict(model.checkpoint_tensors("model.layers.0.mlp.gate_up_proj.weight", gate_up))
+    assert int(parts["model.layers.0.mlp.up_proj.weight"][0, 0]) == 8
+    with pytest.raises(ValueError, match="q, k and v need"):
+        list(model.checkpoint_tensors("model.layers.0.self_attn.qkv_proj.weight", qkv[:30]))
+
+
+TP_PROMPTS = [prompt(23, seed=11), prompt(5, seed=12), prompt(14, seed=13)]
+
+
+def _tp2_matches_hf(path: str, tmp_path: Path) -> None:
+    """tp 2 with chunks of 8 tokens, twice (the second time from the prefix cache)."""
+    args = ["--model-path", path, "--max-total-tokens", "2048", "--tp-size", "2"]
+    proc, base = start_server([*args, "--chunked-prefill-size", "8"], tmp_path / "log", tmp_path)
+    body = {
+        "input_ids": TP_PROMPTS,
+        "sampling_params": {"temperature": 0, "max_new_tokens": 10, "ignore_eos": True},
+    }
+    try:
+        outs = [httpx.post(base + "/generate", json=body, timeout=120) for _ in range(2)]
+    finally:
+        assert stop(proc) == 0
+    want = hf_greedy_many(path, TP_PROMPTS, 10)
+    for r in outs:
+        assert r.status_code == 200, r.text
+        assert [o["output_ids"] for o in r.json()] == want
+    assert all(o["meta_info"]["cached_tokens"] > 0 for o in outs[1].json())
+
+
+def test_tp2_gemma2_matches_hf(family_paths: dict[str, str], tmp_path: Path) -> None:
+    _tp2_matches_hf(family_paths["gemma2"], tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [a for a in FAMILY_ARCHS if a != "gemma2"])
+def test_tp2_matches_hf(arch: str, family_paths: dict[str, str], tmp_path: Path) -> None:
+    _tp2_matches_hf(family_paths[arch], tmp_path)
