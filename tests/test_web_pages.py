@@ -31,6 +31,7 @@ class _FakeTM:
     context_len = 128
     dead_reason: str | None = None
     metrics = None
+    tokenizer = None  # no chat template: the chat route knows no tool format
 
     def __init__(self, **server_args: Any) -> None:
         self.server_args = ServerArgs(**server_args)

@@ -115,6 +115,8 @@ async function loadModels() {
     if (resp.status === 401) openSettings(true);
     return;
   }
+  // The server answers now: errors of earlier tries (a missing key) no longer hold.
+  for (const old of els.messages.querySelectorAll(".msg.system-error")) old.remove();
   const list = await resp.json();
   for (const card of list.data || []) {
     const opt = document.createElement("option");
