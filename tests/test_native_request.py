@@ -124,8 +124,8 @@ def test_sampling_seed_and_nulls() -> None:
     "params, name",
     [
         ({"beam_width": 4}, "beam_width"),
-        ({"ebnf": "root ::= 'a'"}, "ebnf"),
-        ({"structural_tag": "{}"}, "structural_tag"),
+        ({"ebnf": "root ::= 'a'", "regex": "a"}, "ebnf"),
+        ({"structural_tag": 5}, "structural_tag"),
         ({"custom_params": {"k": 1}}, "custom_params"),
         ({"stream_interval": 4}, "stream_interval"),
         ({"stop_regex": "("}, "stop_regex"),
@@ -141,6 +141,12 @@ def test_bad_sampling_params_name_the_key(params: dict, name: str) -> None:
 
 def test_unused_sglang_sampling_keys_pass() -> None:
     sp = SamplingParams.from_dict(
-        {"beam_width": None, "ebnf": None, "stream_interval": None, "stop_regex": r"\d+\."}
+        {
+            "beam_width": None,
+            "ebnf": "",
+            "structural_tag": None,
+            "stream_interval": None,
+            "stop_regex": r"\d+\.",
+        }
     )
     assert sp.stop_regex == [r"\d+\."]

@@ -5,13 +5,14 @@ Validation raises `ValueError` with a message naming the parameter; the HTTP lay
 into a 400 with an OpenAI-style error body.
 
 `from_dict` reads SGLang's sampling_params as its clients send them: a null means the default,
-`sampling_seed` is the seed, and SGLang's keys that srt does not implement (beam search, EBNF,
-...) are accepted only while they hold their null / default value (a 400 naming the key
+`sampling_seed` is the seed, and SGLang's keys that srt does not implement (beam search,
+watermarks, ...) are accepted only while they hold their null / default value (a 400 naming the key
 otherwise), so nothing is silently ignored.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from typing import Any
@@ -28,12 +29,14 @@ MAX_STOP_REGEX_CHARS = 512
 # SGLang's own clients send when the feature is unused).
 _UNSUPPORTED_UNLESS_DEFAULT: dict[str, tuple[Any, ...]] = {
     "beam_width": (None, 1),
-    "ebnf": (None, ""),
-    "structural_tag": (None, ""),
     "custom_params": (None, {}),
     "watermark": (None, False, {}),
     "stream_interval": (None,),
 }
+
+
+# The fields that constrain the output with a grammar (srt.constrained.grammar).
+_GRAMMAR_KINDS = ("json_schema", "regex", "ebnf", "structural_tag")
 
 
 class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
@@ -56,9 +59,12 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_un
     logit_bias: dict[int, float] | None = None
     n: int = 1
     # Structured output (srt.constrained): the output must match this JSON schema (a JSON
-    # string) or this regex; at most one of them.
+    # string), this regex, this EBNF grammar (xgrammar's GBNF dialect), or this structural tag
+    # (xgrammar's JSON format, or SGLang's {"structures", "triggers"}); at most one of them.
     json_schema: str | None = None
     regex: str | None = None
+    ebnf: str | None = None
+    structural_tag: str | None = None
     # Stop when the output text (as the client sees it) contains a match of one of these
     # regexes; the request ends with finish_reason stop, `matched` the pattern (SGLang's).
     stop_regex: list[str] = msgspec.field(default_factory=list)
@@ -81,6 +87,12 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_un
         # NOTE: like SGLang, a null means the default (except max_new_tokens, where null
         # means "up to the context length").
         d = {k: v for k, v in d.items() if v is not None or k == "max_new_tokens"}
+        for key in ("ebnf", "structural_tag"):  # SGLang's clients send "" for none
+            if d.get(key) == "":
+                del d[key]
+        for key in ("json_schema", "structural_tag"):  # given as an object, not a string
+            if isinstance(d.get(key), dict):
+                d[key] = json.dumps(d[key])
         for key in ("stop", "stop_regex"):
             if isinstance(d.get(key), str):
                 d[key] = [d[key]]
@@ -146,8 +158,9 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_un
                 raise ValueError("a stop string may be at most 512 characters")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
-        if self.json_schema is not None and self.regex is not None:
-            raise ValueError("give at most one of json_schema and regex")
+        given = [k for k in _GRAMMAR_KINDS if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give at most one of {', '.join(_GRAMMAR_KINDS)}, got {given}")
         if len(self.stop_regex) > MAX_STOP_REGEX:
             raise ValueError(f"at most {MAX_STOP_REGEX} stop_regex patterns are allowed")
         for pattern in self.stop_regex:
@@ -169,6 +182,15 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_un
         for t, b in (self.logit_bias or {}).items():
             if not math.isfinite(b) or not -100.0 <= b <= 100.0:
                 raise ValueError(f"logit_bias for token {t} must be in [-100, 100], got {b}")
+
+    @property
+    def grammar(self) -> tuple[str, str] | None:
+        """(kind, spec) of the output grammar (see _GRAMMAR_KINDS), None when unconstrained."""
+        for kind in _GRAMMAR_KINDS:
+            spec = getattr(self, kind)
+            if spec is not None:
+                return (kind, spec)
+        return None
 
     @property
     def is_greedy(self) -> bool:

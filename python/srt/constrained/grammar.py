@@ -1,7 +1,6 @@
-"""Grammar-constrained sampling with xgrammar (JSON schema and regex).
+"""Grammar-constrained sampling with xgrammar (JSON schema, regex, EBNF, structural tag).
 
-Main process: `check_grammar(params)` parses a request's `json_schema` / `regex` without a
-tokenizer and raises ValueError (a 400) when it is invalid, before anything is sent.
+Main process: `check_grammar(params)` parses a request's grammar without a tokenizer and raises ValueError (a 400) when it is invalid, before anything is sent.
 Scheduler process: `GrammarBackend` compiles a grammar once per distinct spec against the
 tokenizer (cached), `new_matcher` gives each request its own `GrammarMatcher`; for every step
 with constrained rows the scheduler fills one token bitmask on the host (`fill_bitmask`, from
@@ -36,12 +35,36 @@ def _clean(e: Exception) -> str:
 
 
 def grammar_key(params: SamplingParams) -> tuple[str, str] | None:
-    """("json_schema" | "regex", spec) of a constrained request, else None."""
-    if params.json_schema is not None:
-        return ("json_schema", params.json_schema)
-    if params.regex is not None:
-        return ("regex", params.regex)
-    return None
+    """(kind, spec) of a constrained request, else None; kind is one of json_schema, regex,
+    ebnf, structural_tag."""
+    return params.grammar
+
+
+def _structural_tag(spec: str) -> Any:
+    """xgrammar's structural tag (`{"type": "structural_tag", "format": ...}`), or SGLang's
+    older shape `{"structures": [{"begin", "schema", "end"}], "triggers": [...]}`."""
+    import xgrammar as xgr
+
+    try:
+        d = json.loads(spec)
+    except ValueError as e:
+        raise ValueError(f"structural_tag is not valid JSON: {e}") from e
+    if not isinstance(d, dict):
+        raise ValueError("structural_tag must be a JSON object")
+    try:
+        if "structures" in d:
+            items = [
+                xgr.StructuralTagItem(begin=s["begin"], schema=s["schema"], end=s["end"])
+                for s in d["structures"]
+            ]
+            tag = xgr.StructuralTag.from_legacy_structural_tag(items, d.get("triggers", []))
+        else:
+            tag = xgr.StructuralTag.from_json(d)
+        return xgr.Grammar.from_structural_tag(tag)
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"invalid structural_tag: missing or wrong field {e}") from e
+    except Exception as e:  # pydantic ValidationError, xgrammar's own errors
+        raise ValueError(f"invalid structural_tag: {_clean(e)}") from e
 
 
 def _grammar(kind: str, spec: str) -> Any:
@@ -56,6 +79,13 @@ def _grammar(kind: str, spec: str) -> Any:
             return xgr.Grammar.from_json_schema(spec, any_whitespace=False)
         except (RuntimeError, ValueError, TypeError) as e:
             raise ValueError(f"invalid json_schema: {_clean(e)}") from e
+    if kind == "structural_tag":
+        return _structural_tag(spec)
+    if kind == "ebnf":
+        try:
+            return xgr.Grammar.from_ebnf(spec)
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise ValueError(f"invalid ebnf: {_clean(e)}") from e
     try:
         return xgr.Grammar.from_regex(spec)
     except (RuntimeError, ValueError, TypeError) as e:

@@ -98,7 +98,7 @@ class Admission:
                 # logprobs need; a namespace of its own means nothing is matched for this
                 # request (correct, at the cost of no prefix reuse for it).
                 namespace = f"{msg.cache_salt}\x00logprob:{rid}"
-        if p.json_schema is not None or p.regex is not None:
+        if p.grammar is not None:
             host = host or HostRequest(input_ids=list(msg.input_ids), input_lp_next=n_prompt)
             try:
                 host.matcher = self.host.new_matcher(p)

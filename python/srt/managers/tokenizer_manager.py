@@ -385,10 +385,10 @@ class TokenizerManager:
             sp = SamplingParams.from_dict(sp)
             sp.verify(self.vocab_size)
         sp.n = 1  # NOTE: n > 1 is fanned out into separate requests by the callers
-        if sp.json_schema is not None or sp.regex is not None:
+        if sp.grammar is not None:
             from srt.constrained.grammar import check_grammar
 
-            check_grammar(sp)  # an invalid schema or regex is the client's 400, not the scheduler's
+            check_grammar(sp)  # an invalid grammar is the client's 400, not the scheduler's
 
         n_prompt = len(input_ids)
         if n_prompt >= self.context_len:
