@@ -105,11 +105,9 @@ def test_unknown_fields_are_ignored_and_reported() -> None:
     req = CompletionRequest(prompt="x", foo=1, stream=True, stream_options={"bar": 2})
     req.check_supported()
     assert req.ignored_fields() == ["foo", "stream_options.bar"]
-    chat = ChatCompletionRequest(
-        messages=[{"role": "user", "content": "x", "bogus": 1}], separate_reasoning=True
-    )
+    chat = ChatCompletionRequest(messages=[{"role": "user", "content": "x", "bogus": 1}], top_a=0.5)
     chat.check_supported()
-    assert chat.ignored_fields() == ["separate_reasoning", "messages[0].bogus"]
+    assert chat.ignored_fields() == ["top_a", "messages[0].bogus"]
     assert "foo" not in json.dumps(req.sampling_params(4).__struct_fields__)
 
 
@@ -145,8 +143,8 @@ def test_wrong_message_types_are_rejected() -> None:
         {"use_beam_search": True},
         {"length_penalty": 0.5},
         {"prompt_logprobs": 1},
-        {"guided_grammar": "root ::= 'a'"},
-        {"guided_json": {"type": "object"}},
+        {"bad_words": ["x"]},
+        {"allowed_token_ids": [1, 2]},
         {"lora_path": "adapter"},
         {"return_hidden_states": True},
         {"truncate_prompt_tokens": 8},
@@ -245,8 +243,7 @@ def test_unsupported_completion_features_are_400(kwargs: dict, param: str) -> No
 @pytest.mark.parametrize(
     "kwargs, param",
     [
-        ({"tools": [{"type": "function"}]}, "tools"),
-        ({"tool_choice": "auto"}, "tool_choice"),
+        ({"audio": {"voice": "x"}}, "audio"),
         ({"logprobs": 1}, "logprobs"),
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
@@ -306,8 +303,15 @@ def test_chat_messages_to_template_dicts() -> None:
     with pytest.raises(RequestError, match="image_url"):
         img.messages[0].to_template_dict(0)
     tool = ChatCompletionRequest(messages=[{"role": "tool", "content": "x", "tool_call_id": "1"}])
-    with pytest.raises(RequestError):
-        tool.messages[0].to_template_dict(0)
+    assert tool.messages[0].to_template_dict(0) == {
+        "role": "tool",
+        "content": "x",
+        "tool_call_id": "1",
+    }
+    calls = [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    asks = ChatCompletionRequest(messages=[{"role": "user", "content": "x", "tool_calls": calls}])
+    with pytest.raises(RequestError, match="only assistant messages carry tool_calls"):
+        asks.messages[0].to_template_dict(0)
 
 
 def test_error_body_shape() -> None:
@@ -362,6 +366,7 @@ class _FakeTM:
     model_path = "/models/tiny"
     context_len = 128
     dead_reason: str | None = None
+    tokenizer = None  # the chat template is never reached
     server_args = ServerArgs()  # defaults: no API key, no metrics
 
     def start(self) -> None:
@@ -435,3 +440,33 @@ def test_http_models_and_health(client: TestClient) -> None:
     assert [m["id"] for m in data["data"]] == ["tiny"]
     assert data["data"][0]["max_model_len"] == 128
     assert client.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("extra", "grammar"),
+    [
+        ({"guided_json": {"type": "object"}}, ("json_schema", '{"type": "object"}')),
+        ({"guided_regex": "a+"}, ("regex", "a+")),
+        ({"guided_choice": ["a.b", "c (d)"]}, ("regex", r"a\.b|c \(d\)")),
+        ({"guided_grammar": 'root ::= "a"'}, ("ebnf", 'root ::= "a"')),
+        ({"structured_outputs": {"choice": ["x"]}}, ("regex", "x")),
+        ({"ebnf": 'root ::= "a"'}, ("ebnf", 'root ::= "a"')),
+        (
+            {"response_format": {"type": "structural_tag", "structures": [], "triggers": []}},
+            ("structural_tag", '{"structures": [], "triggers": []}'),
+        ),
+    ],
+)
+def test_other_servers_structured_output_fields(extra: dict, grammar: tuple) -> None:
+    """vLLM's guided_* / structured_outputs and SGLang's ebnf / structural_tag map to srt's
+    grammars; two at once are a 400."""
+    for req in (
+        CompletionRequest(prompt="x", **extra),
+        ChatCompletionRequest(messages=MSGS, **extra),
+    ):
+        req.check_supported()
+        assert req.sampling_params(4).grammar == grammar
+    with pytest.raises(ValueError, match="at most one output constraint"):
+        ChatCompletionRequest(messages=MSGS, regex="b", **extra).sampling_params(4)
+    with pytest.raises(RequestError, match="structured_outputs.bogus"):
+        ChatCompletionRequest(messages=MSGS, structured_outputs={"bogus": 1}).sampling_params(4)

@@ -17,11 +17,16 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from srt.function_call.formats import ALIASES as TOOL_FORMAT_ALIASES
+from srt.function_call.formats import FORMATS
 from srt.models.registry import SUPPORTED_ARCHITECTURES
+from srt.reasoning import PARSERS as REASONING
 
 SCHEDULE_POLICIES = ("fcfs", "lpm", "dfs-weight", "lof", "random")
 ATTENTION_BACKEND_CHOICES = ("auto", "flashinfer", "torch_native")
 LOAD_BALANCE_METHODS = ("cache_aware", "round_robin", "shortest_queue")
+TOOL_CALL_PARSERS = tuple(sorted([*FORMATS, *TOOL_FORMAT_ALIASES]))
+REASONING_PARSERS = tuple(sorted(REASONING))
 
 
 class UsageError(ValueError):
@@ -46,6 +51,17 @@ class ServerArgs:
         None,
         "Model name reported by /v1/models and in responses; defaults to the model folder's "
         "name (a .gguf file's without the suffix).",
+    )
+    tool_call_parser: str | None = _f(
+        None,
+        "How the model writes tool calls, for `tools` on /v1/chat/completions. Default: "
+        "detected from the chat template, else hermes.",
+        TOOL_CALL_PARSERS,
+    )
+    reasoning_parser: str | None = _f(
+        None,
+        "Move the model's <think>...</think> reasoning to `reasoning_content`. Default: off.",
+        REASONING_PARSERS,
     )
     host: str = _f("127.0.0.1", "Address the HTTP server binds.")
     port: int = _f(30000, "Port the HTTP server listens on.")

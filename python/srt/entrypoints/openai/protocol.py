@@ -3,7 +3,7 @@
 Requests are lenient where vLLM's and SGLang's users expect it and strict where it matters:
 - an unknown field is ignored (`ignored_fields`; the server logs one line naming them);
 - a field whose silent omission would change the output is a 400 naming it unless it holds
-  its null / default value: OpenAI's (suffix, audio, tools, best_of > n, ...) and other
+  its null / default value: OpenAI's (suffix, audio, best_of > n, ...) and other
   servers' extensions srt does not implement (`OUTPUT_CHANGING`: beam search, guided_grammar,
   LoRA, ...);
 - types are strict: `"stream": "yes"` or `"n": "2"` is a 400, not a coercion.
@@ -91,13 +91,6 @@ OUTPUT_CHANGING: dict[str, Any] = {
     "prompt_logprobs": None,
     "use_beam_search": False,
     "length_penalty": 1.0,
-    "guided_json": None,
-    "guided_regex": None,
-    "guided_choice": None,
-    "guided_grammar": None,
-    "structured_outputs": None,
-    "ebnf": None,
-    "structural_tag": None,
     "lora_path": None,
     "return_hidden_states": False,
     "return_routed_experts": False,
@@ -173,10 +166,18 @@ class _SamplingFields(_Lenient):
     include_stop_str_in_output: bool = False
     stop_regex: str | list[str] | None = None
     cache_salt: str = ""
-    # Structured output: OpenAI's response_format (text, json_object, json_schema), or srt's
-    # `regex` extension; see srt.constrained.grammar.
+    # Structured output (srt.constrained.grammar), at most one of: OpenAI's response_format
+    # (text, json_object, json_schema, and SGLang's structural_tag), SGLang's `regex` and
+    # `ebnf`, vLLM's guided_json / guided_regex / guided_choice / guided_grammar and their
+    # newer form structured_outputs {json, regex, choice, grammar, structural_tag}.
     response_format: dict[str, Any] | None = None
     regex: str | None = None
+    ebnf: str | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict[str, Any] | None = None
 
     def check_supported(self) -> None:
         for name, value in (self.model_extra or {}).items():
@@ -239,37 +240,101 @@ class _SamplingFields(_Lenient):
             "repetition_penalty": self.repetition_penalty,
         }
         d.update({k: v for k, v in optional.items() if v is not None})
-        schema = self.json_schema_string()
-        if schema is not None and self.regex is not None:
-            raise ValueError("give at most one of response_format (JSON) and regex")
-        if schema is not None:
-            d["json_schema"] = schema
-        if self.regex is not None:
-            d["regex"] = self.regex
+        grammars = self.grammars()
+        if len(grammars) > 1:
+            names = ", ".join(sorted({field for field, _, _ in grammars}))
+            raise ValueError(f"give at most one output constraint, got {names}")
+        for _, kind, spec in grammars:
+            d[kind] = spec
         return SamplingParams.from_dict(d)
 
-    def json_schema_string(self) -> str | None:
-        """The JSON schema response_format asks for, as a string; None for plain text."""
+    def grammars(self) -> list[tuple[str, str, str]]:
+        """(request field, SamplingParams grammar kind, spec) of every output constraint the
+        request gives; RequestError for a malformed one."""
+        out: list[tuple[str, str, str]] = []
         rf = self.response_format
-        if rf is None:
-            return None
-        kind = rf.get("type")
-        if kind == "text":
-            return None
-        if kind == "json_object":
-            return '{"type": "object"}'
-        if kind == "json_schema":
-            js = rf.get("json_schema")
-            if not isinstance(js, dict) or not isinstance(js.get("schema"), dict | bool):
+        if rf is not None:
+            kind = rf.get("type")
+            if kind == "json_object":
+                out.append(("response_format", "json_schema", '{"type": "object"}'))
+            elif kind == "json_schema":
+                js = rf.get("json_schema")
+                if not isinstance(js, dict) or not isinstance(js.get("schema"), dict | bool):
+                    raise RequestError(
+                        "response_format json_schema needs json_schema.schema (an object)",
+                        param="response_format",
+                    )
+                out.append(("response_format", "json_schema", json.dumps(js["schema"])))
+            elif kind == "structural_tag":
+                tag = {k: v for k, v in rf.items() if k != "type"}
+                if "format" in tag:  # xgrammar's shape: {"type": "structural_tag", "format"}
+                    tag = rf
+                out.append(("response_format", "structural_tag", json.dumps(tag)))
+            elif kind != "text":
                 raise RequestError(
-                    "response_format json_schema needs json_schema.schema (an object)",
+                    f"response_format type {kind!r} is not supported (text, json_object, "
+                    "json_schema, structural_tag)",
                     param="response_format",
                 )
-            return json.dumps(js["schema"])
-        raise RequestError(
-            f"response_format type {kind!r} is not supported (text, json_object, json_schema)",
-            param="response_format",
-        )
+        so = dict(self.structured_outputs or {})
+        vllm = {
+            "json": self.guided_json if self.guided_json is not None else so.pop("json", None),
+            "regex": self.guided_regex if self.guided_regex is not None else so.pop("regex", None),
+            "choice": self.guided_choice
+            if self.guided_choice is not None
+            else so.pop("choice", None),
+            "grammar": self.guided_grammar
+            if self.guided_grammar is not None
+            else so.pop("grammar", None),
+            "structural_tag": so.pop("structural_tag", None),
+        }
+        unknown = sorted(k for k, v in so.items() if v not in (None, False))
+        if unknown:
+            raise RequestError(
+                f"structured_outputs.{unknown[0]} is not supported (json, regex, choice, "
+                "grammar, structural_tag)",
+                param="structured_outputs",
+            )
+        field = "structured_outputs" if self.structured_outputs else "guided"
+        if self.regex is not None:
+            out.append(("regex", "regex", self.regex))
+        if self.ebnf is not None:
+            out.append(("ebnf", "ebnf", self.ebnf))
+        if vllm["json"] is not None:
+            js = vllm["json"]
+            out.append(
+                (f"{field}_json", "json_schema", js if isinstance(js, str) else json.dumps(js))
+            )
+        if vllm["regex"] is not None:
+            out.append((f"{field}_regex", "regex", vllm["regex"]))
+        if vllm["choice"] is not None:
+            choices = vllm["choice"]
+            if (
+                not isinstance(choices, list)
+                or not choices
+                or not all(isinstance(c, str) for c in choices)
+            ):
+                raise RequestError(
+                    "guided_choice is a non-empty list of strings", param="guided_choice"
+                )
+            out.append((f"{field}_choice", "regex", "|".join(_regex_literal(c) for c in choices)))
+        if vllm["grammar"] is not None:
+            out.append((f"{field}_grammar", "ebnf", vllm["grammar"]))
+        if vllm["structural_tag"] is not None:
+            tag = vllm["structural_tag"]
+            out.append(
+                (
+                    f"{field}_structural_tag",
+                    "structural_tag",
+                    tag if isinstance(tag, str) else json.dumps(tag),
+                )
+            )
+        return out
+
+
+def _regex_literal(text: str) -> str:
+    """`text` as a regex that matches exactly it (xgrammar's regex dialect)."""
+    return "".join("\\" + c if c in r"\.^$|?*+()[]{}/" else c for c in text)
 
 
 class CompletionRequest(_SamplingFields):
@@ -327,11 +392,10 @@ class ChatMessage(_Lenient):
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
 
-    def to_template_dict(self, index: int) -> dict[str, str]:
-        """The role/content dict a chat template expects; multimodal parts are a 400."""
+    def to_template_dict(self, index: int) -> dict[str, Any]:
+        """The message as a dict for the chat template: text content (multimodal parts are a
+        400), and the tool fields (srt.function_call.tools renders those)."""
         param = f"messages[{index}]"
-        if self.role == "tool" or self.tool_calls or self.tool_call_id:
-            raise RequestError("tool messages are not supported", param=param)
         content = self.content
         if isinstance(content, list):
             texts = []
@@ -351,7 +415,16 @@ class ChatMessage(_Lenient):
             content = "".join(texts)
         # NOTE: "developer" is OpenAI's newer name for "system"; templates know only the latter.
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": content or ""}
+        if self.tool_calls and role != "assistant":
+            raise RequestError("only assistant messages carry tool_calls", param=param)
+        out: dict[str, Any] = {"role": role, "content": content or ""}
+        if self.tool_calls:
+            out["tool_calls"] = self.tool_calls
+        if role == "tool":
+            out["tool_call_id"] = self.tool_call_id
+            if self.name is not None:
+                out["name"] = self.name
+        return out
 
 
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high"]
@@ -387,12 +460,19 @@ class ChatCompletionRequest(_SamplingFields):
     add_special_tokens: bool = False
     # The last message's content before the generated one, when both are the assistant's.
     echo: bool = False
-    # Known OpenAI fields srt does not implement: a 400 when set.
-    tools: list[dict[str, Any]] | None = None
+    # Function calling (srt.function_call): OpenAI's fields, and the older functions /
+    # function_call, which map to them.
+    tools: list[Any] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
-    functions: list[dict[str, Any]] | None = None
+    functions: list[Any] | None = None
     function_call: Any = None
+    # With --reasoning-parser: the reasoning goes to reasoning_content unless
+    # separate_reasoning is false; stream_reasoning=false sends it in one piece when it ends
+    # (SGLang's fields).
+    separate_reasoning: bool = True
+    stream_reasoning: bool = True
+    # Known OpenAI fields srt does not implement: a 400 when set.
     modalities: list[str] | None = None
     audio: dict[str, Any] | None = None
     # metadata-only fields: accepted and ignored, as they change nothing about the output
@@ -415,11 +495,8 @@ class ChatCompletionRequest(_SamplingFields):
                 raise RequestError("top_logprobs must be in [0, 20]", param="top_logprobs")
             if not self.logprobs:
                 raise RequestError("top_logprobs needs logprobs=true", param="top_logprobs")
-        for name in ("tools", "functions", "function_call", "audio"):
-            if getattr(self, name):
-                raise RequestError(f"{name} is not supported", param=name)
-        if self.tool_choice not in (None, "none"):
-            raise RequestError("tool_choice is not supported", param="tool_choice")
+        if self.audio:
+            raise RequestError("audio is not supported", param="audio")
         if self.modalities and self.modalities != ["text"]:
             raise RequestError("only the text modality is supported", param="modalities")
         if not self.messages:
@@ -455,7 +532,7 @@ class ChatCompletionRequest(_SamplingFields):
             kw.setdefault("reasoning_effort", self.reasoning_effort)
         return kw
 
-    def echo_prefix(self, messages: list[dict[str, str]]) -> str:
+    def echo_prefix(self, messages: list[dict[str, Any]]) -> str:
         """With echo, the content the response starts with: the last message's, when it is
         the assistant's (the role that answers), else nothing (vLLM's rule)."""
         if self.echo and messages and messages[-1]["role"] == "assistant":
@@ -540,6 +617,18 @@ class CompletionStreamResponse(_StreamChunk):
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    # With --reasoning-parser; left out when there is none.
+    reasoning_content: str | None = None
+    # Each {"id", "type": "function", "function": {"name", "arguments"}}; left out when none.
+    tool_calls: list[dict[str, Any]] | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_absent(self, handler: Any) -> dict[str, Any]:
+        d = handler(self)
+        for key in ("reasoning_content", "tool_calls"):
+            if d.get(key) is None:
+                d.pop(key, None)
+        return d
 
 
 class ChatCompletionResponseChoice(BaseModel):
@@ -562,6 +651,10 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    # The first delta of a call has its index, id, type and function name; the next ones
+    # {"index", "function": {"arguments": fragment}}.
+    tool_calls: list[dict[str, Any]] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_nulls(self, handler: Any) -> dict[str, Any]:
