@@ -132,6 +132,10 @@ def test_sampling_seed_and_nulls() -> None:
         ({"stop_regex": "x*"}, "stop_regex"),
         ({"stop_regex": ["a"] * 17}, "stop_regex"),
         ({"bogus": 1}, "bogus"),
+        # Types are strict, as on the OpenAI routes: no coercion of strings.
+        ({"max_new_tokens": "8"}, "max_new_tokens"),
+        ({"temperature": "0.5"}, "temperature"),
+        ({"ignore_eos": "true"}, "ignore_eos"),
     ],
 )
 def test_bad_sampling_params_name_the_key(params: dict, name: str) -> None:

@@ -104,7 +104,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_un
             except (TypeError, ValueError) as e:
                 raise ValueError("logit_bias keys must be token ids") from e
         try:
-            p = msgspec.convert(d, cls, strict=False)
+            p = msgspec.convert(d, cls)
         except msgspec.ValidationError as e:
             raise ValueError(f"invalid sampling parameter: {e}") from e
         p.verify()
