@@ -21,6 +21,7 @@ from test_model_runner import ATOL, Sched, hf_greedy, make_runner, prompt, srt_g
 from test_parallel import hf_greedy as hf_greedy_many
 from test_parallel import stop
 
+from srt.layers.attention.torch_native import TorchNativeAttnBackend
 from srt.model_executor.model_runner import ModelRunner
 from srt.testing.tiny_model import FAMILY_ARCHS, make_tiny_model
 
@@ -93,6 +94,21 @@ def test_batched_with_chunks_and_cached_prefix_match_hf(
         for step, (x, want) in enumerate(zip(seq, ref_logits, strict=True)):
             assert_close_logits(x, want, f"{arch} request {name} step {step}")
         assert [int(x.argmax()) for x in seq] == ref_tokens
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma2"])
+def test_sdpa_decode_path_matches_hf(
+    arch: str, family_paths: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The decode path of non-CPU pools (batched SDPA, or the explicit soft-capped softmax),
+    run here on the CPU in place of the native kernel, windows and soft-caps included."""
+    monkeypatch.setattr(TorchNativeAttnBackend, "_native_decode", lambda self: False)
+    path, ids, steps = family_paths[arch], prompt(13, seed=8), 8
+    ref_tokens, ref_logits = hf_greedy(path, ids, steps)
+    tokens, logits = srt_greedy(make_runner(path, page_size=4), ids, steps)
+    for step, (got, want) in enumerate(zip(logits, ref_logits, strict=True)):
+        assert_close_logits(got, want, f"{arch} step {step}")
+    assert tokens == ref_tokens
 
 
 def test_phi3_longrope_matches_hf(family_paths: dict[str, str]) -> None:

@@ -306,13 +306,17 @@ def paged_decode_attention(
     scale: float,
     out: np.ndarray,
     threads: int,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> None:
     """Decode attention over one layer of the paged KV pool, written into `out` ([B, Hq, D],
     q's layout): sequence b attends to the keys and values ([slots, Hkv, D]) at slots
     `table[rows[b], :lens[b]]`, scores scaled by `scale`, f32 arithmetic. q, k, v and out are
     all float32 or all int16 (bfloat16 bits: `tensor.view(torch.int16).numpy()`), C-contiguous.
     `threads` > 1 runs sequences in parallel (a pool kept for the process); the GIL is
-    released. Raises ValueError when shapes, rows, lengths or slots do not fit."""
+    released. `window` > 0: only the last `window` positions of each sequence attend (its own
+    included); `softcap` > 0: the scaled scores become `softcap * tanh(score / softcap)`.
+    Raises ValueError when shapes, rows, lengths, slots or the soft-cap do not fit."""
 
 def rope_neox_inplace(
     x: np.ndarray,

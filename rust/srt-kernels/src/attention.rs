@@ -7,6 +7,8 @@
 //!
 //! Per (sequence, KV head): the scores of its query heads against every position, a softmax
 //! per query head (max-subtracted, f32), then the probability-weighted sum of the values.
+//! Options: a sliding window (only the last `window` positions attend: Mistral, Gemma's local
+//! layers) and a logit soft-cap (scores become `cap * tanh(score / cap)`: Gemma 2).
 //! Everything is f32 arithmetic whatever the storage type. Sequences run in parallel on
 //! `threads` threads (a rayon pool kept for the process), one sequence per task.
 
@@ -38,6 +40,10 @@ pub struct PagedDecode<'a, E: Elem> {
     pub head_dim: usize,
     /// multiplies q . k (usually head_dim^-0.5)
     pub scale: f32,
+    /// 0: every position attends; else only the last `window` ones (the query's own included)
+    pub window: usize,
+    /// 0: none; else the scaled scores become `softcap * tanh(score / softcap)`
+    pub softcap: f32,
 }
 
 impl<E: Elem> PagedDecode<'_, E> {
@@ -52,6 +58,9 @@ impl<E: Elem> PagedDecode<'_, E> {
             return err(format!(
                 "{hq} query heads must be a positive multiple of {hkv} KV heads (head_dim {d})"
             ));
+        }
+        if !(self.softcap >= 0.0 && self.softcap.is_finite()) {
+            return err(format!("soft-cap {} must be finite and >= 0", self.softcap));
         }
         let b = self.batch();
         if self.lens.len() != b {
@@ -266,9 +275,16 @@ fn sequence_body<E: Elem, const D: usize>(
     let (hq, hkv) = (p.num_heads, p.num_kv_heads);
     let d = if D == 0 { p.head_dim } else { D };
     let group = hq / hkv;
-    let len = p.lens[b] as usize;
+    let end = p.lens[b] as usize;
     let row = p.rows[b] as usize;
-    let slots = &p.table[row * p.table_cols..row * p.table_cols + len];
+    // The positions that attend: the last `window` of the sequence, or all of it.
+    let first = if p.window > 0 {
+        end.saturating_sub(p.window)
+    } else {
+        0
+    };
+    let slots = &p.table[row * p.table_cols + first..row * p.table_cols + end];
+    let len = slots.len();
     let width = hkv * d; // one slot's row of the pool
     let num_slots = p.k.len() / width;
     if let Some(&bad) = slots.iter().find(|&&s| s < 0 || s as usize >= num_slots) {
@@ -308,6 +324,12 @@ fn sequence_body<E: Elem, const D: usize>(
                 let head = h * group + g;
                 scores[head * len + j] = dot(&q[head * d..(head + 1) * d], key);
             }
+        }
+    }
+    if p.softcap > 0.0 {
+        let cap = p.softcap;
+        for x in scores.iter_mut() {
+            *x = cap * (*x / cap).tanh();
         }
     }
     for (head, s) in scores.chunks_exact_mut(len).enumerate() {
@@ -368,6 +390,11 @@ mod tests {
         for b in 0..p.batch() {
             let row = p.rows[b] as usize;
             let len = p.lens[b] as usize;
+            let first = if p.window > 0 && len > p.window {
+                len - p.window
+            } else {
+                0
+            };
             for h in 0..hq {
                 let kh = h / (hq / hkv);
                 let q = &p.q[(b * hq + h) * d..][..d];
@@ -375,18 +402,24 @@ mod tests {
                     let slot = p.table[row * p.table_cols + j] as usize;
                     buf[(slot * hkv + kh) * d..][..d].to_vec()
                 };
-                let s: Vec<f64> = (0..len)
+                let cap = f64::from(p.softcap);
+                let s: Vec<f64> = (first..len)
                     .map(|j| {
                         let k = at(p.k, j);
-                        q.iter().zip(&k).map(|(a, b)| f64::from(a * b)).sum::<f64>()
-                            * f64::from(p.scale)
+                        let s = q.iter().zip(&k).map(|(a, b)| f64::from(a * b)).sum::<f64>()
+                            * f64::from(p.scale);
+                        if cap > 0.0 {
+                            cap * (s / cap).tanh()
+                        } else {
+                            s
+                        }
                     })
                     .collect();
                 let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                 let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
                 let z: f64 = e.iter().sum();
                 for (j, w) in e.iter().enumerate() {
-                    let v = at(p.v, j);
+                    let v = at(p.v, first + j);
                     for (o, x) in out[(b * hq + h) * d..][..d].iter_mut().zip(&v) {
                         *o += (w / z) as f32 * x;
                     }
@@ -447,7 +480,65 @@ mod tests {
             num_kv_heads: shape.1,
             head_dim: shape.2,
             scale: (shape.2 as f32).powf(-0.5),
+            window: 0,
+            softcap: 0.0,
         }
+    }
+
+    fn worst(p: &PagedDecode<'_, f32>, threads: usize) -> f32 {
+        let want = reference(p);
+        let mut out = vec![0f32; p.q.len()];
+        paged_decode(p, &mut out, threads).unwrap();
+        out.iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max)
+    }
+
+    #[test]
+    fn sliding_window_and_softcap_match_the_plain_computation() {
+        // Windows shorter than some sequences (lengths 1 ..= 40) and longer than others;
+        // a cap small enough to bite (scores reach ~4 with these inputs).
+        let c = case(9, 6, 2, 16, 11);
+        for (window, softcap) in [(1, 0.0), (7, 0.0), (40, 0.0), (0, 1.5), (5, 2.0)] {
+            let p = PagedDecode {
+                window,
+                softcap,
+                ..params(&c, &c.q, &c.k, &c.v, (6, 2, 16))
+            };
+            for threads in [1, 3] {
+                let off = worst(&p, threads);
+                assert!(off < 1e-5, "window {window} cap {softcap}: off by {off}");
+            }
+        }
+        // The options change the result (the reference is not blind to them).
+        let plain = params(&c, &c.q, &c.k, &c.v, (6, 2, 16));
+        let windowed = PagedDecode {
+            window: 3,
+            ..params(&c, &c.q, &c.k, &c.v, (6, 2, 16))
+        };
+        let capped = PagedDecode {
+            softcap: 0.5,
+            ..params(&c, &c.q, &c.k, &c.v, (6, 2, 16))
+        };
+        let base = reference(&plain);
+        for other in [reference(&windowed), reference(&capped)] {
+            let diff = base
+                .iter()
+                .zip(&other)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(diff > 1e-3, "option made no difference ({diff})");
+        }
+        let bad = PagedDecode {
+            softcap: -1.0,
+            ..params(&c, &c.q, &c.k, &c.v, (6, 2, 16))
+        };
+        let mut out = vec![0f32; c.q.len()];
+        assert!(paged_decode(&bad, &mut out, 1)
+            .unwrap_err()
+            .0
+            .contains("soft-cap"));
     }
 
     #[test]

@@ -35,7 +35,7 @@ fn run<T: Element, E: Elem>(
     lens: &PyReadonlyArray1<'_, i64>,
     scale: f32,
     out: &Bound<'_, PyAny>,
-    threads: usize,
+    (threads, window, softcap): (usize, usize, f32),
 ) -> PyResult<()> {
     let (q, k, v): (
         PyReadonlyArray3<'_, T>,
@@ -65,6 +65,8 @@ fn run<T: Element, E: Elem>(
         num_kv_heads: ks[1],
         head_dim: qs[2],
         scale,
+        window,
+        softcap,
     };
     let o = out
         .as_slice_mut()
@@ -79,9 +81,12 @@ fn run<T: Element, E: Elem>(
 /// (`[B, Hq, D]`) over the keys and values (`[slots, Hkv, D]`) at slots
 /// `table[rows[b], :lens[b]]`, scaled by `scale`. q, k, v and out are all float32 or all
 /// int16 (bf16 bits); table int32 `[R, C]`; rows and lens int64 `[B]`. `threads` > 1 runs
-/// sequences in parallel. Raises ValueError on shapes or indices that do not fit.
+/// sequences in parallel. `window` > 0 keeps only the last `window` positions; `softcap` > 0
+/// caps the scaled scores at `softcap * tanh(score / softcap)`. Raises ValueError on shapes
+/// or indices that do not fit.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (q, k, v, table, rows, lens, scale, out, threads, window=0, softcap=0.0))]
 fn paged_decode_attention(
     py: Python<'_>,
     q: &Bound<'_, PyAny>,
@@ -93,11 +98,14 @@ fn paged_decode_attention(
     scale: f32,
     out: &Bound<'_, PyAny>,
     threads: usize,
+    window: usize,
+    softcap: f32,
 ) -> PyResult<()> {
+    let opts = (threads, window, softcap);
     if q.extract::<PyReadonlyArray3<'_, f32>>().is_ok() {
-        run::<f32, f32>(py, q, k, v, &table, &rows, &lens, scale, out, threads)
+        run::<f32, f32>(py, q, k, v, &table, &rows, &lens, scale, out, opts)
     } else if q.extract::<PyReadonlyArray3<'_, i16>>().is_ok() {
-        run::<i16, Bf16>(py, q, k, v, &table, &rows, &lens, scale, out, threads)
+        run::<i16, Bf16>(py, q, k, v, &table, &rows, &lens, scale, out, opts)
     } else {
         Err(value_error(
             "paged_decode_attention: q must be a 3-D float32 or int16 (bf16) array",

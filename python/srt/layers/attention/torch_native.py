@@ -5,8 +5,9 @@
   sequences runs as one SDPA over queries and keys padded to the longest (`_PaddedExtend`,
   when the padded mask stays small and padding wastes little); otherwise one SDPA per sequence.
 - decode: on the CPU with an fp32 or bf16 pool, srt-kernels' paged decode attention
-  (`_native.paged_decode_attention`), which reads each sequence's keys and values in place
-  through its table row, in parallel over sequences on torch's thread count. Elsewhere, one
+  (`_native.paged_decode_attention`, sliding window and soft-cap included), which reads each
+  sequence's keys and values in place through its table row, in parallel over sequences on
+  torch's thread count. Elsewhere, one
   batched SDPA over the sequences' keys gathered and padded to the longest; padded positions
   point at the padding page and are masked out.
 GQA is handled by SDPA's `enable_gqa`, or by folding a KV head's query heads into its query
@@ -15,8 +16,7 @@ rows (no materialized repeat of K/V).
 Layer options (`AttentionLayer`): a sliding window narrows the mask to the keys at absolute
 positions > p - W (one mask per window size per step, built on first use); a logit soft-cap
 replaces SDPA by the explicit softmax(cap * tanh(scores / cap)) (`_attend`). The native decode
-kernel serves the layers with neither; a decode step of a layer with either runs the batched
-SDPA path, whose plan is then built once for the step.
+kernel takes both as arguments.
 """
 
 from __future__ import annotations
@@ -151,25 +151,17 @@ class TorchNativeAttnBackend(AttentionBackend):
         self._padded: _PaddedExtend | None = None
         self._decode: _PaddedDecode | None = None
         self._native: _NativeDecode | None = None
-        self._batch: ForwardBatch | None = None  # this step's, for a plan built on first use
 
     def _native_decode(self) -> bool:
         """Whether decode steps run the native kernel: a CPU pool of a dtype it reads."""
         assert self.kv_pool is not None
         return self.kv_pool.device.type == "cpu" and self.kv_pool.dtype in _NATIVE_DECODE_VIEW
 
-    @staticmethod
-    def _native_serves(layer: AttentionLayer) -> bool:
-        """Whether the native decode kernel computes this layer's attention (it has no
-        window and no soft-cap)."""
-        return layer.sliding_window is None and layer.logit_softcap is None
-
     def init_forward_metadata(self, forward_batch: ForwardBatch) -> None:
         assert self.req_to_token_pool is not None, "bind_pools() must be called first"
         table = self.req_to_token_pool.req_to_token
         self._native = None
         self._decode = None
-        self._batch = forward_batch
         seq_lens = forward_batch.seq_lens_cpu
         if seq_lens is None:
             seq_lens = forward_batch.seq_lens.cpu().numpy()
@@ -314,11 +306,9 @@ class TorchNativeAttnBackend(AttentionBackend):
     ) -> torch.Tensor:
         assert self.kv_pool is not None
         k_buf, v_buf = self.kv_pool.get_kv(layer.layer_id)
-        if self._native is not None and self._native_serves(layer):
+        if self._native is not None:
             return self._forward_native(q, k_buf, v_buf, layer, self._native)
-        if self._decode is None:  # a native step with a windowed or soft-capped layer
-            assert self._batch is not None and self._native is not None
-            self._decode = self._plan_decode(self._batch, self._native.lens)
+        assert self._decode is not None
         plan = self._decode
         shape = (q.shape[0], plan.mask.shape[-1], *k_buf.shape[1:])
         # NOTE: index_select, not advanced indexing: ~3x faster for whole-row gathers on CPU.
@@ -361,5 +351,7 @@ class TorchNativeAttnBackend(AttentionBackend):
             layer.scaling,
             out.view(view).numpy(),
             torch.get_num_threads(),
+            layer.sliding_window or 0,
+            layer.logit_softcap or 0.0,
         )
         return out.view(q.shape[0], -1).to(dtype)
