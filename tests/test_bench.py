@@ -249,34 +249,32 @@ def test_plot_file_written(tmp_path: Path) -> None:
 
 
 class _FakeEngine:
-    """Records how `generate` was called; answers like the Engine (SGLang-shaped dicts)."""
+    """Records how `async_generate` was called; answers like the Engine (SGLang-shaped dicts),
+    the second request first."""
 
     def __init__(self) -> None:
         self.calls: list[tuple] = []
 
-    def generate(
-        self,
-        prompt: list[str] | None,
-        sampling_params: list[dict],
-        input_ids: list[list[int]] | None = None,
-    ) -> list[dict]:
+    async def async_generate(
+        self, prompt: str | None, sampling_params: dict, input_ids: list[int] | None = None
+    ) -> dict:
+        i = len(self.calls)
         self.calls.append((prompt, sampling_params, input_ids))
-        prompts = input_ids if input_ids is not None else prompt
-        return [
-            {
-                "text": "x",
-                "output_ids": [1] * p["max_new_tokens"],
-                "meta_info": {
-                    "id": str(i),
-                    "prompt_tokens": len(q),
-                    "completion_tokens": p["max_new_tokens"] - (i == 1),  # one ends early
-                    "cached_tokens": 0,
-                    "finish_reason": {"type": "abort"} if i == 2 else {"type": "length"},
-                    "e2e_latency": 0.5 + i,
-                },
-            }
-            for i, (q, p) in enumerate(zip(prompts, sampling_params, strict=True))
-        ]
+        await asyncio.sleep(0.01 if i != 1 else 0)  # finishes out of order
+        q = input_ids if input_ids is not None else prompt
+        n = sampling_params["max_new_tokens"]
+        return {
+            "text": "x",
+            "output_ids": [1] * n,
+            "meta_info": {
+                "id": str(i),
+                "prompt_tokens": len(q),
+                "completion_tokens": n - (i == 1),  # one ends early
+                "cached_tokens": 0,
+                "finish_reason": {"type": "abort"} if i == 2 else {"type": "length"},
+                "e2e_latency": 0.5 + i,
+            },
+        }
 
 
 def test_offline_metrics_and_calls(tokenizer) -> None:
@@ -284,10 +282,11 @@ def test_offline_metrics_and_calls(tokenizer) -> None:
 
     reqs = sample_random_requests(tokenizer, 4, 10, 5)
     engine = _FakeEngine()
-    outs = _generate(engine, reqs, temperature=0.0)
-    ((prompt, params, ids),) = engine.calls
-    assert prompt is None and ids == [r.prompt_ids for r in reqs]  # exact token-id prompts
-    assert params[0] == {
+    outs = _generate(engine, reqs, temperature=0.0, progress=True)
+    # One call per request, all at once, exact token-id prompts; outputs in request order.
+    assert [(p, ids) for p, _, ids in engine.calls] == [(None, r.prompt_ids) for r in reqs]
+    assert [o["meta_info"]["id"] for o in outs] == ["0", "1", "2", "3"]
+    assert engine.calls[0][1] == {
         "max_new_tokens": 5,
         "min_new_tokens": 5,
         "ignore_eos": True,
@@ -301,7 +300,7 @@ def test_offline_metrics_and_calls(tokenizer) -> None:
     assert m["median_e2e_latency_ms"] == pytest.approx(1500.0)
     text_reqs = sample_random_requests(tokenizer, 2, 10, 5, prompt_format="text")
     _generate(engine, text_reqs, temperature=0.0)
-    assert engine.calls[-1][0] == [r.prompt for r in text_reqs] and engine.calls[-1][2] is None
+    assert [(p, ids) for p, _, ids in engine.calls[-2:]] == [(r.prompt, None) for r in text_reqs]
     with pytest.raises(RuntimeError):
         offline_metrics(reqs, outs[:3], duration=1.0)
 
@@ -564,6 +563,7 @@ def test_offline_tiny(tiny_model: str, tmp_path: Path) -> None:
             "--max-total-tokens", "2048", "--output-file", str(out)]  # fmt: skip
     proc = _run_bench(argv)
     assert "Offline Throughput Result" in proc.stdout
+    assert "8/8" in proc.stderr  # the progress bar reached every request
     (rec,) = _records(out)
     assert (rec["completed"], rec["failed"], rec["short_outputs"]) == (8, 0, 0)
     assert 8 * 10 <= rec["total_input_tokens"] <= 8 * 20

@@ -2,14 +2,15 @@
 
 Runs the Engine in this process (which starts the scheduler and detokenizer processes). In: a
 model, a dataset (random or ShareGPT) and any ServerArgs flag. Out: requests/s, input and
-output tokens/s and the total time of one `generate` call holding every request at once (the
-scheduler sees the whole dataset up front, as in batch inference), printed as a table and
-optionally appended as one JSON line.
+output tokens/s and the total time of the whole dataset submitted at once (the scheduler sees
+every request up front, as in batch inference), printed as a table and optionally appended as
+one JSON line. A progress bar counts the finished requests (--disable-tqdm hides it).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import sys
 import time
@@ -50,21 +51,37 @@ def resolve_paths(args: argparse.Namespace) -> None:
     args.model_path, args.tokenizer_path = resolve_model_paths(args.model_path, args.tokenizer_path)
 
 
-def _generate(engine: Any, requests: list[BenchRequest], temperature: float) -> list[dict]:
-    params = [
-        {
+def _generate(
+    engine: Any, requests: list[BenchRequest], temperature: float, progress: bool = False
+) -> list[dict]:
+    """Every request submitted at once, one Engine call each (so each finish can be counted);
+    the outputs in the order of `requests`."""
+    return asyncio.run(_generate_all(engine, requests, temperature, progress))
+
+
+async def _generate_all(
+    engine: Any, requests: list[BenchRequest], temperature: float, progress: bool
+) -> list[dict]:
+    from tqdm import tqdm
+
+    by_ids = all(r.prompt_ids is not None for r in requests)
+
+    async def one(r: BenchRequest) -> dict:
+        params = {
             "max_new_tokens": r.output_len,
             "min_new_tokens": r.output_len,
             "ignore_eos": True,
             "temperature": temperature,
         }
-        for r in requests
-    ]
-    if all(r.prompt_ids is not None for r in requests):
-        outs = engine.generate(None, params, input_ids=[r.prompt_ids for r in requests])
-    else:
-        outs = engine.generate([r.prompt for r in requests], params)
-    return outs if isinstance(outs, list) else [outs]
+        if by_ids:
+            out = await engine.async_generate(None, params, input_ids=r.prompt_ids)
+        else:
+            out = await engine.async_generate(r.prompt, params)
+        bar.update(1)
+        return out
+
+    with tqdm(total=len(requests), disable=not progress, unit="req") as bar:
+        return list(await asyncio.gather(*(one(r) for r in requests)))
 
 
 def offline_metrics(requests: list[BenchRequest], outs: list[dict], duration: float) -> dict:
@@ -129,7 +146,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             _generate(engine, warm[: args.warmup_requests], args.temperature)
         print(f"{len(requests)} {args.dataset} requests, all at once", file=sys.stderr)
         t0 = time.perf_counter()
-        outs = _generate(engine, requests, args.temperature)
+        outs = _generate(engine, requests, args.temperature, progress=not args.disable_tqdm)
         duration = time.perf_counter() - t0
     finally:
         engine.shutdown()
@@ -152,5 +169,6 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--output-file", default=None, help="Append one JSON record per run.")
+    parser.add_argument("--disable-tqdm", action="store_true", help="No progress bar.")
     group = parser.add_argument_group("runtime (ServerArgs)")
     ServerArgs.add_cli_args(group)
