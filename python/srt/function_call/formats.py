@@ -200,17 +200,18 @@ class ToolFormat:
     def structural_tag(
         self, tools: list[tuple[str, dict[str, Any]]], forced: bool, parallel: bool
     ) -> dict[str, Any]:
-        """xgrammar's structural tag for calls to `tools` ((name, arguments schema) pairs):
-        only calls (`forced`: tool_choice required or named), or free text with calls that
-        must match (auto with strict tools); one call at most unless `parallel`."""
+        """xgrammar's structural tag for calls to `tools` ((name, arguments format) pairs, the
+        format an xgrammar structural-tag content): only calls (`forced`: tool_choice required
+        or named), or free text with calls that must match (auto with strict tools); one call
+        at most unless `parallel`."""
         tags = [
             {
                 "type": "tag",
                 "begin": self.call_begin(name),
-                "content": {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": 1},
+                "content": content,
                 "end": self.call_end,
             }
-            for name, schema in tools
+            for name, content in tools
         ]
         if forced:
             fmt: dict[str, Any] = {

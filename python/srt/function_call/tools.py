@@ -136,22 +136,39 @@ class ToolPlan:
             if not any(t.strict for t in self.tools):
                 return None
             # NOTE: a call to a non-strict tool is still a JSON object, nothing more.
-            pairs = [(t.name, t.schema() if t.strict else _ANY_OBJECT) for t in self.tools]
+            pairs = [
+                (t.name, _json_content(t.schema() if t.strict else _ANY_OBJECT, i))
+                for i, t in enumerate(self.tools)
+            ]
             return json.dumps(fmt.structural_tag(pairs, forced=False, parallel=self.parallel))
-        chosen = self.tools if self.choice == "required" else self.named(self.choice)
-        pairs = [(t.name, t.schema()) for t in chosen]
+        chosen = [(i, t) for i, t in enumerate(self.tools) if self.choice in ("required", t.name)]
+        pairs = [(t.name, _json_content(t.schema(), i)) for i, t in chosen]
         forced_one = self.choice != "required"
         return json.dumps(
             fmt.structural_tag(pairs, forced=True, parallel=self.parallel and not forced_one)
         )
 
-    def named(self, name: str) -> tuple[Tool, ...]:
-        return tuple(t for t in self.tools if t.name == name)
-
     def template_tools(self) -> list[dict[str, Any]]:
         """The tools a chat template is given (none when tool_choice is none, so the model is
         not invited to call them)."""
         return [t.openai() for t in self.tools] if self.active else []
+
+
+def _json_content(schema: dict[str, Any], index: int) -> dict[str, Any]:
+    """A structural-tag content holding JSON that matches `schema`, written the way srt writes
+    constrained JSON: ", " and ": " between items, no other whitespace (a weak model cannot
+    wander off into whitespace, and the arguments read like a model's own)."""
+    import xgrammar as xgr
+
+    try:
+        grammar = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
+    except Exception as e:  # xgrammar's errors for schemas it cannot use
+        message = re.sub(r"^\[[0-9:]+\] \S+:\d+: ", "", str(e)).strip()
+        raise ToolError(
+            f"the parameters schema cannot be enforced: {message}",
+            f"tools[{index}].function.parameters",
+        ) from e
+    return {"type": "grammar", "grammar": str(grammar)}
 
 
 def _choice(tool_choice: Any, names: set[str]) -> str:

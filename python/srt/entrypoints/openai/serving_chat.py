@@ -104,7 +104,9 @@ class OpenAIServingChat(OpenAIServingBase):
         """Sets the structural tag that enforces the request's tool_choice / strict tools."""
         try:
             tag = plan.grammar(self.tool_format)
-        except ValueError as e:
+        except ToolError as e:
+            raise RequestError(str(e), param=e.param) from e
+        except ValueError as e:  # a format that cannot be enforced
             raise RequestError(str(e), param="tool_choice") from e
         if tag is None:
             return
