@@ -2,10 +2,12 @@
 HF transformers in fp32 on CPU, on tiny random-weight models whose distinguishing features are
 switched on (srt.testing.tiny_model): greedy tokens and logits equal HF's alone, and batched
 with other requests while one arrives in chunks and one reuses another's cached prefix, with a
-sliding window (8 tokens) shorter than the prompts; removing a feature from srt's config makes
-it disagree with HF (so the tests see each feature); tensor parallel 2 through the server.
+sliding window (8 tokens) shorter than the prompts; through the scheduler with a KV pool small
+enough to force retraction; removing a feature from srt's config makes it disagree with HF (so
+the tests see each feature); tensor parallel 2 through the server.
 
-The ModelRunner-level steps reuse test_model_runner's `Sched` stand-in for the scheduler.
+The ModelRunner-level steps reuse test_model_runner's `Sched` stand-in for the scheduler, the
+scheduler-level ones test_scheduler's `Harness`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from _live import start_server
 from test_model_runner import ATOL, Sched, hf_greedy, make_runner, prompt, srt_greedy
 from test_parallel import hf_greedy as hf_greedy_many
 from test_parallel import stop
+from test_scheduler import Harness, make_prompts
+from test_scheduler import hf_greedy as hf_greedy_recomputed
+from transformers import AutoModelForCausalLM
 
 from srt.layers.attention.torch_native import TorchNativeAttnBackend
 from srt.model_executor.model_runner import ModelRunner
@@ -121,6 +126,36 @@ def test_phi3_longrope_matches_hf(family_paths: dict[str, str]) -> None:
         for step, (got, want) in enumerate(zip(logits, ref_logits, strict=True)):
             assert_close_logits(got, want, f"{len(ids)}-token prompt, step {step}")
         assert tokens == ref_tokens
+
+
+@pytest.mark.parametrize("arch", FAMILY_ARCHS)
+def test_scheduler_with_retraction_matches_hf(arch: str, family_paths: dict[str, str]) -> None:
+    """The scheduler in-process over a KV pool too small for its requests: continuous
+    batching, shared prefixes from the cache, prompts in 16-token chunks, eviction and
+    retraction (a retracted request comes back with its output so far); every request gives
+    HF's greedy output and no KV slot leaks."""
+    path = family_paths[arch]
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    h = Harness(
+        path,
+        max_total_tokens=192,
+        page_size=4,
+        chunked_prefill_size=16,
+        max_running_requests=16,
+        schedule_policy="lpm",
+    )
+    try:
+        prompts = make_prompts(h.sched.vocab_size, 12, seed=3)
+        for i, p in enumerate(prompts):
+            h.submit(f"r{i}", p, max_new_tokens=32, temperature=0.0, ignore_eos=True)
+        h.run()
+        assert h.retracted > 0, "the pool was meant to be too small to avoid retraction"
+        assert sum(h.cached.values()) > 0, "shared prefixes were never reused"
+        for i, p in enumerate(prompts):
+            assert h.outputs[f"r{i}"] == hf_greedy_recomputed(hf, p, 32), f"request r{i}"
+        h.assert_pool_returned()
+    finally:
+        h.close()
 
 
 def _without(path: str, dest: Path, **overrides: object) -> str:
