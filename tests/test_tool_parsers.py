@@ -376,7 +376,7 @@ def _random_walk(backend, key: tuple[str, str], tok, seed: int, limit: int = 600
     return tok.decode(out)
 
 
-@pytest.mark.parametrize("fmt_name", ["hermes", "llama3_json", "mistral"])
+@pytest.mark.parametrize("fmt_name", ["hermes", "llama3_json", "mistral", "pythonic"])
 def test_forced_calls_always_parse_and_match_the_schema(
     fmt_name: str, tiny_model_paths: dict[str, str]
 ) -> None:
@@ -412,10 +412,37 @@ def test_forced_calls_always_parse_and_match_the_schema(
                 assert [c["function"]["name"] for c in calls] == ["get_weather"]
 
 
-def test_pythonic_cannot_be_forced() -> None:
-    plan = ToolPlan.of([ADD], "required", None)
+def test_pythonic_enforces_forced_calls_only() -> None:
+    """Its calls open with a bare '[', so strict tools under auto are refused; forced calls
+    write keyword arguments (required ones first, optional ones may follow)."""
+    plan = ToolPlan.of([ADD], "auto", None)
     with pytest.raises(ValueError, match="pythonic"):
         plan.grammar(FORMATS["pythonic"]())  # type: ignore[union-attr]
+    import xgrammar as xgr
+
+    opt = {
+        "type": "function",
+        "function": {
+            "name": "opt",
+            "parameters": {
+                "type": "object",
+                "properties": {"a": {"type": "integer"}, "b": {"type": "boolean"}},
+            },
+        },
+    }
+    plan = ToolPlan.of([WEATHER, opt], "required", None)
+    grammar = xgr.Grammar.from_structural_tag(plan.grammar(FORMATS["pythonic"]()))  # type: ignore[union-attr]
+    accepts = xgr.testing._is_grammar_accept_string
+    assert accepts(grammar, '[get_weather(city="Rome", days=2), opt(), opt(a=1, b=true)]')
+    assert not accepts(grammar, '[get_weather(days=2, city="Rome")]')  # declared order
+    assert not accepts(grammar, '[get_weather(city="Oslo", days=2)]')  # enum
+    bad = {
+        "type": "function",
+        "function": {"name": "f", "parameters": {"type": "object", "properties": {"a-b": {}}}},
+    }
+    with pytest.raises(ToolError, match="identifier") as e:
+        ToolPlan.of([bad], "required", None).grammar(FORMATS["pythonic"]())  # type: ignore[union-attr]
+    assert e.value.param == "tools[0].function.parameters"
 
 
 # ---- reasoning -----------------------------------------------------------------------------

@@ -233,6 +233,11 @@ class ToolFormat:
     def wrap(self, fmt: dict[str, Any], forced: bool) -> dict[str, Any]:
         return fmt
 
+    def arguments_content(self, schema: dict[str, Any]) -> dict[str, Any]:
+        """The structural-tag content of a call's arguments that match `schema` (ValueError
+        when it cannot be enforced)."""
+        return json_content(schema)
+
     # ---- plain-text prompting (templates without tool support) ----------------------------
 
     example: ClassVar[str]
@@ -490,14 +495,74 @@ class PythonicFormat(ToolFormat):
             parts.append(f"{name}({kwargs})")
         return "[" + ", ".join(parts) + "]"
 
+    call_end = ")"
+
+    def call_begin(self, name: str) -> str:
+        return name + "("
+
     def structural_tag(
         self, tools: list[tuple[str, dict[str, Any]]], forced: bool, parallel: bool
     ) -> dict[str, Any]:
-        raise ValueError(
-            "the pythonic tool-call format cannot be enforced while decoding (tool_choice "
-            "required or a named function, strict tools); start the server with another "
-            "--tool-call-parser"
-        )
+        if not forced:
+            # NOTE: its calls open with a bare '[', which plain text uses too.
+            raise ValueError(
+                "strict tools under tool_choice auto cannot be enforced with the pythonic "
+                "tool-call format; use tool_choice required or a named function, or another "
+                "--tool-call-parser"
+            )
+        tags = [
+            {"type": "tag", "begin": self.call_begin(name), "content": content, "end": ")"}
+            for name, content in tools
+        ]
+        calls = {
+            "type": "tags_with_separator",
+            "tags": tags,
+            "separator": ", ",
+            "at_least_one": True,
+            "stop_after_first": not parallel,
+        }
+        return {
+            "type": "structural_tag",
+            "format": {"type": "tag", "begin": "[", "content": calls, "end": "]"},
+        }
+
+    def arguments_content(self, schema: dict[str, Any]) -> dict[str, Any]:
+        """Keyword arguments whose values are JSON (which the parser reads as Python
+        literals): the schema's required properties in order, then its optional ones."""
+        props = schema.get("properties", {})
+        if schema.get("type", "object") != "object" or not isinstance(props, dict):
+            raise ValueError("pythonic calls need a parameters schema of type object")
+        if not props:
+            return {"type": "const_string", "value": ""}
+        defs = {k: schema[k] for k in ("$defs", "definitions") if k in schema}
+        required = set(schema.get("required") or [])
+        values = {}
+        for name, sub in props.items():
+            if not name.isidentifier():
+                raise ValueError(f"pythonic calls need identifier parameter names, not {name!r}")
+            values[name] = json_content({**sub, **defs} if isinstance(sub, dict) else sub)
+        elements: list[dict[str, Any]] = []
+        for name in (n for n in props if n in required):
+            sep = ", " if elements else ""
+            elements += [{"type": "const_string", "value": f"{sep}{name}="}, values[name]]
+        optional = [n for n in props if n not in required]
+        if elements:
+            for name in optional:
+                kw = [{"type": "const_string", "value": f", {name}="}, values[name]]
+                elements.append(
+                    {"type": "optional", "content": {"type": "sequence", "elements": kw}}
+                )
+            return {"type": "sequence", "elements": elements}
+        # No required argument: each optional one may follow the one before it.
+        tail: dict[str, Any] | None = None
+        for k in range(len(optional) - 1, -1, -1):
+            sep = ", " if k else ""
+            kw = [{"type": "const_string", "value": f"{sep}{optional[k]}="}, values[optional[k]]]
+            if tail is not None:
+                kw.append(tail)
+            tail = {"type": "optional", "content": {"type": "sequence", "elements": kw}}
+        assert tail is not None
+        return tail
 
 
 def _python_close(text: str, open_paren: int) -> int | None:
@@ -527,6 +592,20 @@ def _python_close(text: str, open_paren: int) -> int | None:
                 return j + 1
         j += 1
     return None
+
+
+def json_content(schema: Any) -> dict[str, Any]:
+    """A structural-tag content holding JSON that matches `schema`, written the way srt writes
+    constrained JSON: ", " and ": " between items, no other whitespace (a weak model cannot
+    wander off into whitespace, and the arguments read like a model's own). ValueError when
+    xgrammar cannot use the schema."""
+    import xgrammar as xgr
+
+    try:
+        grammar = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
+    except Exception as e:  # xgrammar's errors for schemas it cannot use
+        raise ValueError(re.sub(r"^\[[0-9:]+\] \S+:\d+: ", "", str(e)).strip()) from e
+    return {"type": "grammar", "grammar": str(grammar)}
 
 
 _PY_END = "<|python_end|>"

@@ -137,12 +137,12 @@ class ToolPlan:
                 return None
             # NOTE: a call to a non-strict tool is still a JSON object, nothing more.
             pairs = [
-                (t.name, _json_content(t.schema() if t.strict else _ANY_OBJECT, i))
+                (t.name, _arguments(fmt, t.schema() if t.strict else _ANY_OBJECT, i))
                 for i, t in enumerate(self.tools)
             ]
             return json.dumps(fmt.structural_tag(pairs, forced=False, parallel=self.parallel))
         chosen = [(i, t) for i, t in enumerate(self.tools) if self.choice in ("required", t.name)]
-        pairs = [(t.name, _json_content(t.schema(), i)) for i, t in chosen]
+        pairs = [(t.name, _arguments(fmt, t.schema(), i)) for i, t in chosen]
         forced_one = self.choice != "required"
         return json.dumps(
             fmt.structural_tag(pairs, forced=True, parallel=self.parallel and not forced_one)
@@ -154,21 +154,14 @@ class ToolPlan:
         return [t.openai() for t in self.tools] if self.active else []
 
 
-def _json_content(schema: dict[str, Any], index: int) -> dict[str, Any]:
-    """A structural-tag content holding JSON that matches `schema`, written the way srt writes
-    constrained JSON: ", " and ": " between items, no other whitespace (a weak model cannot
-    wander off into whitespace, and the arguments read like a model's own)."""
-    import xgrammar as xgr
-
+def _arguments(fmt: ToolFormat, schema: dict[str, Any], index: int) -> dict[str, Any]:
     try:
-        grammar = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
-    except Exception as e:  # xgrammar's errors for schemas it cannot use
-        message = re.sub(r"^\[[0-9:]+\] \S+:\d+: ", "", str(e)).strip()
+        return fmt.arguments_content(schema)
+    except ValueError as e:
         raise ToolError(
-            f"the parameters schema cannot be enforced: {message}",
+            f"the parameters schema cannot be enforced: {e}",
             f"tools[{index}].function.parameters",
         ) from e
-    return {"type": "grammar", "grammar": str(grammar)}
 
 
 def _choice(tool_choice: Any, names: set[str]) -> str:
