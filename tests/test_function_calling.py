@@ -344,3 +344,40 @@ def test_langchain_bind_tools_and_structured_output(live: Live) -> None:
     structured = llm.with_structured_output(Weather, method="function_calling")
     out = structured.invoke("What is the weather in Paris?")
     assert isinstance(out, Weather)
+
+
+def test_sglang_parse_routes(live: Live) -> None:
+    """/separate_reasoning and /parse_function_call parse text the client already has."""
+    r = httpx.post(
+        live.base + "/separate_reasoning",
+        json={"text": "<think>\nhm\n</think>\n\nyes"},
+        timeout=30,
+    )
+    assert r.status_code == 200 and r.json() == {"text": "yes", "reasoning_text": "hm"}, r.text
+    r = httpx.post(
+        live.base + "/separate_reasoning",
+        json={"text": "a</think>b", "reasoning_parser": "deepseek-r1"},
+        timeout=30,
+    )
+    assert r.json() == {"text": "b", "reasoning_text": "a"}
+    bad = httpx.post(
+        live.base + "/separate_reasoning", json={"text": "x", "reasoning_parser": "?"}, timeout=30
+    )
+    assert bad.status_code == 400 and bad.json()["param"] == "reasoning_parser"
+    text = 'Sure.\n<tool_call>\n{"name": "set_flag", "arguments": {"on": true}}\n</tool_call>'
+    r = httpx.post(
+        live.base + "/parse_function_call",
+        json={"text": text, "tools": [FLAG]},
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    assert r.json() == {
+        "normal_text": "Sure.",
+        "calls": [{"name": "set_flag", "parameters": {"on": True}}],
+    }
+    r = httpx.post(
+        live.base + "/parse_function_call",
+        json={"text": "[set_flag(on=False)]", "tools": [FLAG], "tool_call_parser": "pythonic"},
+        timeout=30,
+    )
+    assert r.json()["calls"] == [{"name": "set_flag", "parameters": {"on": False}}]

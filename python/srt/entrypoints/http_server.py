@@ -50,6 +50,7 @@ from srt.entrypoints.openai.protocol import (
 )
 from srt.entrypoints.openai.serving_chat import OpenAIServingChat
 from srt.entrypoints.openai.serving_completions import OpenAIServingCompletion
+from srt.entrypoints.parse_routes import register_parse_routes
 from srt.entrypoints.uvicorn_serve import serve_and_announce
 from srt.entrypoints.web.openapi import install_openapi, request_body
 from srt.entrypoints.web.pages import register_pages
@@ -157,6 +158,7 @@ def create_app(tokenizer_manager: TokenizerManager) -> FastAPI:
     install_api_key(app, tm.server_args.api_key)
     install_openapi(app, PUBLIC_PATHS if tm.server_args.api_key else None)
     register_admin_routes(app, tm, parse_body)
+    register_parse_routes(app, chat.tool_format.name, tm.server_args.reasoning_parser, parse_body)
     register_pages(app, chat_page=not tm.server_args.disable_web_ui)
 
     @app.exception_handler(RequestValidationError)
