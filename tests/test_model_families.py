@@ -27,6 +27,7 @@ from test_scheduler import hf_greedy as hf_greedy_recomputed
 from transformers import AutoModelForCausalLM
 
 from srt.layers.attention.torch_native import TorchNativeAttnBackend
+from srt.layers.moe import GroupedExperts, SparseMoE
 from srt.model_executor.model_runner import ModelRunner
 from srt.testing.tiny_model import FAMILY_ARCHS, make_tiny_model
 
@@ -218,6 +219,38 @@ def test_phi3_fused_weights_split_per_rank() -> None:
     assert int(parts["model.layers.0.mlp.up_proj.weight"][0, 0]) == 8
     with pytest.raises(ValueError, match="q, k and v need"):
         list(model.checkpoint_tensors("model.layers.0.self_attn.qkv_proj.weight", qkv[:30]))
+
+
+def test_moe_dense_path_equals_grouped() -> None:
+    """The path a CUDA graph captures (every expert on every token) sums as the grouped one."""
+    torch.manual_seed(0)
+    moe = SparseMoE(16, 12, num_experts=5, top_k=2, renormalize=False)
+    for p in moe.parameters():
+        p.data.normal_()
+    x = torch.randn(7, 16)
+    weights, ids = moe.route(x)
+    grouped = moe.grouped(x, weights, ids)
+    torch.testing.assert_close(moe.dense(x, weights, ids), grouped, atol=1e-4, rtol=1e-5)
+    assert len(set(ids.view(-1).tolist())) > 2, "the tokens should spread over the experts"
+
+
+def test_grouped_and_per_expert_checkpoints_load_alike() -> None:
+    """Experts stored one tensor per expert and projection (Mixtral, Qwen3-MoE on the hub) or
+    grouped [E, ...] (transformers 5) load into the same parameters."""
+    E, H, inter = 3, 8, 6
+    gate_up, down = torch.randn(E, 2 * inter, H), torch.randn(E, H, inter)
+    grouped, per_expert = GroupedExperts(E, H, inter), GroupedExperts(E, H, inter)
+    grouped.weight_loader(grouped.gate_up_proj, gate_up)
+    grouped.weight_loader(grouped.down_proj, down)
+    for e in range(E):
+        per_expert.weight_loader(per_expert.gate_up_proj, gate_up[e, :inter], f"{e}.gate")
+        per_expert.weight_loader(per_expert.gate_up_proj, gate_up[e, inter:], f"{e}.up")
+        per_expert.weight_loader(per_expert.down_proj, down[e], f"{e}.down")
+    torch.testing.assert_close(grouped.gate_up_proj, gate_up, atol=0, rtol=0)
+    torch.testing.assert_close(per_expert.gate_up_proj, gate_up, atol=0, rtol=0)
+    torch.testing.assert_close(per_expert.down_proj, grouped.down_proj, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="expert 0 gate weight"):
+        per_expert.weight_loader(per_expert.gate_up_proj, torch.zeros(inter, H + 1), "0.gate")
 
 
 TP_PROMPTS = [prompt(23, seed=11), prompt(5, seed=12), prompt(14, seed=13)]

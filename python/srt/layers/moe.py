@@ -17,7 +17,10 @@ down columns); the partial sums are all-reduced, like a row-parallel linear.
 
 The computation is the grouped torch path on every device: tokens sorted by expert, one matmul
 pair per expert that has tokens, the weighted results summed back per token in expert order
-(the order HF adds them, so fp32 results agree).
+(the order HF adds them, so fp32 results agree). Its per-expert token counts are read on the
+host, which a CUDA graph cannot capture; while a decode graph is being captured the layer runs
+every expert on every token instead (`dense`), weighting the unchosen ones by zero: the same
+sum, fixed shapes, and at decode batch sizes the expert weights are read once either way.
 """
 
 from __future__ import annotations
@@ -119,6 +122,23 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(x)
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return tp_all_reduce(self.dense(x, weights, ids))
+        return tp_all_reduce(self.grouped(x, weights, ids))
+
+    def dense(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Every expert on every token, summed with the routing weights (zero off the top k):
+        no data-dependent shapes. This rank's partial sum."""
+        route = torch.zeros(x.shape[0], self.experts.num_experts, dtype=x.dtype, device=x.device)
+        route.scatter_(1, ids, weights)
+        w13, w2 = self.experts.gate_up_proj, self.experts.down_proj
+        h = self.act_fn(torch.einsum("th,eoh->eto", x, w13).contiguous())  # [E, T, I]
+        y = torch.einsum("eti,ehi->eth", h, w2)  # [E, T, H]
+        return torch.einsum("eth,te->th", y, route)
+
+    def grouped(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Each expert on its own tokens only (the counts read on the host). This rank's
+        partial sum."""
         flat = ids.view(-1)
         # Token-expert pairs sorted by expert (stable: tokens keep their order within one).
         order = torch.argsort(flat, stable=True)
@@ -134,5 +154,4 @@ class SparseMoE(nn.Module):
                 ys[rows] = F.linear(self.act_fn(F.linear(xs[rows], w13[e])), w2[e])
                 start += n
         ys = ys * weights.view(-1).index_select(0, order).unsqueeze(-1)
-        out = torch.zeros_like(x).index_add_(0, token_of, ys)
-        return tp_all_reduce(out)
+        return torch.zeros_like(x).index_add_(0, token_of, ys)

@@ -23,7 +23,9 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
         self.eps = eps
-        self._fused = flashinfer_ops.kernels(self.weight.device, self.weight.dtype)
+        fused = flashinfer_ops.kernels(self.weight.device, self.weight.dtype)
+        kernels = [getattr(fused, n, None) for n in self._kernel_names]
+        self._fused = kernels if fused is not None and all(kernels) else None
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
@@ -35,7 +37,7 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if self._fused is not None and x.dim() == 2 and x.is_contiguous():
-            norm, add_norm = (getattr(self._fused, n) for n in self._kernel_names)
+            norm, add_norm = self._fused
             if residual is None:
                 return norm(x, self.weight, self.eps)
             # NOTE: in place: residual += x, then x = norm(residual); both are this step's.
