@@ -283,3 +283,84 @@ def test_tp2_gemma2_matches_hf(family_paths: dict[str, str], tmp_path: Path) -> 
 @pytest.mark.parametrize("arch", [a for a in FAMILY_ARCHS if a != "gemma2"])
 def test_tp2_matches_hf(arch: str, family_paths: dict[str, str], tmp_path: Path) -> None:
     _tp2_matches_hf(family_paths[arch], tmp_path)
+
+
+def test_flashinfer_plans_each_layer_kind_with_hf_window_semantics(
+    runners: dict[str, ModelRunner],
+) -> None:
+    """Gemma 2's layers come in two kinds (local: 8-token window, global); FlashInfer plans
+    each with window_left = W - 1 (it counts the keys left of the query, HF's W counts the
+    query's own) and the soft-cap. Checked on the CPU without flashinfer: the plan arguments
+    are host-side."""
+    from types import SimpleNamespace
+
+    from srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
+
+    kinds = runners["gemma2"].attn_backend.layer_kinds
+    fi = FlashInferAttnBackend.__new__(FlashInferAttnBackend)
+    fi.layer_kinds, fi.num_qo_heads, fi.dtype = kinds, 4, torch.bfloat16
+    fi.kv_pool = SimpleNamespace(num_kv_heads=2, page_size=4)
+    plans = {k.sliding_window: fi._plan_args(k) for k in fi._kinds()}
+    assert set(plans) == {WINDOW, None}
+    assert plans[WINDOW]["window_left"] == WINDOW - 1 and plans[None]["window_left"] == -1
+    assert {p["logits_soft_cap"] for p in plans.values()} == {3.0}
+    assert {p["sm_scale"] for p in plans.values()} == {32**-0.5}  # query_pre_attn_scalar 32
+
+
+GPU_ARCHS = ("mistral", "gemma2", "gemma3", "qwen3_moe")
+
+
+@pytest.fixture(scope="module")
+def gpu_family_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """test_gpu's model shape (head_dim 128, 4 query heads per KV head) and its scaling of
+    lm_head and q/k, so bf16 runs agree up to noise; a 16-token window."""
+    from safetensors.torch import load_file, save_file
+    from test_gpu import LM_HEAD_SCALE, QK_SCALE
+
+    root = tmp_path_factory.mktemp("gpu_families")
+    paths = {}
+    for arch in GPU_ARCHS:
+        path = make_tiny_model(
+            root / arch,
+            arch,
+            seed=11,
+            hidden_size=1024,
+            num_heads=8,
+            num_kv_heads=2,
+            intermediate_size=512,
+            sliding_window=16,
+        )
+        weights = Path(path) / "model.safetensors"
+        tensors = load_file(weights)
+        if "lm_head.weight" in tensors:  # Gemma ties it to the (already small) embedding
+            tensors["lm_head.weight"] *= LM_HEAD_SCALE
+        for name in tensors:
+            if ".q_proj." in name or ".k_proj." in name:
+                tensors[name] *= QK_SCALE
+        save_file(tensors, weights, metadata={"format": "pt"})
+        paths[arch] = path
+    return paths
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("arch", GPU_ARCHS)
+def test_flashinfer_agrees_with_torch_native(arch: str, gpu_family_models: dict[str, str]) -> None:
+    """FlashInfer's window_left / logits_soft_cap / per-kind plans (decode from CUDA graphs,
+    where the MoE runs its dense path) against torch_native's masks, teacher-forced both ways
+    in bf16, on prompts longer than the window."""
+    from test_gpu import STEPS, assert_agree, gaps, run_forced
+    from test_gpu import make_runner as gpu_runner
+    from test_gpu import prompt as gpu_prompt
+
+    path = gpu_family_models[arch]
+    prompts = [gpu_prompt(n, seed=n) for n in (5, 37, 1, 20, 70)]
+    native = gpu_runner(path, "torch_native", page_size=16)
+    ref_tokens, ref_logits = run_forced(native, prompts, None, STEPS)
+    del native
+    fi = gpu_runner(path, "flashinfer", page_size=16)
+    assert fi.cuda_graph_runner is not None
+    _, fi_logits = run_forced(fi, prompts, ref_tokens, STEPS)
+    assert_agree(f"{arch}: flashinfer on torch_native's tokens", gaps(fi_logits, ref_tokens))
+    fi_picks = [[int(lg[i].argmax()) for lg in fi_logits] for i in range(len(prompts))]
+    assert_agree(f"{arch}: torch_native on flashinfer's picks", gaps(ref_logits, fi_picks))
