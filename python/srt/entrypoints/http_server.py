@@ -65,6 +65,7 @@ from srt.managers.tokenizer_manager import (
     run_all,
 )
 from srt.server_args import PortArgs, ServerArgs, UsageError
+from srt.version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +155,9 @@ def create_app(tokenizer_manager: TokenizerManager) -> FastAPI:
 
     # NOTE: FastAPI's own /docs and /redoc load their scripts from a CDN; `register_pages`
     # serves them from the package.
-    app = FastAPI(title="srt", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="srt", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None
+    )
     install_api_key(app, tm.server_args.api_key)
     install_openapi(app, PUBLIC_PATHS if tm.server_args.api_key else None)
     register_admin_routes(app, tm, parse_body)
