@@ -4,7 +4,8 @@ Runs the Engine in this process (which starts the scheduler and detokenizer proc
 model, a dataset (random or ShareGPT) and any ServerArgs flag. Out: requests/s, input and
 output tokens/s and the total time of the whole dataset submitted at once (the scheduler sees
 every request up front, as in batch inference), printed as a table and optionally appended as
-one JSON line. A progress bar counts the finished requests (--disable-tqdm hides it).
+one JSON line. A progress bar counts the finished requests and their output tokens/s so far
+(--disable-tqdm hides it).
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ async def _generate_all(
     from tqdm import tqdm
 
     by_ids = all(r.prompt_ids is not None for r in requests)
+    generated = 0
+    start = time.perf_counter()
 
     async def one(r: BenchRequest) -> dict:
         params = {
@@ -77,6 +80,9 @@ async def _generate_all(
             out = await engine.async_generate(None, params, input_ids=r.prompt_ids)
         else:
             out = await engine.async_generate(r.prompt, params)
+        nonlocal generated
+        generated += out["meta_info"]["completion_tokens"]
+        bar.set_postfix_str(f"{generated / (time.perf_counter() - start):.0f} output tok/s")
         bar.update(1)
         return out
 
