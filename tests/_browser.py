@@ -10,6 +10,7 @@ import json
 import os
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -75,6 +76,7 @@ class Browser:
             stdin=subprocess.DEVNULL,
             stdout=self.log,
             stderr=self.log,
+            start_new_session=True,  # its helper processes in one group, to end together
         )
         os.close(cmd_read)
         os.close(out_write)
@@ -138,7 +140,7 @@ class Browser:
                 os.write(self._cmd_write, b"\0")
                 self.proc.wait(timeout=10)
             except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
+                os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=10)
         for fd in (self._cmd_write, self._out_read):
             try:

@@ -66,11 +66,13 @@ def live(
     args = ["--model-path", tiny_model_paths["llama"], "--api-key", API_KEY]
     args += ["--max-total-tokens", "4096"]
     proc, base = start_server(args, log, Path(tmp_path_factory.mktemp("tmp")))
-    browser = Browser(BROWSER)
+    browser = None
     try:
+        browser = Browser(BROWSER)
         yield Live(base, browser)
     finally:
-        browser.close()
+        if browser is not None:
+            browser.close()
         proc.terminate()
         try:
             proc.wait(timeout=30)
