@@ -23,8 +23,8 @@ _REF = "#/components/schemas/{model}"
 
 
 def request_body(model: type[BaseModel]) -> Callable[[F], F]:
-    """Marks a route function as taking a JSON body of `model` (for the docs only). Put it
-    below the `@app.post(...)` decorators, so the route sees the mark."""
+    """Marks a route function as taking a JSON body of `model` (for the docs only; the route
+    still parses the body itself)."""
 
     def mark(fn: F) -> F:
         setattr(fn, _ATTR, model)
