@@ -344,3 +344,28 @@ def sample_draw(
     over `sorted` (each row ascending; None when no row filters so; no row keeps more than
     `candidates`), min-p (None: no row), one inverse-CDF draw in id order from the uniform of
     (seed, step). Bit for bit the torch path of `srt.layers.sampler` on the CPU."""
+
+def quant_matmul(
+    qtype_name: str,
+    w: npt.NDArray[np.uint8],
+    k: int,
+    x: npt.NDArray[np.float32],
+    out: npt.NDArray[np.float32],
+    col: int,
+    threads: int,
+) -> None:
+    """`out[:, col:col + n] = x @ W.T` for GGUF-quantized weights W ([n, k]) given as their
+    blocks `w` (uint8 [n, row_bytes]) of type `qtype_name` (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K);
+    x float32 [b, k], out float32 [b, m], all C-contiguous. Each block is unpacked once and
+    applied to every row of x; `threads` > 1 splits the rows of W; the GIL is released.
+    Raises ValueError when a type or shape does not fit."""
+
+def quant_dequantize(
+    qtype_name: str,
+    w: npt.NDArray[np.uint8],
+    k: int,
+    out: npt.NDArray[np.float32],
+    threads: int,
+) -> None:
+    """The float32 weights [n, k] of GGUF blocks `w` (uint8 [n, row_bytes]) written into
+    `out`, exactly as llama.cpp dequantizes them."""

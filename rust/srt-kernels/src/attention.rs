@@ -12,12 +12,11 @@
 //! Everything is f32 arithmetic whatever the storage type. Sequences run in parallel on
 //! `threads` threads (a rayon pool kept for the process), one sequence per task.
 
-use std::sync::{Arc, Mutex, OnceLock};
-
 use rayon::prelude::*;
 
 use crate::elem::Elem;
 use crate::math::{exp_nonpositive, sum, LANES};
+use crate::pool::pool;
 use crate::KernelError;
 
 /// The inputs of one decode attention call; slices are row-major.
@@ -132,30 +131,6 @@ pub fn paged_decode<E: Elem>(
             .enumerate()
             .try_for_each_init(Scratch::default, run)
     })
-}
-
-/// The process's rayon pool for `threads` threads (rebuilt when the count changes).
-fn pool(threads: usize) -> Arc<rayon::ThreadPool> {
-    static POOL: OnceLock<Mutex<Option<Arc<rayon::ThreadPool>>>> = OnceLock::new();
-    let mut guard = POOL
-        .get_or_init(|| Mutex::new(None))
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    if let Some(pool) = guard
-        .as_ref()
-        .filter(|p| p.current_num_threads() == threads)
-    {
-        return pool.clone();
-    }
-    let pool = Arc::new(
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("srt-attn-{i}"))
-            .build()
-            .expect("building a thread pool"),
-    );
-    *guard = Some(pool.clone());
-    pool
 }
 
 /// Per-thread buffers, reused across the sequences a thread runs.

@@ -5,6 +5,8 @@
 //! - [`rope`]: rotary position embedding in place, bit for bit torch's `rotate_half` form.
 //! - [`sampling`]: the draw of sampled tokens (top-k / top-p / min-p, inverse CDF from a
 //!   seeded uniform), bit for bit the computation of srt's torch sampler on the CPU.
+//! - [`quant`]: matrix products with GGUF-quantized weights (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K)
+//!   read in their block formats.
 //! - [`elem`]: the element types the kernels read and write (f32, bf16 bits).
 //!
 //! The torch ops they replace are correct but pay, per call, a gather of every key and value
@@ -14,6 +16,8 @@
 pub mod attention;
 pub mod elem;
 pub mod math;
+pub mod pool;
+pub mod quant;
 pub mod rope;
 pub mod sampling;
 

@@ -6,6 +6,7 @@ mod alloc;
 mod detok;
 mod errors;
 mod kernels;
+mod quant;
 mod radix;
 mod router;
 mod sched;
@@ -19,5 +20,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     detok::register(m)?;
     router::register(m)?;
     kernels::register(m)?;
+    quant::register(m)?;
     Ok(())
 }
