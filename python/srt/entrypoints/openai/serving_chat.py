@@ -61,7 +61,8 @@ logger = logging.getLogger(__name__)
 class OpenAIServingChat(OpenAIServingBase):
     def __init__(self, tokenizer_manager: TokenizerManager) -> None:
         super().__init__(tokenizer_manager)
-        tokenizer = tokenizer_manager.tokenizer
+        # NOTE: None in tests whose TokenizerManager stand-in never renders a template.
+        tokenizer = getattr(tokenizer_manager, "tokenizer", None)
         args = tokenizer_manager.server_args
         template = getattr(tokenizer, "chat_template", None)
         if isinstance(template, dict):
