@@ -74,3 +74,28 @@ def test_bad_calls_are_value_errors() -> None:
         quant_matmul("Q4_0", w, 64, np.zeros((1, 64), np.float32), out, 1, 1)
     with pytest.raises(ValueError):
         quant_matmul("Q4_0", w, 32, np.zeros((1, 32), np.float32), out, 0, 1)
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q8_0", "Q4_K"])
+@pytest.mark.parametrize("b", [1, 3])
+def test_packed_matmul_matches_the_blocks(name: str, b: int) -> None:
+    """Packing keeps the weights; the packed product is the blocks' within int8 rounding."""
+    from srt._native import quant_matmul_packed, quant_pack
+
+    n, k = 70, 1536
+    w = random_blocks(name, n, k, seed=3)
+    wf = np.empty((n, k), np.float32)
+    quant_dequantize(name, w, k, wf, 1)
+    bits, data, d, m = quant_pack(name, w, k)
+    assert bits == (8 if name == "Q8_0" else 4)
+    x = np.random.default_rng(4).standard_normal((b, k)).astype(np.float32)
+    out = np.full((b, n + 1), np.nan, np.float32)
+    quant_matmul_packed(bits, data, d, m, k, x, out, 1, 2)
+    want = x.astype(np.float64) @ wf.T.astype(np.float64)
+    amax = np.abs(x.reshape(b, k // 32, 32)).max(-1)
+    wsum = np.abs(wf.reshape(n, k // 32, 32)).sum(-1)
+    bound = amax @ wsum.T / 254 + 1e-3 * (1 + np.abs(want))
+    assert (np.abs(out[:, 1:] - want) <= bound).all()
+    assert np.isnan(out[:, 0]).all()
+    with pytest.raises(ValueError):
+        quant_pack("Q6_K", random_blocks("Q6_K", 2, 256), 256)

@@ -369,3 +369,26 @@ def quant_dequantize(
 ) -> None:
     """The float32 weights [n, k] of GGUF blocks `w` (uint8 [n, row_bytes]) written into
     `out`, exactly as llama.cpp dequantizes them."""
+
+def quant_pack(
+    qtype_name: str, w: npt.NDArray[np.uint8], k: int
+) -> tuple[int, npt.NDArray[np.uint8], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """GGUF blocks `w` (uint8 [n, row_bytes] of Q4_0, Q4_1, Q8_0 or Q4_K holding [n, k]
+    weights) repacked once for `quant_matmul_packed`: (bits 4 or 8, data uint8 [n, bytes],
+    d float32 [n, blocks], m float32 [n, blocks]), the weights being `d * q + m` per 32.
+    Raises ValueError for other types (Q6_K stays in its blocks: `quant_matmul`)."""
+
+def quant_matmul_packed(
+    bits: int,
+    data: npt.NDArray[np.uint8],
+    d: npt.NDArray[np.float32],
+    m: npt.NDArray[np.float32],
+    k: int,
+    x: npt.NDArray[np.float32],
+    out: npt.NDArray[np.float32],
+    col: int,
+    threads: int,
+) -> None:
+    """`out[:, col:col + n] = x @ W.T` for weights packed by `quant_pack` ([n, k]); x float32
+    [b, k] is taken as int8 per 32 values; AVX-512 VNNI, AVX2 or plain code as the CPU allows;
+    the GIL is released. Raises ValueError when shapes do not fit."""

@@ -18,6 +18,7 @@ pub mod elem;
 pub mod math;
 pub mod pool;
 pub mod quant;
+pub mod quant_packed;
 pub mod rope;
 pub mod sampling;
 

@@ -163,7 +163,7 @@ fn dequant_block(qt: QType, src: &[u8], dst: &mut [f32]) {
 
 /// The 6-bit scale and min of sub-block `j` of a Q4_K block (llama.cpp's `get_scale_min_k4`).
 #[inline(always)]
-fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {

@@ -2,9 +2,10 @@
 //! times float32 activations, over numpy arrays (CPU torch tensors via `.numpy()`), without
 //! the GIL.
 
-use numpy::{PyReadonlyArray2, PyReadwriteArray2, PyUntypedArrayMethods};
+use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray2, PyReadwriteArray2, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use srt_kernels::quant::{dequantize, matmul, QType};
+use srt_kernels::quant_packed::{self, pack, packed_blocks, PackedRef};
 
 use crate::errors::value_error;
 
@@ -89,7 +90,96 @@ fn quant_dequantize(
         .map_err(value_error)
 }
 
+type PackedArrays<'py> = (
+    u8,
+    Bound<'py, PyArray2U8>,
+    Bound<'py, PyArray2F32>,
+    Bound<'py, PyArray2F32>,
+);
+type PyArray2U8 = numpy::PyArray2<u8>;
+type PyArray2F32 = numpy::PyArray2<f32>;
+
+/// GGUF blocks (uint8 `[n, row_bytes]` of `qtype`, `[n, k]` weights) repacked for
+/// `quant_matmul_packed`: (bits, data uint8 `[n, bytes]`, d float32 `[n, blocks]`, m float32
+/// `[n, blocks]`). Q4_0, Q4_1, Q8_0 and Q4_K pack; ValueError for the others.
+#[pyfunction]
+fn quant_pack<'py>(
+    py: Python<'py>,
+    qtype_name: &str,
+    w: PyReadonlyArray2<'py, u8>,
+    k: usize,
+) -> PyResult<PackedArrays<'py>> {
+    let qt = qtype(qtype_name)?;
+    let n = w.shape()[0];
+    let ws = w
+        .as_slice()
+        .map_err(|_| value_error("w must be C-contiguous"))?;
+    let p = py.detach(|| pack(qt, ws, n, k)).map_err(value_error)?;
+    let nbp = packed_blocks(k);
+    let rb = quant_packed::packed_row_bytes(p.bits, k);
+    let data = PyArray1::from_vec(py, p.data).reshape([n, rb])?;
+    let d = PyArray1::from_vec(py, p.d).reshape([n, nbp])?;
+    let m = PyArray1::from_vec(py, p.m).reshape([n, nbp])?;
+    Ok((p.bits, data, d, m))
+}
+
+/// `out[:, col:col + n] = x @ W.T` for weights packed by `quant_pack` (`[n, k]`), x float32
+/// `[b, k]`, out float32 `[b, m]`; x is taken as int8 per 32 values.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (bits, data, d, m, k, x, out, col, threads))]
+fn quant_matmul_packed(
+    py: Python<'_>,
+    bits: u8,
+    data: PyReadonlyArray2<'_, u8>,
+    d: PyReadonlyArray2<'_, f32>,
+    m: PyReadonlyArray2<'_, f32>,
+    k: usize,
+    x: PyReadonlyArray2<'_, f32>,
+    mut out: PyReadwriteArray2<'_, f32>,
+    col: usize,
+    threads: usize,
+) -> PyResult<()> {
+    let n = data.shape()[0];
+    let b = x.shape()[0];
+    if x.shape()[1] != k {
+        return Err(value_error(format!(
+            "x has {} columns, not k={k}",
+            x.shape()[1]
+        )));
+    }
+    let (ob, mcols) = (out.shape()[0], out.shape()[1]);
+    if ob != b || col + n > mcols {
+        return Err(value_error(format!(
+            "out [{ob}, {mcols}] cannot take [{b}, {n}] at column {col}"
+        )));
+    }
+    let w = PackedRef {
+        bits,
+        n,
+        k,
+        data: data
+            .as_slice()
+            .map_err(|_| value_error("data must be C-contiguous"))?,
+        d: d.as_slice()
+            .map_err(|_| value_error("d must be C-contiguous"))?,
+        m: m.as_slice()
+            .map_err(|_| value_error("m must be C-contiguous"))?,
+    };
+    let x = x
+        .as_slice()
+        .map_err(|_| value_error("x must be C-contiguous"))?;
+    let o = out
+        .as_slice_mut()
+        .map_err(|_| value_error("out must be C-contiguous"))?;
+    let o = &mut o[col..];
+    py.detach(|| quant_packed::matmul(w, x, b, o, mcols, threads))
+        .map_err(value_error)
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(quant_matmul, m)?)?;
+    m.add_function(wrap_pyfunction!(quant_pack, m)?)?;
+    m.add_function(wrap_pyfunction!(quant_matmul_packed, m)?)?;
     m.add_function(wrap_pyfunction!(quant_dequantize, m)?)
 }

@@ -1,0 +1,791 @@
+//! GGUF weights repacked once at load for a fast matmul with int8 activations.
+//!
+//! [`pack`] turns a `[n, k]` matrix of GGUF blocks into [`Packed`]: per row, the 32-weight
+//! blocks' quants laid out for wide loads (4-bit: the two blocks of a pair side by side in 32
+//! bytes; 8-bit: each block's 32 bytes, offset to unsigned), and each block's scale `d` and
+//! offset `m` as f32 (`w = d * q + m` for every format that fits: Q4_0, Q4_1, Q8_0 and Q4_K,
+//! whose 32-weight sub-blocks have a scale and a min of their own). The weights are the same
+//! numbers as the GGUF blocks' (`dequantize` of either gives the same f32 values).
+//!
+//! [`matmul`] takes the activations as int8 per 32 values (llama.cpp's Q8 of the activations)
+//! and multiplies in integer arithmetic: AVX-512 VNNI (`vpdpbusd`, 128 weights an iteration)
+//! where the CPU has it, else AVX2 (`vpmaddubsw`), else plain Rust.
+
+use rayon::prelude::*;
+
+use crate::pool::pool;
+#[cfg(test)]
+use crate::quant::dequantize as dequantize_blocks;
+use crate::quant::QType;
+use crate::KernelError;
+
+/// Weights per block of the packed layout.
+pub const BLOCK: usize = 32;
+
+/// Packed weights: `bits` 4 or 8; `data` `[n, row_bytes]`; `d`, `m` `[n, blocks]` where
+/// `blocks` is `k / 32` rounded up to even (a padding block has d = m = 0).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Packed {
+    pub bits: u8,
+    pub n: usize,
+    pub k: usize,
+    pub data: Vec<u8>,
+    pub d: Vec<f32>,
+    pub m: Vec<f32>,
+}
+
+/// Blocks per packed row (even: the 4-bit layout works in pairs).
+pub fn packed_blocks(k: usize) -> usize {
+    k.div_ceil(BLOCK).next_multiple_of(2)
+}
+
+/// Bytes per packed row.
+pub fn packed_row_bytes(bits: u8, k: usize) -> usize {
+    packed_blocks(k) * BLOCK * bits as usize / 8
+}
+
+/// Whether `qt` packs (the others stay in their GGUF blocks).
+pub fn packs(qt: QType) -> bool {
+    matches!(qt, QType::Q4_0 | QType::Q4_1 | QType::Q8_0 | QType::Q4K)
+}
+
+/// The packed form of GGUF blocks `w` (`[n, k]` weights of type `qt`).
+pub fn pack(qt: QType, w: &[u8], n: usize, k: usize) -> Result<Packed, KernelError> {
+    if !packs(qt) {
+        return Err(KernelError(format!("{qt:?} has no packed form")));
+    }
+    if !k.is_multiple_of(qt.block_elems()) || w.len() != n * qt.row_bytes(k) {
+        return Err(KernelError(format!(
+            "{qt:?} weights of shape [{n}, {k}] need k a multiple of {} and {} bytes, got {}",
+            qt.block_elems(),
+            n * qt.row_bytes(k),
+            w.len()
+        )));
+    }
+    let bits: u8 = if qt == QType::Q8_0 { 8 } else { 4 };
+    let nbp = packed_blocks(k);
+    let rb = packed_row_bytes(bits, k);
+    let mut p = Packed {
+        bits,
+        n,
+        k,
+        data: vec![0; n * rb],
+        d: vec![0.0; n * nbp],
+        m: vec![0.0; n * nbp],
+    };
+    let src_rb = qt.row_bytes(k);
+    for row in 0..n {
+        let src = &w[row * src_rb..(row + 1) * src_rb];
+        let data = &mut p.data[row * rb..(row + 1) * rb];
+        let d = &mut p.d[row * nbp..(row + 1) * nbp];
+        let m = &mut p.m[row * nbp..(row + 1) * nbp];
+        match qt {
+            QType::Q4_0 | QType::Q4_1 => {
+                let bb = qt.block_bytes();
+                for blk in 0..k / 32 {
+                    let b = &src[blk * bb..(blk + 1) * bb];
+                    let scale = half(b, 0);
+                    d[blk] = scale;
+                    let qs_at = if qt == QType::Q4_1 { 4 } else { 2 };
+                    // Q4_0: w = d (q - 8) = d q - 8 d.
+                    m[blk] = if qt == QType::Q4_1 {
+                        half(b, 2)
+                    } else {
+                        -8.0 * scale
+                    };
+                    data[blk * 16..blk * 16 + 16].copy_from_slice(&b[qs_at..qs_at + 16]);
+                }
+            }
+            QType::Q8_0 => {
+                for blk in 0..k / 32 {
+                    let b = &src[blk * 34..(blk + 1) * 34];
+                    let scale = half(b, 0);
+                    d[blk] = scale;
+                    // Stored as q + 128 (unsigned): w = d q = d (q + 128) - 128 d.
+                    m[blk] = -128.0 * scale;
+                    for j in 0..32 {
+                        data[blk * 32 + j] = b[2 + j] ^ 0x80;
+                    }
+                }
+            }
+            QType::Q4K => {
+                for sb in 0..k / 256 {
+                    let b = &src[sb * 144..(sb + 1) * 144];
+                    let (dd, dmin) = (half(b, 0), half(b, 2));
+                    let scales = &b[4..16];
+                    let qs = &b[16..144];
+                    for g in 0..4 {
+                        let q = &qs[32 * g..32 * g + 32];
+                        for (h, shift) in [(0usize, 0u8), (1, 4)] {
+                            let blk = sb * 8 + 2 * g + h;
+                            let (sc, mn) = crate::quant::scale_min_k4(2 * g + h, scales);
+                            d[blk] = dd * sc as f32;
+                            m[blk] = -(dmin * mn as f32);
+                            // Element l of this sub-block is nibble `shift` of q[l]; the
+                            // packed block holds element j in the low nibble of byte j and
+                            // element j + 16 in the high one.
+                            for j in 0..16 {
+                                let lo = (q[j] >> shift) & 0x0f;
+                                let hi = (q[j + 16] >> shift) & 0x0f;
+                                data[blk * 16 + j] = lo | (hi << 4);
+                            }
+                        }
+                    }
+                }
+            }
+            QType::Q6K => unreachable!("checked by packs()"),
+        }
+    }
+    Ok(p)
+}
+
+#[inline(always)]
+fn half(src: &[u8], at: usize) -> f32 {
+    crate::quant::f16_to_f32(u16::from_le_bytes([src[at], src[at + 1]]))
+}
+
+impl Packed {
+    /// The f32 weights `[n, k]`, for checks and for callers that multiply many rows at once.
+    pub fn dequantize(&self, out: &mut [f32]) -> Result<(), KernelError> {
+        let (n, k) = (self.n, self.k);
+        if out.len() != n * k {
+            return Err(KernelError(format!(
+                "out holds {} values, not {n} x {k}",
+                out.len()
+            )));
+        }
+        let nbp = packed_blocks(k);
+        let rb = packed_row_bytes(self.bits, k);
+        for row in 0..n {
+            let data = &self.data[row * rb..(row + 1) * rb];
+            for kk in 0..k {
+                let blk = kk / 32;
+                let j = kk % 32;
+                let q = if self.bits == 8 {
+                    data[kk] as f32
+                } else {
+                    let byte = data[blk * 16 + (j % 16)];
+                    (if j < 16 { byte & 0x0f } else { byte >> 4 }) as f32
+                };
+                out[row * k + kk] = q * self.d[row * nbp + blk] + self.m[row * nbp + blk];
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Borrowed packed weights (the arrays may live in numpy).
+#[derive(Clone, Copy)]
+pub struct PackedRef<'a> {
+    pub bits: u8,
+    pub n: usize,
+    pub k: usize,
+    pub data: &'a [u8],
+    pub d: &'a [f32],
+    pub m: &'a [f32],
+}
+
+impl PackedRef<'_> {
+    fn check(&self) -> Result<(), KernelError> {
+        let nbp = packed_blocks(self.k);
+        if !matches!(self.bits, 4 | 8)
+            || self.data.len() != self.n * packed_row_bytes(self.bits, self.k)
+            || self.d.len() != self.n * nbp
+            || self.m.len() != self.n * nbp
+        {
+            return Err(KernelError(format!(
+                "packed weights of shape [{}, {}] ({} bits) have the wrong sizes",
+                self.n, self.k, self.bits
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl<'a> From<&'a Packed> for PackedRef<'a> {
+    fn from(p: &'a Packed) -> Self {
+        PackedRef {
+            bits: p.bits,
+            n: p.n,
+            k: p.k,
+            data: &p.data,
+            d: &p.d,
+            m: &p.m,
+        }
+    }
+}
+
+/// The activations as int8 per 32 values, in the order the packed weights need.
+struct Activations {
+    /// `[b, blocks * 32]`: 4-bit layout: per pair of blocks A, B the values
+    /// `A0..15, B0..15, A16..31, B16..31`; 8-bit: in order.
+    q: Vec<i8>,
+    /// `[b, blocks * 8]`: per pair (4-bit) or per block (8-bit), the 8 lane scales of the
+    /// integer sums: `dx` of the block each lane sums.
+    dx: Vec<f32>,
+    /// Like `dx`: the block's `dx * sum(q) / (lanes per block)`, so that `m * s` summed over
+    /// the lanes adds `m * dx * sum(q)` once.
+    s: Vec<f32>,
+}
+
+impl Activations {
+    fn new(x: &[f32], b: usize, k: usize, bits: u8) -> Activations {
+        let nbp = packed_blocks(k);
+        let kp = nbp * 32;
+        let mut a = Activations {
+            q: vec![0; b * kp],
+            dx: vec![0.0; b * nbp * 4],
+            s: vec![0.0; b * nbp * 4],
+        };
+        let mut block_q = [0i8; 32];
+        for i in 0..b {
+            let xs = &x[i * k..(i + 1) * k];
+            for blk in 0..nbp {
+                let lo = blk * 32;
+                let vals = if lo < k {
+                    &xs[lo..(lo + 32).min(k)]
+                } else {
+                    &[][..]
+                };
+                let amax = vals.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let d = amax / 127.0;
+                let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+                let mut sum = 0i32;
+                block_q.fill(0);
+                for (q, &v) in block_q.iter_mut().zip(vals) {
+                    let qi = (v * inv).round() as i32;
+                    *q = qi as i8;
+                    sum += qi;
+                }
+                let s = d * sum as f32;
+                let qrow = &mut a.q[i * kp..(i + 1) * kp];
+                if bits == 8 {
+                    qrow[lo..lo + 32].copy_from_slice(&block_q);
+                    let lanes = &mut a.dx[(i * nbp + blk) * 4..][..4];
+                    lanes.fill(d);
+                    // 8 lanes per block in the 8-bit layout (see `dx` of pairs below): the
+                    // two halves of `dx[.. * 4]` hold blocks 2p and 2p + 1.
+                    a.s[(i * nbp + blk) * 4..][..4].fill(s / 8.0);
+                } else {
+                    let (pair, second) = (blk / 2, blk % 2);
+                    let base = pair * 64;
+                    for j in 0..16 {
+                        qrow[base + 16 * second + j] = block_q[j];
+                        qrow[base + 32 + 16 * second + j] = block_q[16 + j];
+                    }
+                    let lanes = (i * nbp + pair * 2) * 4 + 4 * second;
+                    a.dx[lanes..lanes + 4].fill(d);
+                    a.s[lanes..lanes + 4].fill(s / 4.0);
+                }
+            }
+        }
+        a
+    }
+}
+
+/// `out[i * ldo + j] = sum_k x[i, k] * w[j, k]` (`x` `[b, k]` f32), `ldo >= n`.
+pub fn matmul(
+    w: PackedRef<'_>,
+    x: &[f32],
+    b: usize,
+    out: &mut [f32],
+    ldo: usize,
+    threads: usize,
+) -> Result<(), KernelError> {
+    w.check()?;
+    let (n, k) = (w.n, w.k);
+    if x.len() != b * k {
+        return Err(KernelError(format!(
+            "x holds {} values, not {b} x {k}",
+            x.len()
+        )));
+    }
+    if ldo < n || (b > 0 && out.len() < (b - 1) * ldo + n) {
+        return Err(KernelError(format!(
+            "out ({} values, row stride {ldo}) cannot hold {b} x {n}",
+            out.len()
+        )));
+    }
+    if b == 0 || n == 0 {
+        return Ok(());
+    }
+    let acts = Activations::new(x, b, k, w.bits);
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    let path = Path::detect();
+    let rows = |range: std::ops::Range<usize>| {
+        // SAFETY: tasks write disjoint columns (their rows of w) of `out`, inside its bounds
+        // (checked above); `path` matches the CPU.
+        unsafe { run_rows(path, &w, &acts, b, range, out_ptr, ldo) }
+    };
+    let per_task = (1 << 17) / (k * b).max(1);
+    let chunk = per_task.clamp(8, 512).min(n);
+    if threads > 1 && n * k >= 1 << 16 && n > chunk {
+        let starts: Vec<usize> = (0..n).step_by(chunk).collect();
+        pool(threads).install(|| starts.par_iter().for_each(|&s| rows(s..(s + chunk).min(n))));
+    } else {
+        rows(0..n);
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint elements (see `matmul`).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Path {
+    Generic,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Vnni512,
+}
+
+impl Path {
+    fn detect() -> Path {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx512f") && has!("avx512bw") && has!("avx512vnni") && has!("avx512vl") {
+                return Path::Vnni512;
+            }
+            if has!("avx2") && has!("fma") {
+                return Path::Avx2;
+            }
+        }
+        Path::Generic
+    }
+}
+
+/// # Safety
+/// `path` matches the CPU; `out` as in `matmul`.
+unsafe fn run_rows(
+    path: Path,
+    w: &PackedRef<'_>,
+    a: &Activations,
+    b: usize,
+    range: std::ops::Range<usize>,
+    out: OutPtr,
+    ldo: usize,
+) {
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        Path::Vnni512 => unsafe { x86::rows_vnni(w, a, b, range, out, ldo) },
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx2 => unsafe { x86::rows_avx2(w, a, b, range, out, ldo) },
+        Path::Generic => unsafe { rows_generic(w, a, b, range, out, ldo) },
+    }
+}
+
+/// Plain Rust: the same integer sums, lane layout and all.
+unsafe fn rows_generic(
+    w: &PackedRef<'_>,
+    a: &Activations,
+    b: usize,
+    range: std::ops::Range<usize>,
+    out: OutPtr,
+    ldo: usize,
+) {
+    let nbp = packed_blocks(w.k);
+    let rb = packed_row_bytes(w.bits, w.k);
+    let kp = nbp * 32;
+    for row in range {
+        let data = &w.data[row * rb..(row + 1) * rb];
+        for i in 0..b {
+            let xq = &a.q[i * kp..(i + 1) * kp];
+            let mut total = 0f32;
+            for blk in 0..nbp {
+                let (d, m) = (w.d[row * nbp + blk], w.m[row * nbp + blk]);
+                let mut isum = 0i32;
+                for j in 0..32 {
+                    let (wq, xv) = if w.bits == 8 {
+                        (data[blk * 32 + j] as i32, xq[blk * 32 + j] as i32)
+                    } else {
+                        let byte = data[blk * 16 + j % 16];
+                        let q = if j < 16 { byte & 0x0f } else { byte >> 4 } as i32;
+                        let (pair, second) = (blk / 2, blk % 2);
+                        let at = pair * 64 + if j < 16 { 0 } else { 32 } + 16 * second + j % 16;
+                        (q, xq[at] as i32)
+                    };
+                    isum += wq * xv;
+                }
+                let lanes = if w.bits == 8 {
+                    (i * nbp + blk) * 4
+                } else {
+                    (i * nbp + blk / 2 * 2) * 4 + 4 * (blk % 2)
+                };
+                let dx = a.dx[lanes];
+                let per_lane = if w.bits == 8 { 8.0 } else { 4.0 };
+                total += d * dx * isum as f32 + m * a.s[lanes] * per_lane;
+            }
+            // SAFETY: the caller's contract.
+            unsafe { *out.0.add(i * ldo + row) = total };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{packed_blocks, packed_row_bytes, Activations, OutPtr, PackedRef};
+
+    #[inline(always)]
+    unsafe fn hsum256(v: __m256) -> f32 {
+        let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps::<1>(s2, s2)))
+    }
+
+    /// AVX2: per pair of blocks (4-bit) or per block (8-bit), 8 lanes of i32 sums.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; `out` as in `super::matmul`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn rows_avx2(
+        w: &PackedRef<'_>,
+        a: &Activations,
+        b: usize,
+        range: std::ops::Range<usize>,
+        out: OutPtr,
+        ldo: usize,
+    ) {
+        let nbp = packed_blocks(w.k);
+        let rb = packed_row_bytes(w.bits, w.k);
+        let kp = nbp * 32;
+        let low = _mm256_set1_epi8(0x0f);
+        let ones = _mm256_set1_epi16(1);
+        let flip = _mm256_set1_epi8(-128);
+        let pairs = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+        let mut acc = vec![_mm256_setzero_ps(); b];
+        for row in range {
+            acc.iter_mut().for_each(|v| *v = _mm256_setzero_ps());
+            let data = w.data[row * rb..].as_ptr();
+            let dp = w.d[row * nbp..].as_ptr();
+            let mp = w.m[row * nbp..].as_ptr();
+            if w.bits == 4 {
+                for p in 0..nbp / 2 {
+                    let v = _mm256_loadu_si256(data.add(32 * p).cast());
+                    let lo = _mm256_and_si256(v, low);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
+                    let dd = _mm256_permutevar8x32_ps(
+                        _mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd(dp.add(2 * p).cast()))),
+                        pairs,
+                    );
+                    let mm = _mm256_permutevar8x32_ps(
+                        _mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd(mp.add(2 * p).cast()))),
+                        pairs,
+                    );
+                    for (i, acc) in acc.iter_mut().enumerate() {
+                        let xq = a.q[i * kp + 64 * p..].as_ptr();
+                        let xl = _mm256_loadu_si256(xq.cast());
+                        let xh = _mm256_loadu_si256(xq.add(32).cast());
+                        let s = _mm256_add_epi32(
+                            _mm256_madd_epi16(_mm256_maddubs_epi16(lo, xl), ones),
+                            _mm256_madd_epi16(_mm256_maddubs_epi16(hi, xh), ones),
+                        );
+                        let lanes = (i * nbp + 2 * p) * 4;
+                        let dx = _mm256_loadu_ps(a.dx[lanes..].as_ptr());
+                        let sx = _mm256_loadu_ps(a.s[lanes..].as_ptr());
+                        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dd, dx), *acc);
+                        *acc = _mm256_fmadd_ps(mm, sx, *acc);
+                    }
+                }
+            } else {
+                for blk in 0..nbp {
+                    // Back to signed quants: maddubs takes |w| and x with w's sign.
+                    let u = _mm256_loadu_si256(data.add(32 * blk).cast());
+                    let q = _mm256_xor_si256(u, flip);
+                    let aq = _mm256_sign_epi8(q, q);
+                    let d = _mm256_set1_ps(*dp.add(blk));
+                    for (i, acc) in acc.iter_mut().enumerate() {
+                        let xv = _mm256_loadu_si256(a.q[i * kp + 32 * blk..].as_ptr().cast());
+                        let s = _mm256_madd_epi16(
+                            _mm256_maddubs_epi16(aq, _mm256_sign_epi8(xv, q)),
+                            ones,
+                        );
+                        let dx = _mm256_set1_ps(a.dx[(i * nbp + blk) * 4]);
+                        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, dx), *acc);
+                    }
+                }
+            }
+            for (i, v) in acc.iter().enumerate() {
+                // SAFETY: the caller's contract.
+                unsafe { *out.0.add(i * ldo + row) = hsum256(*v) };
+            }
+        }
+    }
+
+    /// AVX-512 VNNI: 4-bit: two pairs (128 weights) per iteration; 8-bit: two blocks.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL/VNNI; `out` as in `super::matmul`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+    pub unsafe fn rows_vnni(
+        w: &PackedRef<'_>,
+        a: &Activations,
+        b: usize,
+        range: std::ops::Range<usize>,
+        out: OutPtr,
+        ldo: usize,
+    ) {
+        let nbp = packed_blocks(w.k);
+        let rb = packed_row_bytes(w.bits, w.k);
+        let kp = nbp * 32;
+        let low = _mm512_set1_epi8(0x0f);
+        // 4 scales -> lanes [s0 x4, s1 x4, s2 x4, s3 x4]
+        let four = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+        // 2 scales -> lanes [s0 x8, s1 x8]
+        let two = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+        let mut acc = vec![_mm512_setzero_ps(); b];
+        for row in range {
+            acc.iter_mut().for_each(|v| *v = _mm512_setzero_ps());
+            let data = w.data[row * rb..].as_ptr();
+            let dp = w.d[row * nbp..].as_ptr();
+            let mp = w.m[row * nbp..].as_ptr();
+            if w.bits == 4 {
+                let quads = nbp / 4;
+                for p in 0..quads {
+                    let v = _mm512_loadu_si512(data.add(64 * p).cast());
+                    let lo = _mm512_and_si512(v, low);
+                    let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
+                    let dd = _mm512_permutexvar_ps(
+                        four,
+                        _mm512_castps128_ps512(_mm_loadu_ps(dp.add(4 * p))),
+                    );
+                    let mm = _mm512_permutexvar_ps(
+                        four,
+                        _mm512_castps128_ps512(_mm_loadu_ps(mp.add(4 * p))),
+                    );
+                    for (i, acc) in acc.iter_mut().enumerate() {
+                        let xq = a.q[i * kp + 128 * p..].as_ptr();
+                        // The two pairs' activations: [A0-15 B0-15 | C0-15 D0-15] against lo,
+                        // [A16-31 B16-31 | C16-31 D16-31] against hi.
+                        let x0 = _mm256_loadu_si256(xq.cast());
+                        let x1 = _mm256_loadu_si256(xq.add(32).cast());
+                        let x2 = _mm256_loadu_si256(xq.add(64).cast());
+                        let x3 = _mm256_loadu_si256(xq.add(96).cast());
+                        let xl = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(x0), x2);
+                        let xh = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(x1), x3);
+                        let s = _mm512_dpbusd_epi32(
+                            _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xl),
+                            hi,
+                            xh,
+                        );
+                        let lanes = (i * nbp + 4 * p) * 4;
+                        let dx = _mm512_loadu_ps(a.dx[lanes..].as_ptr());
+                        let sx = _mm512_loadu_ps(a.s[lanes..].as_ptr());
+                        *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dd, dx), *acc);
+                        *acc = _mm512_fmadd_ps(mm, sx, *acc);
+                    }
+                }
+                // A last pair when the blocks are not a multiple of 4.
+                if !nbp.is_multiple_of(4) {
+                    let p = nbp / 2 - 1;
+                    let v = _mm256_loadu_si256(data.add(32 * p).cast());
+                    let low8 = _mm256_set1_epi8(0x0f);
+                    let lo = _mm256_and_si256(v, low8);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low8);
+                    let pairs = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+                    let dd = _mm256_permutevar8x32_ps(
+                        _mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd(dp.add(2 * p).cast()))),
+                        pairs,
+                    );
+                    let mm = _mm256_permutevar8x32_ps(
+                        _mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd(mp.add(2 * p).cast()))),
+                        pairs,
+                    );
+                    for (i, acc) in acc.iter_mut().enumerate() {
+                        let xq = a.q[i * kp + 64 * p..].as_ptr();
+                        let xl = _mm256_loadu_si256(xq.cast());
+                        let xh = _mm256_loadu_si256(xq.add(32).cast());
+                        let s = _mm256_dpbusd_epi32(
+                            _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, xl),
+                            hi,
+                            xh,
+                        );
+                        let lanes = (i * nbp + 2 * p) * 4;
+                        let dx = _mm256_loadu_ps(a.dx[lanes..].as_ptr());
+                        let sx = _mm256_loadu_ps(a.s[lanes..].as_ptr());
+                        let t = _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(s),
+                            _mm256_mul_ps(dd, dx),
+                            _mm256_mul_ps(mm, sx),
+                        );
+                        *acc = _mm512_add_ps(*acc, _mm512_castps256_ps512_zero(t));
+                    }
+                }
+            } else {
+                for p in 0..nbp / 2 {
+                    let u = _mm512_loadu_si512(data.add(64 * p).cast());
+                    let dd = _mm512_permutexvar_ps(
+                        two,
+                        _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd(dp.add(2 * p).cast()))),
+                    );
+                    let mm = _mm512_permutexvar_ps(
+                        two,
+                        _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd(mp.add(2 * p).cast()))),
+                    );
+                    for (i, acc) in acc.iter_mut().enumerate() {
+                        let xv = _mm512_loadu_si512(a.q[i * kp + 64 * p..].as_ptr().cast());
+                        let s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, xv);
+                        let lanes = (i * nbp + 2 * p) * 4;
+                        // 8-bit lanes: block 2p in lanes 0-7, 2p + 1 in 8-15; `dx`/`s` hold
+                        // 4 values per block, so spread them over 8 lanes.
+                        let dx = _mm512_permutexvar_ps(
+                            _mm512_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7, 4, 5, 6, 7),
+                            _mm512_castps256_ps512(_mm256_loadu_ps(a.dx[lanes..].as_ptr())),
+                        );
+                        let sx = _mm512_permutexvar_ps(
+                            _mm512_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7, 4, 5, 6, 7),
+                            _mm512_castps256_ps512(_mm256_loadu_ps(a.s[lanes..].as_ptr())),
+                        );
+                        *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dd, dx), *acc);
+                        *acc = _mm512_fmadd_ps(mm, sx, *acc);
+                    }
+                }
+            }
+            for (i, v) in acc.iter().enumerate() {
+                // SAFETY: the caller's contract.
+                unsafe { *out.0.add(i * ldo + row) = _mm512_reduce_add_ps(*v) };
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn _mm512_castps256_ps512_zero(v: __m256) -> __m512 {
+        _mm512_insertf32x8::<0>(_mm512_setzero_ps(), v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dequantize_via_blocks(qt: QType, w: &[u8], n: usize, k: usize) -> Vec<f32> {
+        let mut out = vec![0f32; n * k];
+        dequantize_blocks(qt, w, n, k, &mut out, 1).expect("valid blocks");
+        out
+    }
+
+    fn lcg(seed: &mut u64) -> u64 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        *seed >> 33
+    }
+
+    fn random_blocks(qt: QType, n: usize, k: usize, seed: u64) -> Vec<u8> {
+        let mut s = seed;
+        let mut w: Vec<u8> = (0..n * qt.row_bytes(k))
+            .map(|_| lcg(&mut s) as u8)
+            .collect();
+        let halves: &[usize] = match qt {
+            QType::Q4_0 | QType::Q8_0 => &[0],
+            QType::Q4_1 | QType::Q4K => &[0, 2],
+            QType::Q6K => &[208],
+        };
+        for blk in w.chunks_exact_mut(qt.block_bytes()) {
+            for &at in halves {
+                let h: u16 =
+                    ((lcg(&mut s) as u16) & 0x83ff) | ((10 + (lcg(&mut s) % 4) as u16) << 10);
+                blk[at..at + 2].copy_from_slice(&h.to_le_bytes());
+            }
+        }
+        w
+    }
+
+    #[test]
+    fn packing_keeps_the_weights() {
+        for qt in [QType::Q4_0, QType::Q4_1, QType::Q8_0, QType::Q4K] {
+            let (n, k) = (5, 768);
+            let w = random_blocks(qt, n, k, 3);
+            let want = dequantize_via_blocks(qt, &w, n, k);
+            let p = pack(qt, &w, n, k).unwrap();
+            let mut got = vec![0f32; n * k];
+            p.dequantize(&mut got).unwrap();
+            for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - e).abs() <= 1e-6 * (1.0 + e.abs()),
+                    "{qt:?} {i}: {g} vs {e}"
+                );
+            }
+        }
+        assert!(pack(QType::Q6K, &[0; 210], 1, 256).is_err());
+    }
+
+    fn check_matmul(path_override: Option<Path>) {
+        for qt in [QType::Q4_0, QType::Q4_1, QType::Q8_0, QType::Q4K] {
+            for &(n, k, b) in &[
+                (3usize, 256usize, 1usize),
+                (37, 576, 2),
+                (70, 1536, 3),
+                (9, 64, 1),
+            ] {
+                if !k.is_multiple_of(qt.block_elems()) {
+                    continue;
+                }
+                let w = random_blocks(qt, n, k, 5);
+                let p = pack(qt, &w, n, k).unwrap();
+                let wf = dequantize_via_blocks(qt, &w, n, k);
+                let mut s = 9u64;
+                let x: Vec<f32> = (0..b * k)
+                    .map(|_| (lcg(&mut s) % 2001) as f32 / 1000.0 - 1.0)
+                    .collect();
+                let ldo = n + 2;
+                let mut out = vec![f32::NAN; b * ldo];
+                match path_override {
+                    None => matmul((&p).into(), &x, b, &mut out, ldo, 2).unwrap(),
+                    Some(path) => {
+                        let acts = Activations::new(&x, b, k, p.bits);
+                        let ptr = OutPtr(out.as_mut_ptr());
+                        unsafe { run_rows(path, &(&p).into(), &acts, b, 0..n, ptr, ldo) };
+                    }
+                }
+                for i in 0..b {
+                    for j in 0..n {
+                        let want: f64 = (0..k)
+                            .map(|kk| x[i * k + kk] as f64 * wf[j * k + kk] as f64)
+                            .sum();
+                        let bound: f64 = (0..k.div_ceil(32))
+                            .map(|blk| {
+                                let r = blk * 32..((blk + 1) * 32).min(k);
+                                let amax = x[i * k + r.start..i * k + r.end]
+                                    .iter()
+                                    .fold(0f32, |m, v| m.max(v.abs()));
+                                let ws: f32 = wf[j * k + r.start..j * k + r.end]
+                                    .iter()
+                                    .map(|v| v.abs())
+                                    .sum();
+                                (amax / 254.0 * ws) as f64
+                            })
+                            .sum::<f64>()
+                            + 1e-3 * (1.0 + want.abs());
+                        let got = out[i * ldo + j] as f64;
+                        assert!(
+                            (got - want).abs() <= bound,
+                            "{qt:?} {path_override:?} n={n} k={k} [{i},{j}]: {got} vs {want}"
+                        );
+                    }
+                    assert!(out[i * ldo + n].is_nan());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_matches_the_float_product() {
+        check_matmul(None);
+        check_matmul(Some(Path::Generic));
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                check_matmul(Some(Path::Avx2));
+            }
+        }
+    }
+}
