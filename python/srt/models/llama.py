@@ -43,6 +43,7 @@ from srt.layers.linear import (
 from srt.layers.logits import LogitsProcessor
 from srt.layers.moe import SparseMoE
 from srt.layers.norm import GemmaRMSNorm, RMSNorm
+from srt.layers.quantization import GGUFWeight
 from srt.layers.rotary import RotaryEmbedding, rope_settings
 from srt.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from srt.model_executor.forward_batch import ForwardBatch
@@ -275,9 +276,15 @@ class LlamaModel(nn.Module):
         self.start_layer, self.end_layer = pp_layer_range(
             config.num_hidden_layers, pp.pp_size, pp.pp_rank
         )
-        self.embed_scale = opts.embed_scale
         if self.is_first_stage:
             self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        scale = None
+        if opts.embed_scale is not None:
+            # NOTE: rounded to the model dtype, as HF does; a buffer, so a captured CUDA graph
+            # reads it from the device.
+            scale = torch.tensor(opts.embed_scale, dtype=torch.get_default_dtype())
+        self.embed_scale: torch.Tensor | None
+        self.register_buffer("embed_scale", scale, persistent=False)
         head_dim = head_dim_of(config)
         theta, scaling = rope_settings(config)
         self.rotary_emb = RotaryEmbedding(head_dim, max_position, theta, scaling)
@@ -310,9 +317,7 @@ class LlamaModel(nn.Module):
         if self.is_first_stage:
             hidden_states, residual = self.embed_tokens(input_ids), None
             if self.embed_scale is not None:
-                # NOTE: the scale rounded to the activation dtype first, as HF does.
-                scale = torch.tensor(self.embed_scale, dtype=hidden_states.dtype)
-                hidden_states = hidden_states * scale.to(hidden_states.device)
+                hidden_states = hidden_states * self.embed_scale
         else:
             assert intermediate is not None, "a later pipeline stage needs the hidden states"
             hidden_states, residual = intermediate
@@ -456,6 +461,10 @@ class LlamaForCausalLM(nn.Module):
         loaded: set[tuple[str, str | None]],
     ) -> None:
         expert = _EXPERT.match(name)
+        if isinstance(tensor, GGUFWeight) and (
+            expert is not None or name.endswith((".experts.gate_up_proj", ".experts.down_proj"))
+        ):
+            tensor = tensor.dequantize()  # NOTE: MoE experts stay dense
         if expert is not None:  # one expert's projection into the grouped tensor
             prefix, e, proj = expert.groups()
             grouped, kind = _EXPERT_PARAM.get(proj, ("down_proj", "down"))
