@@ -90,7 +90,8 @@ def test_hf_folders_pass_through(tmp_path: Path) -> None:
 def _fake_convert(calls: list[Path], fail: bool = False) -> Callable[[Path, Path], None]:
     def convert(src: Path, out: Path) -> None:
         calls.append(out)
-        for name in gguf._GENERATED_FILES:
+        for name in (*gguf._GENERATED_FILES, gguf.GGUF_BLOCKS_FILE):
+            (out / name).parent.mkdir(exist_ok=True)
             (out / name).write_text("{}")
             if fail:
                 raise OSError("disk full")  # dies with a half-written folder
@@ -167,7 +168,8 @@ def converted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, f
 
 def test_conversion_writes_a_clean_hf_folder(converted: tuple[str, float]) -> None:
     d = Path(converted[0])
-    assert sorted(p.name for p in d.iterdir()) == sorted(gguf._GENERATED_FILES)
+    assert sorted(p.name for p in d.iterdir()) == sorted([*gguf._GENERATED_FILES, "gguf"])
+    assert [p.name for p in (d / "gguf").iterdir()] == ["blocks.safetensors"]
     config = json.loads((d / "config.json").read_text())
     assert "quantization_config" not in config
     assert config["architectures"] == ["LlamaForCausalLM"]

@@ -24,6 +24,7 @@ from srt.reasoning import PARSERS as REASONING
 
 SCHEDULE_POLICIES = ("fcfs", "lpm", "dfs-weight", "lof", "random")
 ATTENTION_BACKEND_CHOICES = ("auto", "flashinfer", "torch_native")
+QUANTIZATION_CHOICES = ("auto", "gguf", "none")
 LOAD_BALANCE_METHODS = ("cache_aware", "round_robin", "shortest_queue")
 TOOL_CALL_PARSERS = tuple(sorted([*FORMATS, *TOOL_FORMAT_ALIASES]))
 REASONING_PARSERS = tuple(sorted(REASONING))
@@ -70,8 +71,17 @@ class ServerArgs:
     )
     dtype: str = _f(
         "auto",
-        "Weight and activation dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.",
+        "Weight and activation dtype: auto (bf16 on GPU, fp32 on CPU but for a .gguf model: "
+        "see --quantization), float32, bfloat16, float16.",
         ("auto", "float32", "bfloat16", "float16"),
+    )
+    quantization: str = _f(
+        "auto",
+        "Weights of a .gguf model: gguf keeps its quantized tensors (Q4_0, Q4_1, Q8_0, Q4_K, "
+        "Q6_K) in their blocks and multiplies with srt's CPU kernels (CPU only); none "
+        "dequantizes them to --dtype; auto picks, on a CPU with --dtype auto, bf16 weights "
+        "where the CPU has native bf16 matmuls (AMX / AVX512-BF16), else gguf; otherwise none.",
+        QUANTIZATION_CHOICES,
     )
     device: str = _f("auto", "Device: auto (cuda when available, else cpu), cpu or cuda.")
     num_threads: int | None = _f(
@@ -237,6 +247,8 @@ class ServerArgs:
             raise ValueError(f"--schedule-policy must be one of {SCHEDULE_POLICIES}")
         if self.attention_backend not in ATTENTION_BACKEND_CHOICES:
             raise ValueError(f"--attention-backend must be one of {ATTENTION_BACKEND_CHOICES}")
+        if self.quantization not in QUANTIZATION_CHOICES:
+            raise ValueError(f"--quantization must be one of {QUANTIZATION_CHOICES}")
         if self.cuda_graph_max_bs is not None and self.cuda_graph_max_bs < 1:
             raise ValueError("--cuda-graph-max-bs must be >= 1")
         if self.num_threads is not None and self.num_threads < 1:

@@ -35,10 +35,12 @@ from srt.distributed.parallel_state import (
     send_async,
 )
 from srt.layers.attention import create_attention_backend
+from srt.layers.quantization import gguf_bytes
 from srt.mem_cache.memory_pool import KVPool, ReqToTokenPool
 from srt.model_executor.cuda_graph_runner import CudaGraphRunner
 from srt.model_executor.forward_batch import ForwardBatch, StepInput
-from srt.model_loader.weights import init_dummy_weights, iterate_safetensors
+from srt.model_loader.weight_format import resolve_weight_format
+from srt.model_loader.weights import init_dummy_weights, iterate_weights
 from srt.models.registry import get_model_class
 from srt.server_args import ServerArgs
 
@@ -69,6 +71,16 @@ class ModelRunner:
         if self.device.type == "cpu":
             # NOTE: a process-wide setting; the runner is what does this process's math.
             set_scheduler_threads(server_args)
+        self.weight_format = resolve_weight_format(
+            server_args.quantization,
+            model_config.dtype,
+            model_config.device,
+            model_config.model_path,
+        )
+        # NOTE: the dtype "auto" resolves here, for all that reads the config after (attention
+        # backend, KV pool): on a CPU it depends on the weights' format.
+        model_config.dtype = self.weight_format.dtype
+        logger.info("weights: %s", self.weight_format.reason)
         self.dtype: torch.dtype = model_config.torch_dtype
         self.page_size = server_args.page_size
         self.parallel = get_parallel_state()
@@ -76,7 +88,9 @@ class ModelRunner:
 
         self.attn_backend = create_attention_backend(server_args.attention_backend, model_config)
         self.model = self._load_model()
-        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.weight_bytes = sum(
+            p.numel() * p.element_size() for p in self.model.parameters()
+        ) + gguf_bytes(self.model)
         self.start_layer, self.end_layer = self.model.layer_range
         self.num_kv_heads = self.model.kv_heads_per_rank
 
@@ -131,7 +145,7 @@ class ModelRunner:
             if self.server_args.load_format == "dummy":
                 init_dummy_weights(model, seed=self.server_args.random_seed)
             else:
-                model.load_weights(iterate_safetensors(cfg.model_path))
+                model.load_weights(iterate_weights(cfg.model_path, self.weight_format.gguf_blocks))
         return model.eval()
 
     def _kv_pool_tokens(self, free_before_load: int) -> int:

@@ -3,7 +3,12 @@
 Runs in the main process before the scheduler starts (so children get plain folders). In: the
 `--model-path` / `--tokenizer-path` values as given (None, an HF folder, or a `.gguf` file).
 Out: an HF folder holding config.json, model.safetensors (fp32, dequantized),
-generation_config.json, tokenizer.json and tokenizer_config.json (with the chat template).
+generation_config.json, tokenizer.json and tokenizer_config.json (with the chat template), and
+`gguf/blocks.safetensors`: the file's quantized 2-D tensors of the block types srt has kernels
+for, as shipped (uint8 blocks, rows in HF order), under their HF names, with the GGUF type and
+row length of each in its metadata (`--quantization gguf` runs on them; see
+srt.model_loader.weights and srt.layers.quantization). It sits in a subfolder so that readers
+of `*.safetensors` (srt's and transformers') see the fp32 checkpoint alone.
 
 A GGUF file is converted once, through transformers' own GGUF reader, into
 `$SRT_CACHE_DIR/gguf/<name>-<hash>` (default `~/.cache/srt/gguf/...`); the hash covers the file's
@@ -26,6 +31,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +62,12 @@ _GENERATED_FILES = (
 )
 # A model too big for one file is saved as shards plus this index instead of model.safetensors.
 _SHARD_INDEX = "model.safetensors.index.json"
+# The quantized tensors as shipped; a folder without it predates them and converts again.
+GGUF_BLOCKS_FILE = "gguf/blocks.safetensors"
+# Its metadata key: JSON {hf_name: [GGUF type name, weights per row]}.
+GGUF_BLOCKS_TYPES_KEY = "gguf_types"
+# The block types srt._native.quant_matmul handles.
+GGUF_BLOCK_TYPES = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K")
 
 
 def cache_root() -> Path:
@@ -160,7 +172,7 @@ def _missing_files(folder: Path) -> list[str]:
 
 
 def _is_complete(folder: Path) -> bool:
-    return folder.is_dir() and not _missing_files(folder)
+    return folder.is_dir() and not _missing_files(folder) and (folder / GGUF_BLOCKS_FILE).is_file()
 
 
 def _convert_cached(gguf_path: Path) -> Path:
@@ -217,8 +229,8 @@ class _Steps:
         self.i += 1
         logger.info("converting %s: step %d/%d, %s", self.name, self.i, self.count, what)
 
-    def done(self) -> None:
-        logger.info("converted %s in %.1f s", self.name, time.monotonic() - self.start)
+    def done(self, detail: str) -> None:
+        logger.info("converted %s in %.1f s (%s)", self.name, time.monotonic() - self.start, detail)
 
 
 def _convert(gguf_path: Path, out: Path) -> None:
@@ -258,8 +270,9 @@ def _convert(gguf_path: Path, out: Path) -> None:
         eos_token_id=eos,
         pad_token_id=config.pad_token_id,
     )
-    steps.next("writing model.safetensors")
+    steps.next(f"writing model.safetensors and {GGUF_BLOCKS_FILE}")
     model.save_pretrained(out, safe_serialization=True)
+    kept = _write_gguf_blocks(gguf_path, model, out / GGUF_BLOCKS_FILE)
     del model
     _set_model_max_length(out, getattr(config, "max_position_embeddings", None))
 
@@ -269,7 +282,82 @@ def _convert(gguf_path: Path, out: Path) -> None:
             f"converting {gguf_path} did not produce {', '.join(missing)}; is the installed "
             f"transformers version able to read this GGUF architecture?"
         )
-    steps.done()
+    steps.done(kept)
+
+
+def _write_gguf_blocks(gguf_path: Path, model: Any, out_file: Path) -> str:
+    """Writes the GGUF file's quantized 2-D tensors that map to a weight of `model` (the
+    transformers model just read from it) into `out_file`; returns a summary for the log.
+
+    Names come from transformers' own GGUF mapping and its architecture's TensorProcessor. A
+    processor may reorder rows (Llama's q/k are stored permuted for llama.cpp's RoPE): it is run
+    on the row indices, and the blocks' rows are reordered the same way. Each tensor kept is
+    checked: its blocks, dequantized, equal the fp32 weight transformers made of it, bit for
+    bit; any other stays fp32 only.
+    """
+    import numpy as np
+    import torch
+    from gguf import GGUFReader
+    from safetensors.torch import save_file
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+        load_gguf_checkpoint,
+        read_field,
+    )
+
+    from srt._native import quant_dequantize
+
+    reader = GGUFReader(str(gguf_path))
+    arch = read_field(reader, "general.architecture")[0]
+    config = load_gguf_checkpoint(str(gguf_path), return_tensors=False)["config"]
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config)
+    names = get_gguf_hf_weights_map(model, processor)
+    state = model.state_dict()
+    threads = max(1, torch.get_num_threads())
+    blocks: dict[str, torch.Tensor] = {}
+    types: dict[str, tuple[str, int]] = {}
+    mismatched: list[str] = []
+    for t in reader.tensors:
+        qtype = t.tensor_type.name
+        if qtype not in GGUF_BLOCK_TYPES or t.data.ndim != 2:
+            continue
+        rows, k = int(t.data.shape[0]), int(t.shape[0])  # GGUF shapes list the row length first
+        try:
+            result = processor.process(
+                weights=np.arange(rows),
+                name=t.name,
+                tensor_key_mapping=names,
+                parsed_parameters={"tensors": {}, "config": config},
+            )
+        except Exception:  # a processor built for whole tensors (MoE experts): stays fp32
+            continue
+        order, hf_name = np.asarray(result.weights), names.get(result.name)
+        if hf_name not in state or order.shape != (rows,):
+            continue
+        if not np.array_equal(np.sort(order), np.arange(rows)):
+            continue  # not a reordering of rows: the processor changes values
+        data = np.ascontiguousarray(np.asarray(t.data)[order])
+        dense = np.empty((rows, k), np.float32)
+        quant_dequantize(qtype, data, k, dense, threads)
+        if not torch.equal(torch.from_numpy(dense), state[hf_name].detach().float()):
+            mismatched.append(t.name)
+            continue
+        blocks[hf_name] = torch.from_numpy(data)
+        types[hf_name] = (qtype, k)
+    if mismatched:
+        logger.warning(
+            "%d GGUF tensors of %s do not dequantize to the weights transformers read (kept "
+            "fp32 only): %s",
+            len(mismatched),
+            gguf_path.name,
+            ", ".join(mismatched[:5]),
+        )
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    save_file(blocks, str(out_file), metadata={GGUF_BLOCKS_TYPES_KEY: json.dumps(types)})
+    kinds = sorted({q for q, _ in types.values()})
+    return f"{len(types)} tensors kept as GGUF blocks" + (f": {', '.join(kinds)}" if kinds else "")
 
 
 def _fix_tokenizer_config(out: Path, chat_template: str | dict | None) -> None:

@@ -5,6 +5,10 @@
 come from `model.safetensors.index.json` when present, else every `*.safetensors` file.
 `init_dummy_weights` fills parameters with small seeded uniform values (`--load-format dummy`).
 
+A folder converted from a GGUF file also holds the file's quantized tensors as they were shipped
+(`gguf/blocks.safetensors`, see srt.model_loader.gguf); `iterate_weights(folder, gguf_blocks=True)`
+yields those as `GGUFWeight`s (srt.layers.quantization) in place of their fp32 copies.
+
 A load that takes longer than a moment logs its progress: a line at 25, 50 and 75 percent of
 the checkpoint's bytes and one at the end (`LoadProgress`); a quick one logs nothing.
 """
@@ -20,6 +24,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import nn
+
+from srt.layers.quantization import GGUFWeight
+from srt.model_loader.gguf import GGUF_BLOCKS_FILE, GGUF_BLOCKS_TYPES_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +91,11 @@ def _size(nbytes: int) -> str:
 
 
 def iterate_safetensors(
-    model_path: str | Path, progress_after_s: float = PROGRESS_AFTER_S
+    model_path: str | Path,
+    progress_after_s: float = PROGRESS_AFTER_S,
+    skip: frozenset[str] = frozenset(),
 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the folder's weight files but those named in `skip`."""
     files = safetensors_files(model_path)
     # NOTE: the time between two tensors is mostly the consumer's (copies to the device), so
     # the progress counts a tensor once it has been taken.
@@ -93,10 +103,44 @@ def iterate_safetensors(
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                if name in skip:
+                    continue
                 tensor = f.get_tensor(name)
                 yield name, tensor
                 progress.add(tensor.numel() * tensor.element_size())
     progress.finish()
+
+
+def has_gguf_blocks(model_path: str | Path) -> bool:
+    return (Path(model_path) / GGUF_BLOCKS_FILE).is_file()
+
+
+def iterate_gguf_blocks(model_path: str | Path) -> Iterator[tuple[str, GGUFWeight]]:
+    """The GGUF-quantized tensors of a converted folder, by their HF names."""
+    path = Path(model_path) / GGUF_BLOCKS_FILE
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        types = json.loads((f.metadata() or {}).get(GGUF_BLOCKS_TYPES_KEY, "null"))
+        if not isinstance(types, dict):
+            raise ValueError(f"{path} lacks the {GGUF_BLOCKS_TYPES_KEY!r} metadata")
+        for name, (qtype, k) in types.items():
+            yield name, GGUFWeight(qtype, f.get_tensor(name), int(k))
+
+
+def iterate_weights(
+    model_path: str | Path,
+    gguf_blocks: bool = False,
+    progress_after_s: float = PROGRESS_AFTER_S,
+) -> Iterator[tuple[str, torch.Tensor | GGUFWeight]]:
+    """The folder's checkpoint tensors; with `gguf_blocks`, those the GGUF file shipped
+    quantized come as `GGUFWeight`s (their fp32 copies are not read)."""
+    if not gguf_blocks:
+        yield from iterate_safetensors(model_path, progress_after_s)
+        return
+    names = set()
+    for name, weight in iterate_gguf_blocks(model_path):
+        names.add(name)
+        yield name, weight
+    yield from iterate_safetensors(model_path, progress_after_s, skip=frozenset(names))
 
 
 @torch.no_grad()

@@ -1,0 +1,180 @@
+"""GGUF-quantized weights in the scheduler process: the checkpoint tensor and the layers' blocks.
+
+`GGUFWeight` is what weight loading yields, in place of the fp32 tensor, for a weight the GGUF
+file shipped in a block format srt has kernels for: the blocks (uint8 [n, row_bytes]), the
+GGUF type name and the logical shape [n, k]. Row slices (`narrow(0, ...)`, `split`) cost
+nothing; slices of the input dim only where they fall on block boundaries (else ValueError).
+
+The layers keep the blocks in `GGUFBlocks` (a module, so they count as the model's memory) and
+multiply through `srt._native.quant_matmul`: activations go in as float32 and the result comes
+back in the activation dtype. The 32-weight types (Q4_0, Q4_1, Q8_0) quantize the activations
+to int8 per 32 values as llama.cpp does, so products differ from the dequantized fp32 ones by
+that rounding; the embedding lookup dequantizes only the looked-up rows, bit-exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from srt._native import quant_dequantize, quant_matmul
+
+# GGUF type name -> (weights per block, bytes per block): the types srt._native handles.
+BLOCK_FORMATS: dict[str, tuple[int, int]] = {
+    "Q4_0": (32, 18),
+    "Q4_1": (32, 20),
+    "Q8_0": (32, 34),
+    "Q4_K": (256, 144),
+    "Q6_K": (256, 210),
+}
+
+
+class GGUFWeight:
+    """A 2-D weight [n, k] kept as GGUF blocks: row `i` is `blocks[i]`."""
+
+    __slots__ = ("blocks", "qtype", "shape")
+
+    def __init__(self, qtype: str, blocks: torch.Tensor, k: int) -> None:
+        if qtype not in BLOCK_FORMATS:
+            raise ValueError(
+                f"unsupported GGUF block type {qtype!r}; supported: {', '.join(BLOCK_FORMATS)}"
+            )
+        per_block, block_bytes = BLOCK_FORMATS[qtype]
+        if blocks.dtype != torch.uint8 or blocks.dim() != 2:
+            raise ValueError(
+                f"GGUF blocks must be uint8 [n, row_bytes], got {blocks.dtype} "
+                f"{tuple(blocks.shape)}"
+            )
+        if k % per_block or blocks.shape[1] != k // per_block * block_bytes:
+            raise ValueError(
+                f"{qtype} rows of {k} weights take {k // per_block * block_bytes} bytes "
+                f"({per_block} weights per block), got {blocks.shape[1]}"
+            )
+        self.qtype = qtype
+        self.blocks = blocks
+        self.shape = (int(blocks.shape[0]), int(k))
+
+    def __repr__(self) -> str:
+        return f"GGUFWeight({self.qtype}, shape={self.shape})"
+
+    @property
+    def block_size(self) -> int:
+        return BLOCK_FORMATS[self.qtype][0]
+
+    def dim(self) -> int:
+        return 2
+
+    def narrow(self, dim: int, start: int, length: int) -> GGUFWeight:
+        """Rows (dim 0) `[start, start + length)`, or input columns (dim 1) when `start` and
+        `length` are multiples of the block size."""
+        n, k = self.shape
+        if dim == 0:
+            return GGUFWeight(self.qtype, self.blocks.narrow(0, start, length), k)
+        if dim != 1:
+            raise ValueError(f"a GGUF weight is 2-D; cannot narrow dim {dim}")
+        if not self.input_slice_aligned(start, length):
+            raise ValueError(
+                f"columns [{start}, {start + length}) of a {self.qtype} weight do not fall on "
+                f"its {self.block_size}-weight blocks"
+            )
+        per_block, block_bytes = BLOCK_FORMATS[self.qtype]
+        cols = self.blocks.narrow(
+            1, start // per_block * block_bytes, length // per_block * block_bytes
+        )
+        return GGUFWeight(self.qtype, cols.contiguous(), length)
+
+    def input_slice_aligned(self, start: int, length: int) -> bool:
+        return start % self.block_size == 0 and length % self.block_size == 0
+
+    def split(self, sizes: int | Sequence[int], dim: int = 0) -> tuple[GGUFWeight, ...]:
+        """As `torch.Tensor.split` along the rows (`dim` 0 only)."""
+        if dim != 0:
+            raise ValueError("a GGUF weight splits along its rows (dim 0) only")
+        n = self.shape[0]
+        if isinstance(sizes, int):
+            sizes = [min(sizes, n - s) for s in range(0, n, sizes)]
+        if sum(sizes) != n:
+            raise ValueError(f"split sizes {list(sizes)} do not add up to {n} rows")
+        starts = np.cumsum([0, *sizes[:-1]])
+        return tuple(self.narrow(0, int(s), int(m)) for s, m in zip(starts, sizes, strict=True))
+
+    def dequantize(self) -> torch.Tensor:
+        """The fp32 weights [n, k], as llama.cpp (and transformers' GGUF reader) computes them."""
+        out = torch.empty(self.shape, dtype=torch.float32)
+        if self.shape[0]:
+            blocks = self.blocks.contiguous().numpy()
+            quant_dequantize(self.qtype, blocks, self.shape[1], out.numpy(), _threads())
+        return out
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+class GGUFBlocks(nn.Module):
+    """One weight's blocks, held as a buffer, with its matmul and row lookup."""
+
+    def __init__(self, weight: GGUFWeight) -> None:
+        super().__init__()
+        self.qtype = weight.qtype
+        self.rows, self.k = weight.shape
+        self.register_buffer("blocks", weight.blocks.contiguous(), persistent=False)
+        self._np = self.blocks.numpy()  # NOTE: a view of the buffer, CPU only
+
+    @property
+    def nbytes(self) -> int:
+        return self.blocks.numel()
+
+    def matmul_into(self, x: np.ndarray, out: np.ndarray, col: int) -> None:
+        """out[:, col:col + rows] = x @ W.T, x float32 [b, k] and out float32 [b, m]."""
+        quant_matmul(self.qtype, self._np, self.k, x, out, col, _threads())
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """fp32 rows [len(ids), k] of the weights at `ids` (1-D int64)."""
+        out = torch.empty((ids.numel(), self.k), dtype=torch.float32)
+        if ids.numel():
+            rows = self.blocks.index_select(0, ids.reshape(-1)).numpy()
+            quant_dequantize(self.qtype, rows, self.k, out.numpy(), _threads())
+        return out
+
+
+class GGUFLinear(nn.Module):
+    """y = x @ W.T (+ bias) with W the row concatenation of GGUF weights (one per stacked
+    shard): one quant_matmul per part, each writing its columns of the output."""
+
+    def __init__(self, in_features: int, parts: Iterable[GGUFWeight]) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.parts = nn.ModuleList(GGUFBlocks(w) for w in parts)
+        self.cols: list[int] = []
+        col = 0
+        for p in self.parts:
+            if p.k != in_features:
+                raise ValueError(f"GGUF weight of {p.k} inputs in a layer of {in_features}")
+            self.cols.append(col)
+            col += p.rows
+        self.out_features = col
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
+        out = torch.empty((x2.shape[0], self.out_features), dtype=torch.float32)
+        if x2.shape[0]:
+            xs, outs = x2.numpy(), out.numpy()
+            for part, col in zip(self.parts, self.cols, strict=True):
+                part.matmul_into(xs, outs, col)
+        if bias is not None:
+            out += bias
+        return out.to(x.dtype).reshape(*lead, self.out_features)
+
+
+def gguf_bytes(model: nn.Module) -> int:
+    """Bytes of the GGUF blocks a model holds (they are buffers, not parameters)."""
+    return sum(m.nbytes for m in model.modules() if isinstance(m, GGUFBlocks))
