@@ -256,9 +256,10 @@ def test_grouped_and_per_expert_checkpoints_load_alike() -> None:
 TP_PROMPTS = [prompt(23, seed=11), prompt(5, seed=12), prompt(14, seed=13)]
 
 
-def _tp2_matches_hf(path: str, tmp_path: Path) -> None:
-    """tp 2 with chunks of 8 tokens, twice (the second time from the prefix cache)."""
-    args = ["--model-path", path, "--max-total-tokens", "2048", "--tp-size", "2"]
+def _parallel_matches_hf(path: str, tmp_path: Path, parallel: list[str]) -> None:
+    """The server under `parallel` flags with chunks of 8 tokens, twice (the second time from
+    the prefix cache)."""
+    args = ["--model-path", path, "--max-total-tokens", "2048", *parallel]
     proc, base = start_server([*args, "--chunked-prefill-size", "8"], tmp_path / "log", tmp_path)
     body = {
         "input_ids": TP_PROMPTS,
@@ -275,14 +276,23 @@ def _tp2_matches_hf(path: str, tmp_path: Path) -> None:
     assert all(o["meta_info"]["cached_tokens"] > 0 for o in outs[1].json())
 
 
+TP2, PP2 = ["--tp-size", "2"], ["--pp-size", "2"]
+
+
 def test_tp2_gemma2_matches_hf(family_paths: dict[str, str], tmp_path: Path) -> None:
-    _tp2_matches_hf(family_paths["gemma2"], tmp_path)
+    _parallel_matches_hf(family_paths["gemma2"], tmp_path, TP2)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", [a for a in FAMILY_ARCHS if a != "gemma2"])
-def test_tp2_matches_hf(arch: str, family_paths: dict[str, str], tmp_path: Path) -> None:
-    _tp2_matches_hf(family_paths[arch], tmp_path)
+@pytest.mark.parametrize(
+    ("arch", "parallel"),
+    [(a, TP2) for a in FAMILY_ARCHS if a != "gemma2"] + [(a, PP2) for a in FAMILY_ARCHS],
+    ids=lambda v: v if isinstance(v, str) else v[0].strip("-").split("-")[0] + "2",
+)
+def test_parallel_matches_hf(
+    arch: str, parallel: list[str], family_paths: dict[str, str], tmp_path: Path
+) -> None:
+    _parallel_matches_hf(family_paths[arch], tmp_path, parallel)
 
 
 def test_flashinfer_plans_each_layer_kind_with_hf_window_semantics(
