@@ -4,7 +4,9 @@ switched on (srt.testing.tiny_model): greedy tokens and logits equal HF's alone,
 with other requests while one arrives in chunks and one reuses another's cached prefix, with a
 sliding window (8 tokens) shorter than the prompts; through the scheduler with a KV pool small
 enough to force retraction; removing a feature from srt's config makes it disagree with HF (so
-the tests see each feature); tensor parallel 2 through the server.
+the tests see each feature); tensor and pipeline parallel 2 through the server (Gemma 2 tp 2
+always, the rest marked slow). FlashInfer's plan arguments are checked on the CPU; on a GPU
+FlashInfer with CUDA graphs is compared with torch_native.
 
 The ModelRunner-level steps reuse test_model_runner's `Sched` stand-in for the scheduler, the
 scheduler-level ones test_scheduler's `Harness`.
@@ -32,11 +34,13 @@ from srt.model_executor.model_runner import ModelRunner
 from srt.testing.tiny_model import FAMILY_ARCHS, make_tiny_model
 
 WINDOW = 8
-# Phi-3 with LongRoPE: short factors up to 24 positions, long ones past them.
+# Phi-3 with LongRoPE (short factors up to 24 positions, long ones past them) and, as Phi-4-mini,
+# rotary on 3/4 of each head (12 of 16 dims: 6 frequencies).
 LONGROPE = {
     "rope_type": "longrope",
-    "short_factor": [1.0 + 0.1 * i for i in range(8)],
-    "long_factor": [2.0 + 0.5 * i for i in range(8)],
+    "partial_rotary_factor": 0.75,
+    "short_factor": [1.0 + 0.1 * i for i in range(6)],
+    "long_factor": [2.0 + 0.5 * i for i in range(6)],
     "original_max_position_embeddings": 24,
 }
 
@@ -118,9 +122,11 @@ def test_sdpa_decode_path_matches_hf(
 
 
 def test_phi3_longrope_matches_hf(family_paths: dict[str, str]) -> None:
-    """Long factors for a prompt past the original context (24), short ones within it."""
+    """Long factors for a prompt past the original context (24), short ones within it; a
+    partial rotary dim."""
     path = family_paths["phi3_longrope"]
     runner = make_runner(path, page_size=4)
+    assert runner.model.model.rotary_emb.rotary_dim == 12
     for ids, steps in ((prompt(30, seed=6), 8), (prompt(6, seed=7), 12)):
         ref_tokens, ref_logits = hf_greedy(path, ids, steps)
         tokens, logits = srt_greedy(runner, ids, steps)
