@@ -9,7 +9,8 @@ A tied lm_head is the embedding itself (same block on the same rank).
 
 Given a `GGUFWeight`, the loader keeps its block rows (`self.gguf`; all-zero blocks pad, which
 dequantize to zeros in every supported type) and drops the fp32 weight: the lookup dequantizes
-just the looked-up rows and the lm_head multiplies through the GGUF kernel.
+just the looked-up rows and the lm_head multiplies through the GGUF kernels (repacked on its
+first use, see GGUFBlocks).
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ class VocabParallelEmbedding(nn.Module):
         if isinstance(loaded, GGUFWeight):
             blocks = torch.zeros((self.per_rank, loaded.blocks.shape[1]), dtype=torch.uint8)
             blocks[:real].copy_(loaded.blocks[self.start : self.start + real])
-            self.gguf = GGUFBlocks(GGUFWeight(loaded.qtype, blocks, self.embedding_dim))
+            self.gguf = GGUFBlocks(
+                GGUFWeight(loaded.qtype, blocks, self.embedding_dim), lookup=True
+            )
             self.gguf_dtype = param.dtype  # what the lookup returns, as the fp32 path would
             self.weight = None  # NOTE: the fp32 copy is freed once the loader lets go of it
             return
