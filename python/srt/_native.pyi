@@ -392,3 +392,20 @@ def quant_matmul_packed(
     """`out[:, col:col + n] = x @ W.T` for weights packed by `quant_pack` ([n, k]); x float32
     [b, k] is taken as int8 per 32 values; AVX-512 VNNI, AVX2 or plain code as the CPU allows;
     the GIL is released. Raises ValueError when shapes do not fit."""
+
+def rms_norm(
+    x: np.ndarray,
+    residual: np.ndarray | None,
+    weight: np.ndarray,
+    out: np.ndarray,
+    eps: float,
+    gemma: bool = False,
+) -> None:
+    """RMSNorm of the rows of `x` ([T, d]) into `out`: `weight * round(x / rms(x))`, or Gemma's
+    `x / rms(x) * (1 + weight)` (`gemma`), f32 arithmetic. With `residual`, first
+    `residual += x` in place and the norm of that sum. float32 or int16 (bf16 bits) arrays of
+    one dtype, C-contiguous; the GIL is released."""
+
+def silu_and_mul(x: np.ndarray, out: np.ndarray) -> None:
+    """`out = silu(x[:, :d]) * x[:, d:]` for `x` [T, 2d] (gate then up), float32 or int16
+    (bf16 bits), C-contiguous."""

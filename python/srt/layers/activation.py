@@ -7,7 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from srt._native import silu_and_mul as native_silu_and_mul
 from srt.layers import flashinfer_ops
+
+# CPU dtypes the native kernel takes, and the dtype numpy sees them as.
+_NATIVE_VIEW = {torch.float32: torch.float32, torch.bfloat16: torch.int16}
 
 # HF `hidden_act` / `hidden_activation` names -> the GELU approximation, or None for SiLU.
 _GATED = {"silu": None, "gelu_pytorch_tanh": "tanh", "gelu": "none"}
@@ -18,7 +22,7 @@ class SiluAndMul(nn.Module):
     """[..., 2 * d] (gate then up) -> silu(gate) * up of shape [..., d].
 
     Built under the model's default device and dtype, it uses FlashInfer's fused kernel when
-    those are CUDA and bf16/fp16."""
+    those are CUDA and bf16/fp16; on the CPU (fp32/bf16) srt-kernels' `silu_and_mul`."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -28,6 +32,11 @@ class SiluAndMul(nn.Module):
         if self._fused is not None and x.is_contiguous():
             return self._fused.silu_and_mul(x)
         d = x.shape[-1] // 2
+        view = _NATIVE_VIEW.get(x.dtype)
+        if view is not None and x.device.type == "cpu" and x.dim() == 2 and x.is_contiguous():
+            out = x.new_empty(x.shape[0], d)
+            native_silu_and_mul(x.view(view).numpy(), out.view(view).numpy())
+            return out
         return F.silu(x[..., :d]) * x[..., d:]
 
 

@@ -4,7 +4,9 @@ variant (`GemmaRMSNorm`), which scales by (1 + weight) in fp32 and rounds once.
 Used by the models of the scheduler process; `forward(x, residual)` fuses the residual add that
 precedes every norm of a decoder layer and returns the new residual too. On CUDA in bf16/fp16,
 2-D inputs go through FlashInfer's one-kernel (residual-add +) RMSNorm (`flashinfer_ops`),
-which updates `x` and `residual` in place.
+which updates `x` and `residual` in place. On the CPU in fp32/bf16 they go through
+srt-kernels' `rms_norm` (one call instead of eight torch ops), which updates `residual` in
+place.
 """
 
 from __future__ import annotations
@@ -12,7 +14,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from srt._native import rms_norm as native_rms_norm
 from srt.layers import flashinfer_ops
+
+# CPU dtypes the native norm takes, and the dtype numpy sees them as.
+_NATIVE_VIEW = {torch.float32: torch.float32, torch.bfloat16: torch.int16}
 
 
 class RMSNorm(nn.Module):
@@ -33,9 +39,42 @@ class RMSNorm(nn.Module):
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
 
+    # Gemma's (1 + weight) scaling, in the native kernel.
+    _gemma = False
+
+    def _native(
+        self, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
+        """The norm through srt-kernels, or None where it does not apply."""
+        view = _NATIVE_VIEW.get(x.dtype)
+        if (
+            view is None
+            or x.device.type != "cpu"
+            or x.dim() != 2
+            or self.weight.dtype != x.dtype
+            or not x.is_contiguous()
+            or (
+                residual is not None and (residual.dtype != x.dtype or not residual.is_contiguous())
+            )
+        ):
+            return None
+        out = torch.empty_like(x)
+        native_rms_norm(
+            x.view(view).numpy(),
+            None if residual is None else residual.view(view).numpy(),
+            self.weight.view(view).numpy(),
+            out.view(view).numpy(),
+            self.eps,
+            self._gemma,
+        )
+        return out if residual is None else (out, residual)
+
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        native = self._native(x, residual)
+        if native is not None:
+            return native
         if self._fused is not None and x.dim() == 2 and x.is_contiguous():
             norm, add_norm = self._fused
             if residual is None:
@@ -55,6 +94,7 @@ class GemmaRMSNorm(RMSNorm):
     checkpoint stores the offset from one (zero-initialised)."""
 
     _kernel_names = ("gemma_rmsnorm", "gemma_fused_add_rmsnorm")
+    _gemma = True
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()

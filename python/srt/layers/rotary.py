@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -148,6 +149,8 @@ class RotaryEmbedding(nn.Module):
         fused_dtype = torch.get_default_dtype()
         self._fused = None if partial else flashinfer_ops.kernels(cos.device, fused_dtype)
         self._native = not partial
+        # (cos_cache, its numpy view, sin_cache's), made on the first native rotation
+        self._tables: tuple[torch.Tensor, np.ndarray, np.ndarray] | None = None
         if self._fused is not None:
             half = head_dim // 2  # FlashInfer's table: [cos | sin] of the distinct frequencies
             table = torch.cat((self.cos_cache[:, :half], self.sin_cache[:, :half]), dim=-1)
@@ -186,7 +189,10 @@ class RotaryEmbedding(nn.Module):
             and q.stride(-1) == 1
             and k.stride(-1) == 1
         ):
-            pos, cos, sin = positions.numpy(), self.cos_cache.numpy(), self.sin_cache.numpy()
+            if self._tables is None or self._tables[0] is not self.cos_cache:
+                # NOTE: numpy views of the tables, made once (not per layer and step).
+                self._tables = (self.cos_cache, self.cos_cache.numpy(), self.sin_cache.numpy())
+            pos, cos, sin = positions.numpy(), self._tables[1], self._tables[2]
             for x in (q, k):
                 rope_neox_inplace(x.view(view).numpy(), pos, cos, sin)
             return q, k

@@ -7,6 +7,7 @@
 //!   seeded uniform), bit for bit the computation of srt's torch sampler on the CPU.
 //! - [`quant`]: matrix products with GGUF-quantized weights (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K)
 //!   read in their block formats.
+//! - [`elementwise`]: RMSNorm (with its residual add) and gated SiLU, one call per layer op.
 //! - [`elem`]: the element types the kernels read and write (f32, bf16 bits).
 //!
 //! The torch ops they replace are correct but pay, per call, a gather of every key and value
@@ -15,6 +16,7 @@
 
 pub mod attention;
 pub mod elem;
+pub mod elementwise;
 pub mod math;
 pub mod pool;
 pub mod quant;

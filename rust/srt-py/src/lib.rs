@@ -4,6 +4,7 @@ use pyo3::prelude::*;
 
 mod alloc;
 mod detok;
+mod elementwise;
 mod errors;
 mod kernels;
 mod quant;
@@ -21,5 +22,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     router::register(m)?;
     kernels::register(m)?;
     quant::register(m)?;
+    elementwise::register(m)?;
     Ok(())
 }

@@ -151,6 +151,8 @@ class TorchNativeAttnBackend(AttentionBackend):
         self._padded: _PaddedExtend | None = None
         self._decode: _PaddedDecode | None = None
         self._native: _NativeDecode | None = None
+        # layer id -> (the pool's K tensor, numpy views of K and V) for the native kernel
+        self._pool_arrays: dict[int, tuple[torch.Tensor, np.ndarray, np.ndarray]] = {}
 
     def _native_decode(self) -> bool:
         """Whether decode steps run the native kernel: a CPU pool of a dtype it reads."""
@@ -307,7 +309,14 @@ class TorchNativeAttnBackend(AttentionBackend):
         assert self.kv_pool is not None
         k_buf, v_buf = self.kv_pool.get_kv(layer.layer_id)
         if self._native is not None:
-            return self._forward_native(q, k_buf, v_buf, layer, self._native)
+            pool = self._pool_arrays.get(layer.layer_id)
+            if pool is None or pool[0] is not k_buf:
+                view = _NATIVE_DECODE_VIEW[k_buf.dtype]
+                # NOTE: the pool's tensors live as long as the backend: their numpy views
+                # are made once per layer, not per step.
+                pool = (k_buf, k_buf.view(view).numpy(), v_buf.view(view).numpy())
+                self._pool_arrays[layer.layer_id] = pool
+            return self._forward_native(q, pool[1], pool[2], k_buf.dtype, layer, self._native)
         assert self._decode is not None
         plan = self._decode
         shape = (q.shape[0], plan.mask.shape[-1], *k_buf.shape[1:])
@@ -332,19 +341,22 @@ class TorchNativeAttnBackend(AttentionBackend):
     @staticmethod
     def _forward_native(
         q: torch.Tensor,
-        k_buf: torch.Tensor,
-        v_buf: torch.Tensor,
+        k_arr: np.ndarray,
+        v_arr: np.ndarray,
+        kv_dtype: torch.dtype,
         layer: AttentionLayer,
         plan: _NativeDecode,
     ) -> torch.Tensor:
-        view = _NATIVE_DECODE_VIEW[k_buf.dtype]
+        view = _NATIVE_DECODE_VIEW[kv_dtype]
         dtype = q.dtype
-        q = q.to(k_buf.dtype).contiguous()
+        if dtype != kv_dtype:
+            q = q.to(kv_dtype)
+        q = q.contiguous()
         out = torch.empty_like(q)
         paged_decode_attention(
             q.view(view).numpy(),
-            k_buf.view(view).numpy(),
-            v_buf.view(view).numpy(),
+            k_arr,
+            v_arr,
             plan.table,
             plan.rows,
             plan.lens,
@@ -354,4 +366,5 @@ class TorchNativeAttnBackend(AttentionBackend):
             layer.sliding_window or 0,
             layer.logit_softcap or 0.0,
         )
-        return out.view(q.shape[0], -1).to(dtype)
+        out = out.view(q.shape[0], -1)
+        return out if out.dtype == dtype else out.to(dtype)
