@@ -121,6 +121,27 @@ def test_sdpa_decode_path_matches_hf(
     assert tokens == ref_tokens
 
 
+@pytest.mark.parametrize("arch", FAMILY_ARCHS)
+def test_bf16_on_cpu_runs_close_to_fp32(
+    arch: str, family_paths: dict[str, str], runners: dict[str, ModelRunner]
+) -> None:
+    """bf16 weights, activations and KV cache (the native kernels' bf16 paths, windows and
+    soft-caps included) follow the fp32 run, fed the fp32 run's tokens, past the window. The
+    bound is loose: these random models' activations are large, and bf16 rounding alone
+    moves some logits by up to ~15% of the largest (the SDPA path's bf16 as much)."""
+    ids, steps = prompt(13, seed=9), 8
+    tokens, want = srt_greedy(runners[arch], ids, steps)
+    runner = make_runner(family_paths[arch], dtype="bfloat16", page_size=4, max_total_tokens=256)
+    sched = Sched(runner)
+    req = sched.new_req()
+    got = [sched.extend([req], [ids])[0]]
+    for tok in tokens[:-1]:
+        got.append(sched.decode([req], [tok])[0])
+    for step, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert g.dtype == torch.float32
+        assert (g - w).abs().max() < 0.25 * w.abs().max(), f"{arch} step {step}"
+
+
 def test_phi3_longrope_matches_hf(family_paths: dict[str, str]) -> None:
     """Long factors for a prompt past the original context (24), short ones within it; a
     partial rotary dim."""
