@@ -2,7 +2,9 @@
 
 Built in the scheduler process (and wherever the context length or EOS ids are needed) from
 config.json / generation_config.json via transformers' AutoConfig: architecture, shapes,
-context length, dtype and EOS token ids. Importing it does not import torch.
+context length, dtype and EOS token ids. Importing it does not import torch. A multimodal
+checkpoint served as a text model (Gemma 3's) keeps its shapes in `text_config`
+(`text_config` here is that, or the config itself).
 """
 
 from __future__ import annotations
@@ -48,7 +50,9 @@ class ModelConfig:
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
         self.architecture: str = supported[0]
-        cfg = self.hf_config
+        get_text_config = getattr(self.hf_config, "get_text_config", None)
+        self.text_config: Any = get_text_config() if get_text_config else self.hf_config
+        cfg = self.text_config
         self.num_layers: int = cfg.num_hidden_layers
         self.num_heads: int = cfg.num_attention_heads
         self.num_kv_heads: int = getattr(cfg, "num_key_value_heads", None) or self.num_heads
@@ -63,7 +67,7 @@ class ModelConfig:
         self.eos_token_ids: set[int] = self._eos_token_ids()
 
     def _context_len(self, override: int | None) -> int:
-        model_len = getattr(self.hf_config, "max_position_embeddings", None)
+        model_len = getattr(self.text_config, "max_position_embeddings", None)
         if override is None:
             if model_len is None:
                 raise ValueError(
@@ -83,7 +87,10 @@ class ModelConfig:
     def _eos_token_ids(self) -> set[int]:
         ids: set[int] = set()
         gen_file = Path(self.model_path) / "generation_config.json"
-        sources = [getattr(self.hf_config, "eos_token_id", None)]
+        configs = [self.hf_config]
+        if self.text_config is not self.hf_config:
+            configs.append(self.text_config)
+        sources = [getattr(c, "eos_token_id", None) for c in configs]
         if gen_file.is_file():
             sources.append(json.loads(gen_file.read_text()).get("eos_token_id"))
         for value in sources:

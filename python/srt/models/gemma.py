@@ -6,14 +6,35 @@ query_pre_attn_scalar^-0.5 instead of head_dim^-0.5, tanh-approximated GELU, tie
 and local sliding-window layers alternating with global ones (`layer_types`). Gemma 2 soft-caps
 the attention logits and the final logits; Gemma 3 adds RMSNorm on q and k and gives the
 sliding layers their own RoPE base (rope_parameters per layer type, or rope_local_base_freq).
+
+Gemma 3's larger checkpoints are multimodal (Gemma3ForConditionalGeneration); srt serves their
+language model as a text model (`Gemma3TextOnly`): the vision tower and projector are not
+loaded, and requests carry text only.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
+import torch
+
+from srt.layers.attention.base import AttentionBackend
 from srt.models.llama import DecoderOptions, LlamaForCausalLM, sliding_windows
+
+# Where multimodal checkpoints keep the language model (hub layout, then transformers 5's).
+_LANGUAGE_MODEL = (
+    ("language_model.model.", "model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("model.language_model.", "model."),
+)
+_VISION = (
+    "vision_tower.",
+    "multi_modal_projector.",
+    "model.vision_tower.",
+    "model.multi_modal_projector.",
+)
 
 
 class Gemma2ForCausalLM(LlamaForCausalLM):
@@ -42,3 +63,28 @@ class Gemma3ForCausalLM(Gemma2ForCausalLM):
     def decoder_options(cls, config: Any) -> DecoderOptions:
         base = super().decoder_options(config)
         return dataclasses.replace(base, qk_norm=True, local_rope=True)
+
+
+class Gemma3TextOnly(Gemma3ForCausalLM):
+    """A Gemma3ForConditionalGeneration checkpoint's language model. As in HF's multimodal
+    class, the logits are not soft-capped (Gemma 3 configs leave the cap unset anyway)."""
+
+    @classmethod
+    def decoder_options(cls, config: Any) -> DecoderOptions:
+        return dataclasses.replace(super().decoder_options(config), final_softcap=None)
+
+    def __init__(
+        self, config: Any, attn_backend: AttentionBackend, max_position: int | None = None
+    ) -> None:
+        super().__init__(config.get_text_config(), attn_backend, max_position)
+
+    def checkpoint_tensors(
+        self, name: str, tensor: torch.Tensor
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        if name.startswith(_VISION):
+            return  # images are not served
+        for old, new in _LANGUAGE_MODEL:
+            if name.startswith(old):
+                name = new + name[len(old) :]
+                break
+        yield name, tensor

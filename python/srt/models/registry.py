@@ -16,6 +16,8 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Phi3ForCausalLM": ("srt.models.phi3", "Phi3ForCausalLM"),
     "Gemma2ForCausalLM": ("srt.models.gemma", "Gemma2ForCausalLM"),
     "Gemma3ForCausalLM": ("srt.models.gemma", "Gemma3ForCausalLM"),
+    # Gemma 3's multimodal checkpoints, served as text models (the vision tower unused).
+    "Gemma3ForConditionalGeneration": ("srt.models.gemma", "Gemma3TextOnly"),
 }
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_MODELS)

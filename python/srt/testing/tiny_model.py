@@ -23,7 +23,9 @@ from pathlib import Path
 
 ARCHS = ("llama", "qwen2", "qwen3")
 FAMILY_ARCHS = ("mistral", "gemma2", "gemma3", "phi3", "mixtral", "qwen3_moe")
-ALL_ARCHS = ARCHS + FAMILY_ARCHS
+# Gemma 3 as its multimodal checkpoints come (Gemma3ForConditionalGeneration, a tiny SigLIP
+# vision tower beside the language model), for serving as a text model.
+ALL_ARCHS = ARCHS + FAMILY_ARCHS + ("gemma3_mm",)
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -162,7 +164,7 @@ def make_tiny_model(
         config = transformers.MistralConfig(
             **common, rope_parameters=rope, head_dim=head_dim, sliding_window=sliding_window
         )
-    elif arch in ("gemma2", "gemma3"):
+    elif arch in ("gemma2", "gemma3", "gemma3_mm"):
         gemma = dict(
             common,
             head_dim=head_dim,
@@ -186,6 +188,26 @@ def make_tiny_model(
                 rope_parameters={"sliding_attention": local, "full_attention": rope},
                 final_logit_softcapping=8.0,
             )
+            if arch == "gemma3_mm":
+                vision = transformers.SiglipVisionConfig(
+                    hidden_size=32,
+                    intermediate_size=64,
+                    num_hidden_layers=1,
+                    num_attention_heads=2,
+                    image_size=28,
+                    patch_size=14,
+                )
+                config = transformers.Gemma3Config(
+                    text_config=config,
+                    vision_config=vision,
+                    mm_tokens_per_image=4,
+                    # Placeholder ids the processor would use; text prompts never hold them.
+                    image_token_index=pad,
+                    boi_token_index=pad,
+                    eoi_token_index=pad,
+                    eos_token_id=eos,
+                    initializer_range=common["initializer_range"],
+                )
     elif arch == "phi3":
         extra: dict = {}
         if rope.get("rope_type") == "longrope":
