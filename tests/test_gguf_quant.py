@@ -19,8 +19,15 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from srt.configs.model_config import ModelConfig
+from srt.layers import quantization
 from srt.layers.linear import RowParallelLinear, StackedLinear
-from srt.layers.quantization import GGUFLinear, GGUFWeight, gguf_bytes
+from srt.layers.quantization import (
+    KERNEL_MAX_ROWS,
+    GGUFBlocks,
+    GGUFLinear,
+    GGUFWeight,
+    gguf_bytes,
+)
 from srt.model_executor.model_runner import ModelRunner
 from srt.model_loader.gguf import GGUF_BLOCKS_FILE, GGUF_BLOCKS_TYPES_KEY, ensure_hf_folder
 from srt.model_loader.weight_format import resolve_weight_format
@@ -124,7 +131,9 @@ def test_gguf_logits_match_hf_on_the_same_file(
     hf = AutoModelForCausalLM.from_pretrained(
         str(gguf_file.parent), gguf_file=gguf_file.name, dtype=torch.float32
     )
-    ids = torch.randint(3, 500, (21,), generator=torch.Generator().manual_seed(1)).tolist()
+    # 40 prompt tokens: the prefill multiplies dequantized weights (over KERNEL_MAX_ROWS rows),
+    # the decode steps run the kernels.
+    ids = torch.randint(3, 500, (40,), generator=torch.Generator().manual_seed(1)).tolist()
     gen = GenerationConfig(do_sample=False, max_new_tokens=16, eos_token_id=None, pad_token_id=0)
     out = hf.generate(
         torch.tensor([ids]), generation_config=gen, output_logits=True, return_dict_in_generate=True
@@ -204,6 +213,31 @@ def test_bf16_activations_over_blocks(tiny: tuple[Path, str], gguf_runner: Model
     want = teacher_forced(gguf_runner, ids, [7, 8, 9])
     got = teacher_forced(runner, ids, [7, 8, 9])
     assert got.dtype == torch.float32 and float((got - want).abs().max()) < 0.1
+
+
+def test_dense_path_for_many_rows(tiny: tuple[Path, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over KERNEL_MAX_ROWS input rows a layer multiplies its weights dequantized, in chunks
+    of output rows: the same weights, bit for bit, as the blocks dequantize to."""
+    monkeypatch.setattr(quantization, "DENSE_CHUNK_ROWS", 100)  # several chunks per weight
+    x = torch.randn(KERNEL_MAX_ROWS + 1, 256, generator=torch.Generator().manual_seed(0))
+    seen = set()
+    for name, w in iterate_gguf_blocks(tiny[1]):
+        if w.shape[1] != 256:
+            continue
+        dense = w.dequantize()
+        blocks = GGUFBlocks(w)
+        seen.add((w.qtype, blocks.bits))
+        assert torch.equal(blocks.dense_rows(0, w.shape[0]), dense), name
+        layer = GGUFLinear(256, [w, w])
+        got = layer(x)
+        want = x @ dense.t()
+        torch.testing.assert_close(got, torch.cat([want, want], 1), rtol=0, atol=1e-4)
+        one_row = layer(x[:1])  # the kernels: int8 activations, close but not equal
+        assert not torch.equal(one_row[0], got[0]) or w.qtype == "Q6_K"
+        scale = float(got[0].abs().max())
+        torch.testing.assert_close(one_row[0], got[0], rtol=0, atol=0.02 * scale)
+    assert {q for q, _ in seen} == {"Q4_0", "Q4_1", "Q4_K", "Q6_K", "Q8_0"}
+    assert {b for _, b in seen} == {0, 4, 8}  # blocks (Q6_K), packed 4- and 8-bit
 
 
 def test_gguf_weight_slices() -> None:

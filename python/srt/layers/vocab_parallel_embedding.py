@@ -80,8 +80,7 @@ class VocabParallelEmbedding(nn.Module):
         if self.gguf is not None:
             h = hidden_states.to(torch.float32).contiguous()
             logits = torch.empty((h.shape[0], self.per_rank), dtype=torch.float32)
-            if h.shape[0]:
-                self.gguf.matmul_into(h.numpy(), logits.numpy(), 0)
+            self.gguf.multiply(h, logits, 0)
         else:
             logits = torch.matmul(hidden_states, self.weight.t()).float()
         if not self.sharded:

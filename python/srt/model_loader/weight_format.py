@@ -11,10 +11,11 @@ dense weights and activations, whether to load the GGUF blocks, and why, for the
   for a model given as a .gguf file.
 - `auto`: `none`, except for a GGUF model on a CPU under `--dtype auto`: there the CPU decides.
   Where it multiplies bf16 natively (AMX or AVX512-BF16, which oneDNN uses for torch's bf16
-  matmuls), bf16 weights are faster than the blocks at every batch size (measured, see
-  benches/RESULTS.md "GGUF weights on a CPU"): bf16. Elsewhere torch's bf16 matmul is emulated
-  and its fp32 one reads 4-8x the bytes the blocks take: the blocks. An explicit `--dtype`
-  asks for full precision: dense.
+  matmuls), bf16 weights: the default model's matmuls of one decode step take 4.8 ms in bf16
+  against 10.5 ms through the GGUF kernels at batch 1, 10 against 34 at batch 8 (fastest of
+  300 runs, 2 threads, an AMX CPU; benches/RESULTS.md "GGUF weights on a CPU"). Elsewhere
+  torch's bf16 matmul is emulated and its fp32 one reads 5-6x the bytes the blocks take: the
+  blocks, with fp32 activations. An explicit `--dtype` asks for full precision: dense.
 """
 
 from __future__ import annotations
