@@ -160,13 +160,19 @@ def test_quantized_layers_hold_blocks_not_fp32(
     for linear in (layer0.self_attn.qkv_proj, layer0.mlp.gate_up_proj, layer0.self_attn.o_proj):
         assert linear.weight is None and isinstance(linear.gguf, GGUFLinear)
     assert layer1.self_attn.o_proj.gguf is None  # F32 in the file: dense
-    # Matmul-only weights keep just their packed form, Q6_K its blocks; the embedding its
-    # blocks for the lookup (and a packed copy once it has been an lm_head).
+    # The packing types keep just their packed form, Q6_K its blocks; lookups read either.
     q4_1 = layer0.self_attn.qkv_proj.gguf.parts[1]  # k
     q6_k = layer0.mlp.gate_up_proj.gguf.parts[0]  # gate
     assert q4_1.blocks is None and q4_1.packed.dtype == torch.uint8
     assert q6_k.blocks is not None and not hasattr(q6_k, "packed")
-    assert model.model.embed_tokens.gguf.blocks is not None
+    embed = model.model.embed_tokens.gguf
+    assert embed.blocks is None and embed.bits == 8
+    ids = torch.tensor([0, 5, 300, 5])
+    with safe_open(str(Path(tiny[1]) / "model.safetensors"), "pt") as f:
+        table = f.get_tensor("model.embed_tokens.weight")
+        gate = f.get_tensor("model.layers.0.mlp.gate_proj.weight")
+    assert torch.equal(embed.lookup(ids), table[ids])
+    assert torch.equal(q6_k.lookup(ids), gate[ids])
     assert layer1.self_attn.o_proj.weight.dtype == torch.float32
     assert model.model.embed_tokens.weight is None and model.lm_head.weight is None
     dense = make_runner(tiny[1], quantization="none")

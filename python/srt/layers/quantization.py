@@ -125,30 +125,24 @@ def _threads() -> int:
 
 
 class GGUFBlocks(nn.Module):
-    """One weight, held for its matmul (and its row lookup when `lookup`).
+    """One weight, held for its matmul and its row lookup.
 
-    The matmul reads the weights repacked once by `quant_pack` (wide loads, f32 scales; same
-    numbers, about twice the block kernel's speed) for the types that pack (Q4_0, Q4_1, Q8_0,
-    Q4_K), else the GGUF blocks (Q6_K). A layer used for matmuls only keeps just the packed
-    form; a lookup (the embedding) needs the blocks, and packs on its first matmul (a tied
-    lm_head), so an embedding that is never an lm_head holds the blocks alone.
+    The types that pack (Q4_0, Q4_1, Q8_0, Q4_K) are held repacked once by `quant_pack` (wide
+    loads, f32 scale and offset per 32 weights: the same numbers, about twice the block
+    kernel's speed) and their GGUF blocks dropped; Q6_K keeps its blocks (`quant_matmul`).
     """
 
-    def __init__(self, weight: GGUFWeight, lookup: bool = False) -> None:
+    def __init__(self, weight: GGUFWeight) -> None:
         super().__init__()
         self.qtype = weight.qtype
         self.rows, self.k = weight.shape
-        self.packable = weight.qtype in PACKED_TYPES
-        self.bits = 0
-        self.blocks: torch.Tensor | None
-        if lookup or not self.packable:
-            self.register_buffer("blocks", weight.blocks.contiguous(), persistent=False)
-        else:
-            self.blocks = None
-            self._pack(weight.blocks)
-
-    def _pack(self, blocks: torch.Tensor) -> None:
-        bits, data, d, m = quant_pack(self.qtype, blocks.contiguous().numpy(), self.k)
+        self.bits = 0  # of the packed form; 0: the GGUF blocks
+        packs = weight.qtype in PACKED_TYPES
+        blocks = None if packs else weight.blocks.contiguous()
+        self.register_buffer("blocks", blocks, persistent=False)
+        if not packs:
+            return
+        bits, data, d, m = quant_pack(self.qtype, weight.blocks.contiguous().numpy(), self.k)
         self.bits = int(bits)
         for name, array in (("packed", data), ("scale", d), ("offset", m)):
             self.register_buffer(name, torch.from_numpy(array), persistent=False)
@@ -161,10 +155,7 @@ class GGUFBlocks(nn.Module):
 
     def matmul_into(self, x: np.ndarray, out: np.ndarray, col: int) -> None:
         """out[:, col:col + rows] = x @ W.T, x float32 [b, k] and out float32 [b, m]."""
-        if self.packable:
-            if not self.bits:
-                assert self.blocks is not None
-                self._pack(self.blocks)
+        if self.bits:
             data, d, m = self._packed_np
             quant_matmul_packed(self.bits, data, d, m, self.k, x, out, col, _threads())
         else:
@@ -173,19 +164,26 @@ class GGUFBlocks(nn.Module):
 
     def dense_rows(self, start: int, stop: int) -> torch.Tensor:
         """fp32 weights [stop - start, k] of rows [start, stop), the same numbers as
-        `GGUFWeight.dequantize` (the packed form is `d * q + m` per 32, exact in f32)."""
+        `GGUFWeight.dequantize`."""
         if not self.bits:
             assert self.blocks is not None
             return GGUFWeight(self.qtype, self.blocks[start:stop], self.k).dequantize()
-        n, blocks = stop - start, self.scale.shape[1]
-        data = self.packed[start:stop]
+        return self._unpack(
+            self.packed[start:stop], self.scale[start:stop], self.offset[start:stop]
+        )
+
+    def _unpack(
+        self, data: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor
+    ) -> torch.Tensor:
+        """fp32 weights of packed rows: `d * q + m` per 32 weights (exact in f32: d * q is)."""
+        n, blocks = data.shape[0], scale.shape[1]
         if self.bits == 8:
             q = data.view(n, blocks, 32)
         else:  # element j < 16 of a block in the low nibble of byte j, j + 16 in the high one
             nibbles = data.view(n, blocks, 16)
             q = torch.cat([nibbles & 15, nibbles >> 4], dim=-1)
-        scale, offset = self.scale[start:stop, :, None], self.offset[start:stop, :, None]
-        return torch.addcmul(offset, q.float(), scale).reshape(n, blocks * 32)[:, : self.k]
+        w = torch.addcmul(offset[:, :, None], q.float(), scale[:, :, None])
+        return w.reshape(n, blocks * 32)[:, : self.k]
 
     def multiply(self, x: torch.Tensor, out: torch.Tensor, col: int) -> None:
         """out[:, col:col + rows] = x @ W.T, x float32 [b, k] and out float32 [b, m], both
@@ -199,11 +197,15 @@ class GGUFBlocks(nn.Module):
             out[:, col + start : col + stop] = torch.mm(x, self.dense_rows(start, stop).t())
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        """fp32 rows [len(ids), k] of the weights at `ids` (1-D int64)."""
-        assert self.blocks is not None, "built without lookup"
+        """fp32 rows [len(ids), k] of the weights at `ids` (1-D int64), bit-exact."""
+        ids = ids.reshape(-1)
+        if self.bits:
+            pick = (t.index_select(0, ids) for t in (self.packed, self.scale, self.offset))
+            return self._unpack(*pick).contiguous()
+        assert self.blocks is not None
         out = torch.empty((ids.numel(), self.k), dtype=torch.float32)
         if ids.numel():
-            rows = self.blocks.index_select(0, ids.reshape(-1)).numpy()
+            rows = self.blocks.index_select(0, ids).numpy()
             quant_dequantize(self.qtype, rows, self.k, out.numpy(), _threads())
         return out
 

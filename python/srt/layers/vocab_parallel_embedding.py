@@ -9,8 +9,8 @@ A tied lm_head is the embedding itself (same block on the same rank).
 
 Given a `GGUFWeight`, the loader keeps its block rows (`self.gguf`; all-zero blocks pad, which
 dequantize to zeros in every supported type) and drops the fp32 weight: the lookup dequantizes
-just the looked-up rows and the lm_head multiplies through the GGUF kernels (repacked on its
-first use, see GGUFBlocks).
+just the looked-up rows and the lm_head multiplies through the GGUF kernels (see GGUFBlocks:
+one copy, repacked, serves both).
 """
 
 from __future__ import annotations
@@ -52,9 +52,7 @@ class VocabParallelEmbedding(nn.Module):
         if isinstance(loaded, GGUFWeight):
             blocks = torch.zeros((self.per_rank, loaded.blocks.shape[1]), dtype=torch.uint8)
             blocks[:real].copy_(loaded.blocks[self.start : self.start + real])
-            self.gguf = GGUFBlocks(
-                GGUFWeight(loaded.qtype, blocks, self.embedding_dim), lookup=True
-            )
+            self.gguf = GGUFBlocks(GGUFWeight(loaded.qtype, blocks, self.embedding_dim))
             self.gguf_dtype = param.dtype  # what the lookup returns, as the fp32 path would
             self.weight = None  # NOTE: the fp32 copy is freed once the loader lets go of it
             return
