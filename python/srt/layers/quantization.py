@@ -10,7 +10,9 @@ multiply through srt._native's GGUF kernels: activations go in as float32 and th
 back in the activation dtype. Q4_0, Q4_1, Q8_0 and Q4_K run repacked (`quant_matmul_packed`)
 with the activations quantized to int8 per 32 values as llama.cpp does, so products differ
 from the dequantized fp32 ones by that rounding; Q6_K runs in its blocks in f32
-(`quant_matmul`). The embedding lookup dequantizes only the looked-up rows, bit-exact.
+(`quant_matmul`). Inputs of more than KERNEL_MAX_ROWS rows (prefill, big batches) multiply
+the weights dequantized instead, a chunk of rows at a time. The embedding lookup dequantizes
+only the looked-up rows, bit-exact.
 """
 
 from __future__ import annotations
@@ -243,5 +245,5 @@ class GGUFLinear(nn.Module):
 
 
 def gguf_bytes(model: nn.Module) -> int:
-    """Bytes of the GGUF blocks a model holds (they are buffers, not parameters)."""
+    """Bytes of the GGUF weights a model holds, packed or in blocks (buffers, not parameters)."""
     return sum(m.nbytes for m in model.modules() if isinstance(m, GGUFBlocks))
