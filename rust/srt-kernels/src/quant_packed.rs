@@ -317,9 +317,11 @@ pub fn matmul(
         // (checked above); `path` matches the CPU.
         unsafe { run_rows(path, &w, &acts, b, range, out_ptr, ldo) }
     };
-    let per_task = (1 << 17) / (k * b).max(1);
-    let chunk = per_task.clamp(8, 512).min(n);
-    if threads > 1 && n * k >= 1 << 16 && n > chunk {
+    // NOTE: one chunk of rows per thread; a product of fewer than PARALLEL_MIN_WORK
+    // weight-rows runs on the calling thread: waking the pool costs more than it saves (on the
+    // default model, 2 threads for every layer made a decode step 25% slower than 1).
+    let chunk = n.div_ceil(threads.max(1)).max(64);
+    if threads > 1 && n * k * b >= PARALLEL_MIN_WORK && n > chunk {
         let starts: Vec<usize> = (0..n).step_by(chunk).collect();
         pool(threads).install(|| starts.par_iter().for_each(|&s| rows(s..(s + chunk).min(n))));
     } else {
@@ -327,6 +329,9 @@ pub fn matmul(
     }
     Ok(())
 }
+
+/// Weights x activation rows below which a product runs on one thread.
+const PARALLEL_MIN_WORK: usize = 1 << 21;
 
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
