@@ -136,14 +136,23 @@ def test_chat_asks_for_the_key_then_streams_answers_over_turns(live: Live) -> No
     system = "You are a terse assistant."
     _set(page, "system", system)
     _set(page, "temperature", "0")
-    _set(page, "max-tokens", "24")
+    _set(page, "max-tokens", "48")
     messages = [{"role": "system", "content": system}]
-    for turn, text in enumerate(["Hello there", "And then?"], start=1):
+    for turn in (1, 2):
+        # NOTE: a user text whose answer runs to max tokens: a random model's answer that
+        # ends after a token or two can arrive in one read, and show no streaming.
+        for text in ("Hello there", "And then?", *LONG_CANDIDATES):
+            want = live.chat(
+                [*messages, {"role": "user", "content": text}], max_tokens=48, temperature=0
+            )
+            if want["choices"][0]["finish_reason"] == "length":
+                break
+        else:
+            pytest.fail("no user text gives a 48-token answer here; add one")
         page.js(COUNT_RENDERS)
         _send(page, text)
         page.wait(f"document.querySelectorAll('.msg.assistant .stats').length === {turn}")
         messages.append({"role": "user", "content": text})
-        want = live.chat(messages, max_tokens=24, temperature=0)
         answer = want["choices"][0]["message"]["content"]
         usage = want["usage"]
         assert _last(page, ".msg.user .body") == text
