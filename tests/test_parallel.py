@@ -169,6 +169,11 @@ def test_two_nodes_meet_over_dist_init_addr(
         # Node 1's rank loses its peer and ends; node 1 follows, leaving no process behind.
         code = node1.wait(timeout=60)
         assert code != 0
+        # NOTE: a child may take a moment after its parent's exit to finish its own (it
+        # failed once that way on a loaded CI machine); an orphan would never end.
+        deadline = time.monotonic() + 15
+        while any(alive(p) for p in node1_kids) and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert not any(alive(p) for p in node1_kids)
     finally:
         if node1.poll() is None:
