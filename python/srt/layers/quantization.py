@@ -219,7 +219,7 @@ class GGUFLinear(nn.Module):
     def __init__(self, in_features: int, parts: Iterable[GGUFWeight]) -> None:
         super().__init__()
         self.in_features = in_features
-        self.parts = nn.ModuleList(GGUFBlocks(w) for w in parts)
+        self.parts = nn.ModuleList(GGUFBlocks(w) for w in _merged(parts))
         self.cols: list[int] = []
         col = 0
         for p in self.parts:
@@ -242,6 +242,19 @@ class GGUFLinear(nn.Module):
         if bias is not None:
             out += bias
         return out.to(x.dtype).reshape(*lead, self.out_features)
+
+
+def _merged(parts: Iterable[GGUFWeight]) -> list[GGUFWeight]:
+    """Consecutive weights of one type as one (their rows concatenated), so a stacked layer
+    (q/k/v, gate/up) makes one kernel call, which quantizes the activations once."""
+    out: list[GGUFWeight] = []
+    for w in parts:
+        prev = out[-1] if out else None
+        if prev is not None and prev.qtype == w.qtype and prev.shape[1] == w.shape[1]:
+            out[-1] = GGUFWeight(w.qtype, torch.cat([prev.blocks, w.blocks]), w.shape[1])
+        else:
+            out.append(w)
+    return out
 
 
 def gguf_bytes(model: nn.Module) -> int:
