@@ -18,7 +18,7 @@ from fastapi.openapi.docs import (
     get_swagger_ui_html,
     get_swagger_ui_oauth2_redirect_html,
 )
-from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.responses import FileResponse, HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -28,6 +28,8 @@ DOCS, REDOC, OAUTH2_REDIRECT = "/docs", "/redoc", "/docs/oauth2-redirect"
 # Open without the API key (besides the probes): the pages, their assets and the schema.
 PUBLIC_PATHS = frozenset({"/", DOCS, REDOC, OAUTH2_REDIRECT, "/openapi.json"})
 PUBLIC_PREFIXES = (CHAT_ASSETS + "/", DOCS_ASSETS + "/")
+_REDOC_CDN_LOGO = "https://cdn.redoc.ly/redoc/logo-mini.svg"
+_EMPTY_SVG = "data:image/svg+xml,%3Csvg xmlns='http://www.w3.org/2000/svg'/%3E"
 
 
 def docs_assets_dir() -> Path:
@@ -48,6 +50,15 @@ def register_pages(app: FastAPI, chat_page: bool = True) -> None:
             return FileResponse(index, media_type="text/html")
 
         app.mount(CHAT_ASSETS, StaticFiles(directory=STATIC_DIR), name="web")
+
+    # NOTE: ReDoc's sidebar shows a logo from cdn.redoc.ly, whatever its options; the script is
+    # served with that image swapped for an empty inline one (a route before the mount wins).
+    redoc_js = (docs_assets_dir() / "redoc.standalone.js").read_text(encoding="utf-8")
+    redoc_js = redoc_js.replace(_REDOC_CDN_LOGO, _EMPTY_SVG)
+
+    @app.get(f"{DOCS_ASSETS}/redoc.standalone.js", include_in_schema=False)
+    async def redoc_script() -> Response:
+        return Response(redoc_js, media_type="application/javascript")
 
     app.mount(DOCS_ASSETS, StaticFiles(directory=docs_assets_dir()), name="docs-assets")
 
