@@ -92,7 +92,8 @@ def resolve_weight_format(
             "bfloat16",
             False,
             f"bfloat16 weights: this CPU multiplies bf16 natively ({', '.join(native)}), "
-            "faster than the GGUF kernels",
+            "faster than the GGUF kernels from a few concurrent requests on "
+            "(--quantization gguf: faster for one, and lighter)",
         )
     return WeightFormat(
         "float32",
