@@ -11,6 +11,7 @@ import json
 import random
 
 import pytest
+from _tools import WEATHER
 
 from srt.function_call.formats import FORMATS, detect_format, format_named
 from srt.function_call.stream import ToolCallStream, parse_calls
@@ -193,21 +194,6 @@ def test_formats_by_name_and_template() -> None:
 
 # ---- tools and tool_choice -----------------------------------------------------------------
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather of a city",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "enum": ["Paris", "Rome"]},
-                "days": {"type": "integer", "minimum": 1, "maximum": 7},
-            },
-            "required": ["city", "days"],
-        },
-    },
-}
 ADD = {
     "type": "function",
     "function": {

@@ -23,6 +23,7 @@ from __future__ import annotations
 import ast
 import json
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -111,7 +112,7 @@ def _json_call(call: CallObject, text: str, names: frozenset[str]) -> ParsedCall
     return ParsedCall(call.name, args, False, streamable)
 
 
-class ToolFormat:
+class ToolFormat(ABC):
     """A tool-call convention. Subclasses find regions (`find_start`, `region`) and say how
     calls look (`call_begin`, `call_end`, ...)."""
 
@@ -184,16 +185,19 @@ class ToolFormat:
         n = max((_suffix_prefix(tail, m) for m in self.markers), default=0)
         return n + (len(tail) - n - len(tail[: len(tail) - n].rstrip()))
 
+    @abstractmethod
     def region(self, text: str, start: int, names: frozenset[str]) -> Region:
-        raise NotImplementedError
+        """The calls of the region whose marker starts at `start`; Malformed when it cannot
+        be calls (to tools in `names`)."""
 
     # ---- constrained decoding -------------------------------------------------------------
 
     trigger: ClassVar[str]
     separator: ClassVar[str] = "\n"
 
+    @abstractmethod
     def call_begin(self, name: str) -> str:
-        raise NotImplementedError
+        """The text a call to `name` starts with, up to its arguments."""
 
     call_end: ClassVar[str] = "}"
 

@@ -13,6 +13,7 @@ answer "incomplete" (None) while it still can.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 _WS = " \t\r\n"
@@ -33,20 +34,20 @@ def skip_ws(s: str, i: int) -> int:
     return i
 
 
+# A whole JSON string, and one still being written (its end reached, maybe mid-escape).
+_STRING = re.compile(r'"(?:[^"\\\x00-\x1f]|\\.)*"', re.S)
+_STRING_OPEN = re.compile(r'"(?:[^"\\\x00-\x1f]|\\.)*\\?\Z', re.S)
+
+
 def _string_end(s: str, i: int) -> int | None:
-    """End (exclusive) of the JSON string whose quote is at s[i]; None if not closed yet."""
-    j = i + 1
-    while j < len(s):
-        c = s[j]
-        if c == "\\":
-            j += 2
-            continue
-        if c == '"':
-            return j + 1
-        if c < " ":
-            raise Malformed("control character in a string")
-        j += 1
-    return None
+    """End (exclusive) of the JSON string whose quote is at s[i]; None if not closed yet.
+    NOTE: by regex, not a Python loop: a stream scans its output again at every token."""
+    m = _STRING.match(s, i)
+    if m is not None:
+        return m.end()
+    if _STRING_OPEN.match(s, i) is not None:
+        return None
+    raise Malformed("control character in a string")
 
 
 def value_end(s: str, i: int) -> int | None:

@@ -536,11 +536,12 @@ mod int8 {
     }
 }
 
+/// Test data shared by the quant modules' tests.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod testing {
+    use super::QType;
 
-    fn lcg(seed: &mut u64) -> u64 {
+    pub fn lcg(seed: &mut u64) -> u64 {
         *seed = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
@@ -548,7 +549,7 @@ mod tests {
     }
 
     /// Random blocks whose f16 scales are sane (|d| < 1, no NaN / inf).
-    fn random_blocks(qt: QType, n: usize, k: usize, seed: u64) -> Vec<u8> {
+    pub fn random_blocks(qt: QType, n: usize, k: usize, seed: u64) -> Vec<u8> {
         let mut s = seed;
         let mut w: Vec<u8> = (0..n * qt.row_bytes(k))
             .map(|_| lcg(&mut s) as u8)
@@ -568,6 +569,12 @@ mod tests {
         }
         w
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{lcg, random_blocks};
+    use super::*;
 
     const ALL: [QType; 5] = [
         QType::Q4_0,

@@ -437,6 +437,19 @@ mod x86 {
 
     use super::{packed_blocks, packed_row_bytes, Activations, OutPtr, PackedRef};
 
+    /// Two f32 at `p` (the scales of a pair of blocks) in the low half of a register.
+    #[inline(always)]
+    unsafe fn load2(p: *const f32) -> __m128 {
+        _mm_castpd_ps(_mm_load_sd(p.cast()))
+    }
+
+    /// The two f32 at `p` spread over 8 lanes: [p[0] x4, p[1] x4] (a pair's lane layout).
+    #[inline(always)]
+    unsafe fn pair_lanes(p: *const f32) -> __m256 {
+        let pairs = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+        _mm256_permutevar8x32_ps(_mm256_castps128_ps256(load2(p)), pairs)
+    }
+
     #[inline(always)]
     unsafe fn hsum256(v: __m256) -> f32 {
         let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
@@ -463,7 +476,6 @@ mod x86 {
         let low = _mm256_set1_epi8(0x0f);
         let ones = _mm256_set1_epi16(1);
         let flip = _mm256_set1_epi8(-128);
-        let pairs = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
         let mut acc = vec![_mm256_setzero_ps(); b];
         for row in range {
             acc.iter_mut().for_each(|v| *v = _mm256_setzero_ps());
@@ -475,14 +487,8 @@ mod x86 {
                     let v = _mm256_loadu_si256(data.add(32 * p).cast());
                     let lo = _mm256_and_si256(v, low);
                     let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
-                    let dd = _mm256_permutevar8x32_ps(
-                        _mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd(dp.add(2 * p).cast()))),
-                        pairs,
-                    );
-                    let mm = _mm256_permutevar8x32_ps(
-                        _mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd(mp.add(2 * p).cast()))),
-                        pairs,
-                    );
+                    let dd = pair_lanes(dp.add(2 * p));
+                    let mm = pair_lanes(mp.add(2 * p));
                     for (i, acc) in acc.iter_mut().enumerate() {
                         let xq = a.q[i * kp + 64 * p..].as_ptr();
                         let xl = _mm256_loadu_si256(xq.cast());
@@ -593,15 +599,8 @@ mod x86 {
                     let low8 = _mm256_set1_epi8(0x0f);
                     let lo = _mm256_and_si256(v, low8);
                     let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low8);
-                    let pairs = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
-                    let dd = _mm256_permutevar8x32_ps(
-                        _mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd(dp.add(2 * p).cast()))),
-                        pairs,
-                    );
-                    let mm = _mm256_permutevar8x32_ps(
-                        _mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd(mp.add(2 * p).cast()))),
-                        pairs,
-                    );
+                    let dd = pair_lanes(dp.add(2 * p));
+                    let mm = pair_lanes(mp.add(2 * p));
                     for (i, acc) in acc.iter_mut().enumerate() {
                         let xq = a.q[i * kp + 64 * p..].as_ptr();
                         let xl = _mm256_loadu_si256(xq.cast());
@@ -625,14 +624,10 @@ mod x86 {
             } else {
                 for p in 0..nbp / 2 {
                     let u = _mm512_loadu_si512(data.add(64 * p).cast());
-                    let dd = _mm512_permutexvar_ps(
-                        two,
-                        _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd(dp.add(2 * p).cast()))),
-                    );
-                    let mm = _mm512_permutexvar_ps(
-                        two,
-                        _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd(mp.add(2 * p).cast()))),
-                    );
+                    let dd =
+                        _mm512_permutexvar_ps(two, _mm512_castps128_ps512(load2(dp.add(2 * p))));
+                    let mm =
+                        _mm512_permutexvar_ps(two, _mm512_castps128_ps512(load2(mp.add(2 * p))));
                     for (i, acc) in acc.iter_mut().enumerate() {
                         let xv = _mm512_loadu_si512(a.q[i * kp + 64 * p..].as_ptr().cast());
                         let s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, xv);
@@ -668,38 +663,12 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quant::testing::{lcg, random_blocks};
 
     fn dequantize_via_blocks(qt: QType, w: &[u8], n: usize, k: usize) -> Vec<f32> {
         let mut out = vec![0f32; n * k];
         dequantize_blocks(qt, w, n, k, &mut out, 1).expect("valid blocks");
         out
-    }
-
-    fn lcg(seed: &mut u64) -> u64 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        *seed >> 33
-    }
-
-    fn random_blocks(qt: QType, n: usize, k: usize, seed: u64) -> Vec<u8> {
-        let mut s = seed;
-        let mut w: Vec<u8> = (0..n * qt.row_bytes(k))
-            .map(|_| lcg(&mut s) as u8)
-            .collect();
-        let halves: &[usize] = match qt {
-            QType::Q4_0 | QType::Q8_0 => &[0],
-            QType::Q4_1 | QType::Q4K => &[0, 2],
-            QType::Q6K => &[208],
-        };
-        for blk in w.chunks_exact_mut(qt.block_bytes()) {
-            for &at in halves {
-                let h: u16 =
-                    ((lcg(&mut s) as u16) & 0x83ff) | ((10 + (lcg(&mut s) % 4) as u16) << 10);
-                blk[at..at + 2].copy_from_slice(&h.to_le_bytes());
-            }
-        }
-        w
     }
 
     #[test]

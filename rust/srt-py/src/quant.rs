@@ -17,6 +17,42 @@ fn qtype(name: &str) -> PyResult<QType> {
     })
 }
 
+fn contiguous<'a, T>(
+    s: Result<&'a [T], numpy::NotContiguousError>,
+    name: &str,
+) -> PyResult<&'a [T]> {
+    s.map_err(|_| value_error(format!("{name} must be C-contiguous")))
+}
+
+/// The activations `x` (`[b, k]`) and the slice of `out` (`[b, m]`) from column `col` on, for
+/// a product with `n` weight rows: (x, b, out from col, m). ValueError when they do not fit.
+fn product_io<'a>(
+    x: &'a PyReadonlyArray2<'_, f32>,
+    out: &'a mut PyReadwriteArray2<'_, f32>,
+    k: usize,
+    n: usize,
+    col: usize,
+) -> PyResult<(&'a [f32], usize, &'a mut [f32], usize)> {
+    let b = x.shape()[0];
+    if x.shape()[1] != k {
+        return Err(value_error(format!(
+            "x has {} columns, not k={k}",
+            x.shape()[1]
+        )));
+    }
+    let (ob, m) = (out.shape()[0], out.shape()[1]);
+    if ob != b || col + n > m {
+        return Err(value_error(format!(
+            "out [{ob}, {m}] cannot take [{b}, {n}] at column {col}"
+        )));
+    }
+    let x = contiguous(x.as_slice(), "x")?;
+    let o = out
+        .as_slice_mut()
+        .map_err(|_| value_error("out must be C-contiguous"))?;
+    Ok((x, b, &mut o[col..], m))
+}
+
 /// `out[:, col:col + n] = x @ dequantize(w).T`: `w` uint8 `[n, row_bytes]` blocks of `qtype`
 /// holding `[n, k]` weights, `x` float32 `[b, k]`, `out` float32 `[b, m]` (C-contiguous,
 /// `col + n <= m`). Raises ValueError on shapes that do not fit.
@@ -35,29 +71,8 @@ fn quant_matmul(
 ) -> PyResult<()> {
     let qt = qtype(qtype_name)?;
     let n = w.shape()[0];
-    let b = x.shape()[0];
-    if x.shape()[1] != k {
-        return Err(value_error(format!(
-            "x has {} columns, not k={k}",
-            x.shape()[1]
-        )));
-    }
-    let (ob, m) = (out.shape()[0], out.shape()[1]);
-    if ob != b || col + n > m {
-        return Err(value_error(format!(
-            "out [{ob}, {m}] cannot take [{b}, {n}] at column {col}"
-        )));
-    }
-    let w = w
-        .as_slice()
-        .map_err(|_| value_error("w must be C-contiguous"))?;
-    let x = x
-        .as_slice()
-        .map_err(|_| value_error("x must be C-contiguous"))?;
-    let o = out
-        .as_slice_mut()
-        .map_err(|_| value_error("out must be C-contiguous"))?;
-    let o = &mut o[col..];
+    let w = contiguous(w.as_slice(), "w")?;
+    let (x, b, o, m) = product_io(&x, &mut out, k, n, col)?;
     py.detach(|| matmul(qt, w, n, k, x, b, o, m, threads))
         .map_err(value_error)
 }
@@ -80,9 +95,7 @@ fn quant_dequantize(
             out.shape()
         )));
     }
-    let w = w
-        .as_slice()
-        .map_err(|_| value_error("w must be C-contiguous"))?;
+    let w = contiguous(w.as_slice(), "w")?;
     let o = out
         .as_slice_mut()
         .map_err(|_| value_error("out must be C-contiguous"))?;
@@ -111,9 +124,7 @@ fn quant_pack<'py>(
 ) -> PyResult<PackedArrays<'py>> {
     let qt = qtype(qtype_name)?;
     let n = w.shape()[0];
-    let ws = w
-        .as_slice()
-        .map_err(|_| value_error("w must be C-contiguous"))?;
+    let ws = contiguous(w.as_slice(), "w")?;
     let p = py.detach(|| pack(qt, ws, n, k)).map_err(value_error)?;
     let nbp = packed_blocks(k);
     let rb = quant_packed::packed_row_bytes(p.bits, k);
@@ -141,38 +152,15 @@ fn quant_matmul_packed(
     threads: usize,
 ) -> PyResult<()> {
     let n = data.shape()[0];
-    let b = x.shape()[0];
-    if x.shape()[1] != k {
-        return Err(value_error(format!(
-            "x has {} columns, not k={k}",
-            x.shape()[1]
-        )));
-    }
-    let (ob, mcols) = (out.shape()[0], out.shape()[1]);
-    if ob != b || col + n > mcols {
-        return Err(value_error(format!(
-            "out [{ob}, {mcols}] cannot take [{b}, {n}] at column {col}"
-        )));
-    }
     let w = PackedRef {
         bits,
         n,
         k,
-        data: data
-            .as_slice()
-            .map_err(|_| value_error("data must be C-contiguous"))?,
-        d: d.as_slice()
-            .map_err(|_| value_error("d must be C-contiguous"))?,
-        m: m.as_slice()
-            .map_err(|_| value_error("m must be C-contiguous"))?,
+        data: contiguous(data.as_slice(), "data")?,
+        d: contiguous(d.as_slice(), "d")?,
+        m: contiguous(m.as_slice(), "m")?,
     };
-    let x = x
-        .as_slice()
-        .map_err(|_| value_error("x must be C-contiguous"))?;
-    let o = out
-        .as_slice_mut()
-        .map_err(|_| value_error("out must be C-contiguous"))?;
-    let o = &mut o[col..];
+    let (x, b, o, mcols) = product_io(&x, &mut out, k, n, col)?;
     py.detach(|| quant_packed::matmul(w, x, b, o, mcols, threads))
         .map_err(value_error)
 }
