@@ -123,6 +123,11 @@ class ServerArgs:
     disable_cuda_graph: bool = _f(
         False, "Run decode steps eagerly instead of replaying captured CUDA graphs."
     )
+    disable_native_decode: bool = _f(
+        False,
+        "CPU, GGUF models: run decode steps through the torch forward instead of srt-kernels' "
+        "one-call decode step.",
+    )
     cuda_graph_max_bs: int | None = _f(
         None,
         "Largest decode batch captured in a CUDA graph (default: min(256, "

@@ -37,6 +37,7 @@ from srt.distributed.parallel_state import (
 from srt.layers.attention import create_attention_backend
 from srt.layers.quantization import gguf_bytes
 from srt.mem_cache.memory_pool import KVPool, ReqToTokenPool
+from srt.model_executor.cpu_decode import CpuDecodeRunner
 from srt.model_executor.cuda_graph_runner import CudaGraphRunner
 from srt.model_executor.forward_batch import ForwardBatch, StepInput
 from srt.model_loader.weight_format import resolve_weight_format
@@ -117,6 +118,7 @@ class ModelRunner:
         )
         self.attn_backend.bind_pools(self.req_to_token_pool, self.kv_pool)
         self.cuda_graph_runner = CudaGraphRunner.maybe_create(self)
+        self.cpu_decode = CpuDecodeRunner.maybe_create(self)
         shard = ""
         if self.parallel.world_size > 1:
             shard = (
@@ -133,7 +135,7 @@ class ModelRunner:
             self.max_total_num_tokens,
             self.max_running_requests,
             type(self.attn_backend).__name__,
-            "CUDA graphs" if self.cuda_graph_runner else "no CUDA graphs",
+            _step_kind(self),
         )
 
     def _load_model(self) -> nn.Module:
@@ -225,6 +227,8 @@ class ModelRunner:
             return self._run_pipeline(batch, step)
         if self.cuda_graph_runner is not None and self.cuda_graph_runner.can_run(batch):
             return self.cuda_graph_runner.replay(batch)
+        if self.cpu_decode is not None and self.cpu_decode.can_run(batch):
+            return self.cpu_decode.run(batch)
         self.attn_backend.init_forward_metadata(batch)
         hidden_states = self.model(batch.input_ids, batch.positions, batch)
         return self.model.compute_logits(hidden_states, batch)
@@ -274,6 +278,14 @@ class ModelRunner:
         for w in works:
             w.wait()
         return result
+
+
+def _step_kind(runner: ModelRunner) -> str:
+    if runner.cuda_graph_runner is not None:
+        return "CUDA graphs"
+    if runner.cpu_decode is not None:
+        return f"native decode step up to batch {runner.cpu_decode.max_bs}"
+    return "no CUDA graphs" if runner.device.type == "cuda" else "torch decode step"
 
 
 class RankFailure(RuntimeError):

@@ -15,7 +15,7 @@
 use rayon::prelude::*;
 
 use crate::elem::Elem;
-use crate::math::{exp_nonpositive, sum, LANES};
+use crate::math::{dot, exp_nonpositive, sum};
 use crate::pool::pool;
 use crate::KernelError;
 
@@ -50,7 +50,7 @@ impl<E: Elem> PagedDecode<'_, E> {
         self.rows.len()
     }
 
-    fn validate(&self, out_len: usize) -> Result<(), KernelError> {
+    pub(crate) fn validate(&self, out_len: usize) -> Result<(), KernelError> {
         let err = |m: String| Err(KernelError(m));
         let (hq, hkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         if hq == 0 || hkv == 0 || d == 0 || hq % hkv != 0 {
@@ -135,7 +135,7 @@ pub fn paged_decode<E: Elem>(
 
 /// Per-thread buffers, reused across the sequences a thread runs.
 #[derive(Default)]
-struct Scratch {
+pub(crate) struct Scratch {
     q: Vec<f32>,
     scores: Vec<f32>,
     acc: Vec<f32>,
@@ -143,7 +143,8 @@ struct Scratch {
     inv: Vec<f32>,
 }
 
-fn sequence<E: Elem>(
+/// Sequence `b`'s attention into `out` (its `[num_heads, head_dim]`), `p` validated.
+pub(crate) fn sequence<E: Elem>(
     p: &PagedDecode<'_, E>,
     scratch: &mut Scratch,
     b: usize,
@@ -188,23 +189,6 @@ unsafe fn sequence_avx2<E: Elem>(
     out: &mut [E],
 ) -> Result<(), KernelError> {
     by_head_dim(p, scratch, b, out)
-}
-
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; LANES];
-    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..LANES {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let mut s = acc.iter().sum::<f32>();
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
-    }
-    s
 }
 
 /// Brings the cache lines of `row` toward the core ahead of their use.

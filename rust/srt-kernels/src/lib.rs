@@ -8,6 +8,8 @@
 //! - [`quant`]: matrix products with GGUF-quantized weights (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K)
 //!   read in their block formats.
 //! - [`elementwise`]: RMSNorm (with its residual add) and gated SiLU, one call per layer op.
+//! - [`decoder`]: a whole decode step of a Llama-family model in one call, on a [`team`] of
+//!   threads that walks its operations together (the CPU's stand-in for a CUDA graph).
 //! - [`elem`]: the element types the kernels read and write (f32, bf16 bits).
 //!
 //! The torch ops they replace are correct but pay, per call, a gather of every key and value
@@ -15,6 +17,7 @@
 //! model runs, that is most of a decode step's attention time.
 
 pub mod attention;
+pub mod decoder;
 pub mod elem;
 pub mod elementwise;
 pub mod math;
@@ -23,6 +26,7 @@ pub mod quant;
 pub mod quant_packed;
 pub mod rope;
 pub mod sampling;
+pub mod team;
 
 /// A kernel's inputs do not describe a valid call (shapes, indices out of range).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

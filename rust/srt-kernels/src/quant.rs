@@ -174,7 +174,7 @@ pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     }
 }
 
-fn check(qt: QType, w: &[u8], n: usize, k: usize) -> Result<(), KernelError> {
+pub(crate) fn check(qt: QType, w: &[u8], n: usize, k: usize) -> Result<(), KernelError> {
     if !k.is_multiple_of(qt.block_elems()) {
         return Err(KernelError(format!(
             "{qt:?} rows hold {} weights a block; k={k} is not a multiple",
@@ -312,6 +312,26 @@ struct SendPtr(*mut f32);
 // SAFETY: tasks write disjoint elements (see `matmul`).
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
+
+/// Rows `range` of `w` times the f32 rows of `x` (`[b, k]`), into `out[i * ldo + row]`.
+///
+/// # Safety
+/// `w` is checked for `qt`, `n >= range.end` and `k`; `out` holds `[b, ldo]` values with
+/// `range.end <= ldo`, and no one else reads or writes these rows' columns meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn rows_into(
+    qt: QType,
+    w: &[u8],
+    k: usize,
+    x: &[f32],
+    b: usize,
+    range: std::ops::Range<usize>,
+    out: *mut f32,
+    ldo: usize,
+) {
+    // SAFETY: the caller's contract.
+    unsafe { matmul_rows(qt, w, k, x, b, range, SendPtr(out), ldo) }
+}
 
 /// Rows `range` of the product, each block unpacked once and applied to every row of `x`.
 ///

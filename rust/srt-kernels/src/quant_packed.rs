@@ -154,21 +154,9 @@ impl Packed {
                 out.len()
             )));
         }
-        let nbp = packed_blocks(k);
-        let rb = packed_row_bytes(self.bits, k);
-        for row in 0..n {
-            let data = &self.data[row * rb..(row + 1) * rb];
-            for kk in 0..k {
-                let blk = kk / 32;
-                let j = kk % 32;
-                let q = if self.bits == 8 {
-                    data[kk] as f32
-                } else {
-                    let byte = data[blk * 16 + (j % 16)];
-                    (if j < 16 { byte & 0x0f } else { byte >> 4 }) as f32
-                };
-                out[row * k + kk] = q * self.d[row * nbp + blk] + self.m[row * nbp + blk];
-            }
+        let w = PackedRef::from(self);
+        for (row, dst) in out.chunks_exact_mut(k.max(1)).enumerate().take(n) {
+            w.dequantize_row(row, dst);
         }
         Ok(())
     }
@@ -186,7 +174,7 @@ pub struct PackedRef<'a> {
 }
 
 impl PackedRef<'_> {
-    fn check(&self) -> Result<(), KernelError> {
+    pub(crate) fn check(&self) -> Result<(), KernelError> {
         let nbp = packed_blocks(self.k);
         if !matches!(self.bits, 4 | 8)
             || self.data.len() != self.n * packed_row_bytes(self.bits, self.k)
@@ -216,7 +204,7 @@ impl<'a> From<&'a Packed> for PackedRef<'a> {
 }
 
 /// The activations as int8 per 32 values, in the order the packed weights need.
-struct Activations {
+pub(crate) struct Activations {
     /// `[b, blocks * 32]`: 4-bit layout: per pair of blocks A, B the values
     /// `A0..15, B0..15, A16..31, B16..31`; 8-bit: in order.
     q: Vec<i8>,
@@ -229,7 +217,7 @@ struct Activations {
 }
 
 impl Activations {
-    fn new(x: &[f32], b: usize, k: usize, bits: u8) -> Activations {
+    pub(crate) fn new(x: &[f32], b: usize, k: usize, bits: u8) -> Activations {
         let nbp = packed_blocks(k);
         let kp = nbp * 32;
         let mut a = Activations {
@@ -328,6 +316,42 @@ pub fn matmul(
         rows(0..n);
     }
     Ok(())
+}
+
+/// Rows `range` of `w` times the activations `a` (`b` rows), into `out[i * ldo + row]`.
+///
+/// # Safety
+/// `out` holds `[b, ldo]` values with `range.end <= ldo`, and no one else reads or writes
+/// these rows' columns meanwhile; `a` was made for `w`'s `k` and `bits`.
+pub(crate) unsafe fn rows_into(
+    w: &PackedRef<'_>,
+    a: &Activations,
+    b: usize,
+    range: std::ops::Range<usize>,
+    out: *mut f32,
+    ldo: usize,
+) {
+    // SAFETY: the caller's contract; `detect` matches the CPU.
+    unsafe { run_rows(Path::detect(), w, a, b, range, OutPtr(out), ldo) }
+}
+
+impl PackedRef<'_> {
+    /// Row `row` of the weights as f32 (`out`: `k` values), the same numbers as `dequantize`.
+    pub(crate) fn dequantize_row(&self, row: usize, out: &mut [f32]) {
+        let nbp = packed_blocks(self.k);
+        let rb = packed_row_bytes(self.bits, self.k);
+        let data = &self.data[row * rb..(row + 1) * rb];
+        for (kk, o) in out.iter_mut().enumerate().take(self.k) {
+            let (blk, j) = (kk / 32, kk % 32);
+            let q = if self.bits == 8 {
+                data[kk] as f32
+            } else {
+                let byte = data[blk * 16 + (j % 16)];
+                (if j < 16 { byte & 0x0f } else { byte >> 4 }) as f32
+            };
+            *o = q * self.d[row * nbp + blk] + self.m[row * nbp + blk];
+        }
+    }
 }
 
 /// Weights x activation rows below which a product runs on one thread.

@@ -39,30 +39,39 @@ pub fn rope_neox<E: Elem>(
             "position {p} is outside the table's {rows} positions"
         ));
     }
-    let half = d / 2;
     for (mut token, &p) in x.outer_iter_mut().zip(positions) {
         let (c, s) = (cos.row(p as usize), sin.row(p as usize));
         let (c, s) = (c.as_slice(), s.as_slice());
         let (Some(c), Some(s)) = (c, s) else {
             return fail("the cos / sin tables must be C-contiguous".into());
         };
-        // The table cast to the storage type, as torch casts it.
-        let r = |v: f32| E::from_f32(v).to_f32();
         for mut head in token.outer_iter_mut() {
-            let head = head.as_slice_mut().expect("contiguous: checked above");
-            let (lo, hi) = head.split_at_mut(half);
-            for i in 0..half {
-                let (x1, x2) = (lo[i].to_f32(), hi[i].to_f32());
-                let a1 = r(x1 * r(c[i]));
-                let b1 = r(-x2 * r(s[i]));
-                let a2 = r(x2 * r(c[half + i]));
-                let b2 = r(x1 * r(s[half + i]));
-                lo[i] = E::from_f32(a1 + b1);
-                hi[i] = E::from_f32(a2 + b2);
-            }
+            rotate_head(
+                head.as_slice_mut().expect("contiguous: checked above"),
+                c,
+                s,
+            );
         }
     }
     Ok(())
+}
+
+/// One head (`d` values) rotated by the table rows `c`, `s` (`d` values each).
+#[inline(always)]
+pub(crate) fn rotate_head<E: Elem>(head: &mut [E], c: &[f32], s: &[f32]) {
+    let half = head.len() / 2;
+    // The table cast to the storage type, as torch casts it.
+    let r = |v: f32| E::from_f32(v).to_f32();
+    let (lo, hi) = head.split_at_mut(half);
+    for i in 0..half {
+        let (x1, x2) = (lo[i].to_f32(), hi[i].to_f32());
+        let a1 = r(x1 * r(c[i]));
+        let b1 = r(-x2 * r(s[i]));
+        let a2 = r(x2 * r(c[half + i]));
+        let b2 = r(x1 * r(s[half + i]));
+        lo[i] = E::from_f32(a1 + b1);
+        hi[i] = E::from_f32(a2 + b2);
+    }
 }
 
 #[cfg(test)]

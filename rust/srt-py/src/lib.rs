@@ -3,6 +3,7 @@
 use pyo3::prelude::*;
 
 mod alloc;
+mod decoder;
 mod detok;
 mod elementwise;
 mod errors;
@@ -23,5 +24,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     kernels::register(m)?;
     quant::register(m)?;
     elementwise::register(m)?;
+    decoder::register(m)?;
     Ok(())
 }

@@ -1,0 +1,799 @@
+//! A whole decode step of a Llama-family decoder on the CPU in one call: the CPU's answer to a
+//! CUDA graph.
+//!
+//! The torch forward of a decode step on the CPU is a few hundred small operations, each
+//! paying Python and dispatch costs that, for a small model, exceed its arithmetic; and each
+//! kernel either runs on one core or wakes a thread pool for a few microseconds of work.
+//! [`Decoder::decode`] runs the step (embedding lookup, every layer, the final norm and the
+//! logits) as one walk of a [`team`] of threads over the same kernels srt's layers call one
+//! by one: [`rms_norm`], the packed GGUF product ([`quant_packed`]), the GGUF block product
+//! ([`quant`]), [`rotate_head`] and the paged decode [`attention`]. Each row and each output
+//! column is computed by the same code in the same order as the layer-by-layer path, so the
+//! two agree to the bit for the GGUF formats (dense f32 weights use their own dot product).
+//!
+//! A layer: `h = norm(res += x)`; `qkv = h W_qkv^T (+ b)`; q/k norms, RoPE, k and v stored at
+//! the step's KV slots; attention over the paged pool; `x = attn W_o^T (+ b)`; then either
+//! `h = norm(res += x)` or, with sandwich norms (Gemma 2/3), `h = pre(res += post_attn(x))`;
+//! `x = act(h W_gu^T) W_down^T`, and with sandwich norms `x = post_ff(x)`. Layer 0 starts from
+//! `res = embed(ids) * embed_scale` without the add.
+
+use std::sync::Mutex;
+
+use crate::attention::{self, PagedDecode};
+use crate::elementwise::{rms_norm, silu_and_mul};
+use crate::math::dot;
+use crate::quant::{self, QType};
+use crate::quant_packed::{self, Activations, PackedRef};
+use crate::rope::rotate_head;
+use crate::team::{self, Member};
+use crate::KernelError;
+
+/// One weight matrix `[n, k]` in one of the forms the kernels multiply.
+pub enum Part<'a> {
+    /// Repacked GGUF weights ([`quant_packed::pack`]), int8 activations.
+    Packed(PackedRef<'a>),
+    /// GGUF blocks of `qt` (`[n, row_bytes]`), f32 activations.
+    Blocks {
+        qt: QType,
+        w: &'a [u8],
+        n: usize,
+        k: usize,
+    },
+    /// Plain f32 rows.
+    Dense { w: &'a [f32], n: usize, k: usize },
+}
+
+impl Part<'_> {
+    pub fn n(&self) -> usize {
+        match self {
+            Part::Packed(w) => w.n,
+            Part::Blocks { n, .. } | Part::Dense { n, .. } => *n,
+        }
+    }
+
+    pub fn k(&self) -> usize {
+        match self {
+            Part::Packed(w) => w.k,
+            Part::Blocks { k, .. } | Part::Dense { k, .. } => *k,
+        }
+    }
+
+    fn check(&self) -> Result<(), KernelError> {
+        match self {
+            Part::Packed(w) => w.check(),
+            Part::Blocks { qt, w, n, k } => quant::check(*qt, w, *n, *k),
+            Part::Dense { w, n, k } if w.len() != n * k => Err(KernelError(format!(
+                "dense weights of [{n}, {k}] hold {} values",
+                w.len()
+            ))),
+            Part::Dense { .. } => Ok(()),
+        }
+    }
+
+    /// Row `row` as f32 (`out`: `k` values), bit for bit the dequantized weights.
+    fn row(&self, row: usize, out: &mut [f32]) -> Result<(), KernelError> {
+        match self {
+            Part::Packed(w) => {
+                w.dequantize_row(row, out);
+                Ok(())
+            }
+            Part::Blocks { qt, w, k, .. } => {
+                let rb = qt.row_bytes(*k);
+                quant::dequantize(*qt, &w[row * rb..(row + 1) * rb], 1, *k, out, 1)
+            }
+            Part::Dense { w, k, .. } => {
+                out.copy_from_slice(&w[row * k..(row + 1) * k]);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// `y = x W^T (+ bias)` with W the row concatenation of `parts` (stacked projections, or
+/// shards of different formats).
+pub struct Linear<'a> {
+    pub parts: Vec<Part<'a>>,
+    pub bias: Option<&'a [f32]>,
+}
+
+impl Linear<'_> {
+    pub fn n(&self) -> usize {
+        self.parts.iter().map(Part::n).sum()
+    }
+
+    fn check(&self, what: &str, k: usize, n: usize) -> Result<(), KernelError> {
+        let fail = |m: String| Err(KernelError(format!("{what}: {m}")));
+        if self.parts.is_empty() {
+            return fail("no weights".into());
+        }
+        for p in &self.parts {
+            p.check().or_else(|e| fail(e.0))?;
+            if p.k() != k {
+                return fail(format!("weights of {} inputs, expected {k}", p.k()));
+            }
+        }
+        if self.n() != n {
+            return fail(format!("{} outputs, expected {n}", self.n()));
+        }
+        match self.bias {
+            Some(b) if b.len() != n => fail(format!("bias of {} values for {n} outputs", b.len())),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// An RMSNorm's weight and options (Gemma: scale by `1 + weight`).
+pub struct Norm<'a> {
+    pub weight: &'a [f32],
+    pub eps: f32,
+    pub gemma: bool,
+}
+
+/// A RoPE table pair, `[positions, head_dim]` each (the halves' frequencies repeated).
+pub struct Rope<'a> {
+    pub cos: &'a [f32],
+    pub sin: &'a [f32],
+}
+
+/// The gated activation of the MLP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Act {
+    Silu,
+    /// GELU, tanh-approximated (Gemma).
+    GeluTanh,
+}
+
+pub struct Layer<'a> {
+    pub input_norm: Norm<'a>,
+    pub qkv: Linear<'a>,
+    pub q_norm: Option<Norm<'a>>,
+    pub k_norm: Option<Norm<'a>>,
+    pub rope: Rope<'a>,
+    /// multiplies q . k
+    pub scale: f32,
+    /// 0: none; else only the last `window` positions attend
+    pub window: usize,
+    /// 0: none; else attention scores become `softcap * tanh(score / softcap)`
+    pub softcap: f32,
+    pub o: Linear<'a>,
+    pub post_attn_norm: Norm<'a>,
+    /// Gemma 2/3's norms before and after the MLP (the attention output is normed alone).
+    pub ff_norms: Option<(Norm<'a>, Norm<'a>)>,
+    pub gate_up: Linear<'a>,
+    pub down: Linear<'a>,
+}
+
+pub struct Model<'a> {
+    pub hidden: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub intermediate: usize,
+    pub vocab: usize,
+    /// `[vocab, hidden]`
+    pub embed: Part<'a>,
+    pub embed_scale: Option<f32>,
+    pub layers: Vec<Layer<'a>>,
+    pub norm: Norm<'a>,
+    /// `[vocab, hidden]`
+    pub lm_head: Linear<'a>,
+    /// 0: none; else logits become `cap * tanh(logit / cap)`
+    pub final_softcap: f32,
+    pub act: Act,
+}
+
+/// The step's inputs: one token per sequence.
+pub struct Step<'a> {
+    pub ids: &'a [i64],
+    pub positions: &'a [i64],
+    /// each token's KV slot
+    pub out_loc: &'a [i64],
+    /// `[table_rows, table_cols]`: the request-to-token table
+    pub table: &'a [i32],
+    pub table_cols: usize,
+    /// each sequence's table row
+    pub rows: &'a [i64],
+    /// each sequence's length, this token included
+    pub lens: &'a [i64],
+}
+
+/// One layer's KV pool, `[slots, kv_heads, head_dim]` each.
+pub struct KvLayer<'a> {
+    pub k: &'a mut [f32],
+    pub v: &'a mut [f32],
+}
+
+/// A chunk of a product: rows `start..end` of part `part`, whose outputs start at `col`.
+#[derive(Clone, Copy)]
+struct Chunk {
+    part: usize,
+    col: usize,
+    start: usize,
+    end: usize,
+}
+
+/// Chunks of output rows a product is cut into: enough for the members to share unevenly
+/// loaded cores, few enough that claiming them costs nothing next to the work.
+const CHUNKS_PER_PRODUCT: usize = 16;
+const MIN_CHUNK_ROWS: usize = 16;
+
+fn chunks(lin: &Linear<'_>) -> Vec<Chunk> {
+    let rows = lin.n().div_ceil(CHUNKS_PER_PRODUCT).max(MIN_CHUNK_ROWS);
+    let mut out = Vec::new();
+    let mut col = 0;
+    for (part, p) in lin.parts.iter().enumerate() {
+        let n = p.n();
+        out.extend((0..n).step_by(rows).map(|start| Chunk {
+            part,
+            col,
+            start,
+            end: (start + rows).min(n),
+        }));
+        col += n;
+    }
+    out
+}
+
+/// The chunk plans of a layer's products.
+struct LayerPlan {
+    qkv: Vec<Chunk>,
+    o: Vec<Chunk>,
+    gate_up: Vec<Chunk>,
+    down: Vec<Chunk>,
+}
+
+/// A validated [`Model`] and its products' chunk plans.
+pub struct Decoder<'a> {
+    model: Model<'a>,
+    layers: Vec<LayerPlan>,
+    lm_head: Vec<Chunk>,
+    rope_positions: usize,
+}
+
+/// A shared step buffer: members write disjoint rows or columns of it within an operation
+/// and read it in later ones (the team orders the operations).
+#[derive(Clone, Copy)]
+struct Buf(*mut f32, usize);
+// SAFETY: see `Buf`: concurrent writes are to disjoint elements, reads follow the writes'
+// operation.
+unsafe impl Send for Buf {}
+unsafe impl Sync for Buf {}
+
+impl Buf {
+    fn of(v: &mut [f32]) -> Buf {
+        Buf(v.as_mut_ptr(), v.len())
+    }
+
+    /// # Safety
+    /// No one writes the buffer during the current operation.
+    unsafe fn all<'x>(self) -> &'x [f32] {
+        unsafe { std::slice::from_raw_parts(self.0, self.1) }
+    }
+
+    /// Row `i` of rows of `w` values.
+    ///
+    /// # Safety
+    /// No one else reads or writes that row during the current operation.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn row<'x>(self, i: usize, w: usize) -> &'x mut [f32] {
+        assert!(
+            (i + 1) * w <= self.1,
+            "row {i} of {w} outside a buffer of {}",
+            self.1
+        );
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(i * w), w) }
+    }
+}
+
+/// A member's own scratch.
+#[derive(Default)]
+struct Scratch {
+    attn: attention::Scratch,
+    row: Vec<f32>,
+}
+
+impl<'a> Decoder<'a> {
+    /// Checks every shape of `model` once; the steps then check only their inputs.
+    pub fn new(model: Model<'a>) -> Result<Decoder<'a>, KernelError> {
+        let m = &model;
+        let (h, d) = (m.hidden, m.head_dim);
+        let (q, kv) = (m.heads * d, m.kv_heads * d);
+        if h == 0 || d == 0 || d % 2 != 0 || m.heads == 0 || m.kv_heads == 0 {
+            return fail(format!(
+                "hidden {h}, head_dim {d} (even), {} heads, {} KV heads must be positive",
+                m.heads, m.kv_heads
+            ));
+        }
+        if !m.heads.is_multiple_of(m.kv_heads) {
+            return fail(format!(
+                "{} heads are not a multiple of {} KV heads",
+                m.heads, m.kv_heads
+            ));
+        }
+        m.embed.check()?;
+        if m.embed.n() != m.vocab || m.embed.k() != h {
+            return fail(format!(
+                "embedding [{}, {}], expected [{}, {h}]",
+                m.embed.n(),
+                m.embed.k(),
+                m.vocab
+            ));
+        }
+        let norm = |what: &str, n: &Norm<'_>, size: usize| {
+            if n.weight.len() != size {
+                return fail(format!(
+                    "{what}: {} weights, expected {size}",
+                    n.weight.len()
+                ));
+            }
+            Ok(())
+        };
+        let mut rope_positions = usize::MAX;
+        for (i, l) in m.layers.iter().enumerate() {
+            let at = |what: &str| format!("layer {i} {what}");
+            norm(&at("input norm"), &l.input_norm, h)?;
+            norm(&at("post-attention norm"), &l.post_attn_norm, h)?;
+            for (what, n) in [("q norm", &l.q_norm), ("k norm", &l.k_norm)] {
+                if let Some(n) = n {
+                    norm(&at(what), n, d)?;
+                }
+            }
+            if let Some((pre, post)) = &l.ff_norms {
+                norm(&at("pre-MLP norm"), pre, h)?;
+                norm(&at("post-MLP norm"), post, h)?;
+            }
+            l.qkv.check(&at("qkv"), h, q + 2 * kv)?;
+            l.o.check(&at("o"), q, h)?;
+            l.gate_up.check(&at("gate_up"), h, 2 * m.intermediate)?;
+            l.down.check(&at("down"), m.intermediate, h)?;
+            let r = &l.rope;
+            if r.cos.len() != r.sin.len() || r.cos.is_empty() || r.cos.len() % d != 0 {
+                return fail(format!(
+                    "layer {i} RoPE tables of {} / {} values are not [positions, {d}]",
+                    r.cos.len(),
+                    r.sin.len()
+                ));
+            }
+            rope_positions = rope_positions.min(r.cos.len() / d);
+            if !(l.softcap >= 0.0 && l.softcap.is_finite()) {
+                return fail(format!("layer {i} soft-cap {} must be >= 0", l.softcap));
+            }
+        }
+        norm("final norm", &m.norm, h)?;
+        m.lm_head.check("lm_head", h, m.vocab)?;
+        if !(m.final_softcap >= 0.0 && m.final_softcap.is_finite()) {
+            return fail(format!("final soft-cap {} must be >= 0", m.final_softcap));
+        }
+        let layers = m
+            .layers
+            .iter()
+            .map(|l| LayerPlan {
+                qkv: chunks(&l.qkv),
+                o: chunks(&l.o),
+                gate_up: chunks(&l.gate_up),
+                down: chunks(&l.down),
+            })
+            .collect();
+        let lm_head = chunks(&m.lm_head);
+        Ok(Decoder {
+            model,
+            layers,
+            lm_head,
+            rope_positions,
+        })
+    }
+
+    pub fn model(&self) -> &Model<'a> {
+        &self.model
+    }
+
+    /// Runs the step on `threads` threads: `logits` (`[batch, vocab]`) of each sequence's
+    /// token, its K and V stored at `out_loc` in `kv` (one entry per layer).
+    pub fn decode(
+        &self,
+        step: &Step<'_>,
+        kv: &mut [KvLayer<'_>],
+        logits: &mut [f32],
+        threads: usize,
+    ) -> Result<(), KernelError> {
+        let m = &self.model;
+        let b = step.ids.len();
+        self.check_step(step, kv, logits.len())?;
+        if b == 0 {
+            return Ok(());
+        }
+        let (h, d) = (m.hidden, m.head_dim);
+        let (q, kvw) = (m.heads * d, m.kv_heads * d);
+        let mut res = vec![0f32; b * h];
+        let mut x = vec![0f32; b * h];
+        let mut hn = vec![0f32; b * h];
+        let mut tmp = vec![0f32; b * h];
+        let mut qkv = vec![0f32; b * (q + 2 * kvw)];
+        let mut qs = vec![0f32; b * q];
+        let mut attn = vec![0f32; b * q];
+        let mut gu = vec![0f32; b * 2 * m.intermediate];
+        let mut act = vec![0f32; b * m.intermediate];
+        let bufs = Bufs {
+            res: Buf::of(&mut res),
+            x: Buf::of(&mut x),
+            h: Buf::of(&mut hn),
+            tmp: Buf::of(&mut tmp),
+            qkv: Buf::of(&mut qkv),
+            q: Buf::of(&mut qs),
+            attn: Buf::of(&mut attn),
+            gu: Buf::of(&mut gu),
+            act: Buf::of(&mut act),
+            logits: Buf::of(logits),
+        };
+        let pools: Vec<(Buf, Buf)> = kv
+            .iter_mut()
+            .map(|l| (Buf::of(l.k), Buf::of(l.v)))
+            .collect();
+        let threads = threads.max(1);
+        let scratch: Vec<Mutex<Scratch>> = (0..threads).map(|_| Mutex::default()).collect();
+        let max_ops = 4 + 11 * m.layers.len();
+        team::run(threads, max_ops, |member| {
+            let mut s = scratch[member.index()]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            self.walk(member, step, b, &bufs, &pools, &mut s);
+        })
+    }
+
+    fn check_step(
+        &self,
+        s: &Step<'_>,
+        kv: &[KvLayer<'_>],
+        logits: usize,
+    ) -> Result<(), KernelError> {
+        let m = &self.model;
+        let b = s.ids.len();
+        if [
+            s.positions.len(),
+            s.out_loc.len(),
+            s.rows.len(),
+            s.lens.len(),
+        ] != [b; 4]
+        {
+            return fail(format!(
+                "{b} ids, {} positions, {} KV slots, {} rows, {} lengths",
+                s.positions.len(),
+                s.out_loc.len(),
+                s.rows.len(),
+                s.lens.len()
+            ));
+        }
+        if logits != b * m.vocab {
+            return fail(format!(
+                "logits hold {logits} values, not {b} x {}",
+                m.vocab
+            ));
+        }
+        if kv.len() != m.layers.len() {
+            return fail(format!(
+                "{} KV layers for {} layers",
+                kv.len(),
+                m.layers.len()
+            ));
+        }
+        let width = m.kv_heads * m.head_dim;
+        let slots = kv[..].first().map_or(0, |l| l.k.len() / width);
+        for (i, l) in kv.iter().enumerate() {
+            if l.k.len() != slots * width || l.v.len() != slots * width {
+                return fail(format!(
+                    "KV layer {i}: k {} / v {} values, expected [{slots}, {width}]",
+                    l.k.len(),
+                    l.v.len()
+                ));
+            }
+        }
+        if let Some(&id) = s.ids.iter().find(|&&t| t < 0 || t as usize >= m.vocab) {
+            return fail(format!(
+                "token id {id} is outside the vocabulary of {}",
+                m.vocab
+            ));
+        }
+        if let Some(&p) = s
+            .positions
+            .iter()
+            .find(|&&p| p < 0 || p as usize >= self.rope_positions)
+        {
+            return fail(format!(
+                "position {p} is outside the RoPE table's {} positions",
+                self.rope_positions
+            ));
+        }
+        if let Some(&loc) = s.out_loc.iter().find(|&&l| l < 0 || l as usize >= slots) {
+            return fail(format!("KV slot {loc} is outside the pool's {slots} slots"));
+        }
+        if b > 0 && !kv.is_empty() {
+            // The table, rows and lengths as the attention reads them (the same every layer).
+            let dummy = vec![0f32; b * m.heads * m.head_dim];
+            self.attention_args(&kv[0].k[..], &kv[0].v[..], &dummy, s, &m.layers[0])
+                .validate(dummy.len())?;
+        }
+        Ok(())
+    }
+
+    fn attention_args<'x>(
+        &self,
+        k: &'x [f32],
+        v: &'x [f32],
+        q: &'x [f32],
+        s: &'x Step<'_>,
+        l: &Layer<'_>,
+    ) -> PagedDecode<'x, f32> {
+        let m = &self.model;
+        PagedDecode {
+            q,
+            k,
+            v,
+            table: s.table,
+            table_cols: s.table_cols,
+            rows: s.rows,
+            lens: s.lens,
+            num_heads: m.heads,
+            num_kv_heads: m.kv_heads,
+            head_dim: m.head_dim,
+            scale: l.scale,
+            window: l.window,
+            softcap: l.softcap,
+        }
+    }
+
+    /// One member's walk through the step (every member runs the same operations).
+    fn walk(
+        &self,
+        member: &mut Member<'_>,
+        s: &Step<'_>,
+        b: usize,
+        bufs: &Bufs,
+        pools: &[(Buf, Buf)],
+        scratch: &mut Scratch,
+    ) {
+        let m = &self.model;
+        let (h, d, inter) = (m.hidden, m.head_dim, m.intermediate);
+        let (qw, kvw) = (m.heads * d, m.kv_heads * d);
+        let qkvw = qw + 2 * kvw;
+        // SAFETY (all `Buf` accesses below): within an operation, chunk i touches row i (or
+        // its own columns, in the products) of the buffers it writes and only reads buffers
+        // no chunk of the operation writes.
+        member.split(b, |i| unsafe {
+            let r = bufs.res.row(i, h);
+            if let Err(e) = m.embed.row(s.ids[i] as usize, r) {
+                member_error(e);
+            }
+            if let Some(scale) = m.embed_scale {
+                r.iter_mut().for_each(|v| *v *= scale);
+            }
+        });
+        for (li, (l, plan)) in m.layers.iter().zip(&self.layers).enumerate() {
+            member.split(b, |i| unsafe {
+                let (x, r, o) = (bufs.x.row(i, h), bufs.res.row(i, h), bufs.h.row(i, h));
+                let res = if li == 0 {
+                    norm(&l.input_norm, r, None, o)
+                } else {
+                    norm(&l.input_norm, x, Some(r), o)
+                };
+                res.unwrap_or_else(member_error);
+            });
+            product(
+                member,
+                &l.qkv,
+                &plan.qkv,
+                unsafe { bufs.h.all() },
+                b,
+                bufs.qkv,
+            );
+            let (kp, vp) = pools[li];
+            member.split(b, |i| unsafe {
+                let row = bufs.qkv.row(i, qkvw);
+                let (qr, rest) = row.split_at_mut(qw);
+                let (kr, vr) = rest.split_at_mut(kvw);
+                let qo = bufs.q.row(i, qw);
+                qo.copy_from_slice(qr);
+                let pos = s.positions[i] as usize;
+                let (c, sn) = (&l.rope.cos[pos * d..][..d], &l.rope.sin[pos * d..][..d]);
+                for (heads, n) in [(&mut *qo, &l.q_norm), (&mut *kr, &l.k_norm)] {
+                    for head in heads.chunks_exact_mut(d) {
+                        if let Some(n) = n {
+                            scratch.row.clear();
+                            scratch.row.extend_from_slice(head);
+                            norm(n, &scratch.row, None, head).unwrap_or_else(member_error);
+                        }
+                        rotate_head(head, c, sn);
+                    }
+                }
+                let slot = s.out_loc[i] as usize;
+                kp.row(slot, kvw).copy_from_slice(kr);
+                vp.row(slot, kvw).copy_from_slice(vr);
+            });
+            member.split(b, |i| unsafe {
+                let p = self.attention_args(kp.all(), vp.all(), bufs.q.all(), s, l);
+                if let Err(e) = attention::sequence(&p, &mut scratch.attn, i, bufs.attn.row(i, qw))
+                {
+                    member_error(e);
+                }
+            });
+            product(member, &l.o, &plan.o, unsafe { bufs.attn.all() }, b, bufs.x);
+            member.split(b, |i| unsafe {
+                let (x, r, o) = (bufs.x.row(i, h), bufs.res.row(i, h), bufs.h.row(i, h));
+                let res = match &l.ff_norms {
+                    None => norm(&l.post_attn_norm, x, Some(r), o),
+                    Some((pre, _)) => {
+                        let t = bufs.tmp.row(i, h);
+                        norm(&l.post_attn_norm, x, None, t).and_then(|_| norm(pre, t, Some(r), o))
+                    }
+                };
+                res.unwrap_or_else(member_error);
+            });
+            product(
+                member,
+                &l.gate_up,
+                &plan.gate_up,
+                unsafe { bufs.h.all() },
+                b,
+                bufs.gu,
+            );
+            member.split(b, |i| unsafe {
+                let (g, a) = (bufs.gu.row(i, 2 * inter), bufs.act.row(i, inter));
+                match m.act {
+                    Act::Silu => silu_and_mul(&*g, a, inter).unwrap_or_else(member_error),
+                    Act::GeluTanh => gelu_tanh_and_mul(g, a),
+                }
+            });
+            product(
+                member,
+                &l.down,
+                &plan.down,
+                unsafe { bufs.act.all() },
+                b,
+                bufs.x,
+            );
+            if let Some((_, post)) = &l.ff_norms {
+                member.split(b, |i| unsafe {
+                    let (x, t) = (bufs.x.row(i, h), bufs.tmp.row(i, h));
+                    norm(post, x, None, t).unwrap_or_else(member_error);
+                    x.copy_from_slice(t);
+                });
+            }
+        }
+        member.split(b, |i| unsafe {
+            let (x, r, o) = (bufs.x.row(i, h), bufs.res.row(i, h), bufs.h.row(i, h));
+            if m.layers.is_empty() {
+                norm(&m.norm, r, None, o)
+            } else {
+                norm(&m.norm, x, Some(r), o)
+            }
+            .unwrap_or_else(member_error);
+        });
+        product(
+            member,
+            &m.lm_head,
+            &self.lm_head,
+            unsafe { bufs.h.all() },
+            b,
+            bufs.logits,
+        );
+        let cap = m.final_softcap;
+        if cap > 0.0 {
+            member.split(b, |i| unsafe {
+                for v in bufs.logits.row(i, m.vocab) {
+                    *v = (*v / cap).tanh() * cap;
+                }
+            });
+        }
+    }
+}
+
+/// The step's buffers (see `Decoder::decode`).
+struct Bufs {
+    res: Buf,
+    x: Buf,
+    h: Buf,
+    tmp: Buf,
+    qkv: Buf,
+    q: Buf,
+    attn: Buf,
+    gu: Buf,
+    act: Buf,
+    logits: Buf,
+}
+
+fn fail<T>(msg: String) -> Result<T, KernelError> {
+    Err(KernelError(msg))
+}
+
+/// A kernel error inside a chunk: the team catches it and fails the step with the message.
+fn member_error(e: KernelError) {
+    std::panic::panic_any(e.0)
+}
+
+fn norm(
+    n: &Norm<'_>,
+    x: &[f32],
+    res: Option<&mut [f32]>,
+    out: &mut [f32],
+) -> Result<(), KernelError> {
+    rms_norm(x, res, n.weight, out, x.len(), n.eps, n.gemma)
+}
+
+/// `out = x W^T (+ bias)` for the `b` rows of `x`, chunk by chunk over the members; each member
+/// quantizes the activations for the packed parts itself, on its first chunk.
+fn product(
+    member: &mut Member<'_>,
+    lin: &Linear<'_>,
+    plan: &[Chunk],
+    x: &[f32],
+    b: usize,
+    out: Buf,
+) {
+    let ldo = lin.n();
+    let k = lin.parts[0].k();
+    let mut acts: [Option<Activations>; 2] = [None, None];
+    member.split(plan.len(), |c| {
+        let ch = plan[c];
+        let rows = ch.start..ch.end;
+        // SAFETY: the chunk's output columns `col + rows` of every row lie inside `out`
+        // (`[b, ldo]`, checked by the caller's plan) and belong to this chunk alone.
+        let o = unsafe { out.0.add(ch.col) };
+        match &lin.parts[ch.part] {
+            Part::Packed(w) => {
+                let a = acts[usize::from(w.bits == 8)]
+                    .get_or_insert_with(|| Activations::new(x, b, k, w.bits));
+                // SAFETY: as above; `a` was made for w's bits and k.
+                unsafe { quant_packed::rows_into(w, a, b, rows, o, ldo) }
+            }
+            // SAFETY: as above; the blocks were checked for `qt`, n and k.
+            Part::Blocks { qt, w, k, .. } => unsafe {
+                quant::rows_into(*qt, w, *k, x, b, rows, o, ldo)
+            },
+            Part::Dense { w, k, .. } => {
+                for r in rows {
+                    let wr = &w[r * k..(r + 1) * k];
+                    for i in 0..b {
+                        // SAFETY: as above.
+                        unsafe { *o.add(i * ldo + r) = dense_dot(wr, &x[i * k..(i + 1) * k]) };
+                    }
+                }
+            }
+        }
+        if let Some(bias) = lin.bias {
+            for i in 0..b {
+                for r in ch.start..ch.end {
+                    // SAFETY: as above.
+                    unsafe { *o.add(i * ldo + r) += bias[ch.col + r] };
+                }
+            }
+        }
+    });
+}
+
+fn dense_dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU has the features `dot_avx2` is compiled for.
+            return unsafe { dot_avx2(a, b) };
+        }
+    }
+    dot(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    dot(a, b)
+}
+
+/// `out = gelu_tanh(gate) * up` over a row `[gate | up]`, as torch's
+/// `gelu(gate, approximate="tanh") * up` in f32.
+fn gelu_tanh_and_mul(x: &[f32], out: &mut [f32]) {
+    let (gate, up) = x.split_at(out.len());
+    const C: f32 = 0.797_884_6; // sqrt(2 / pi)
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        let inner = C * (g + 0.044_715 * g * g * g);
+        *o = 0.5 * g * (1.0 + inner.tanh()) * u;
+    }
+}
