@@ -1,5 +1,7 @@
 """Typed stubs of `srt._native`, the PyO3 bindings of the Rust core (rust/srt-py)."""
 
+from typing import Any
+
 import numpy as np
 import numpy.typing as npt
 
@@ -409,3 +411,29 @@ def rms_norm(
 def silu_and_mul(x: np.ndarray, out: np.ndarray) -> None:
     """`out = silu(x[:, :d]) * x[:, d:]` for `x` [T, 2d] (gate then up), float32 or int16
     (bf16 bits), C-contiguous."""
+
+class NativeDecoder:
+    """A Llama-family decoder's whole decode step in one call (srt-kernels' decoder), over the
+    model's numpy arrays and its KV pool (kept referenced, read and written in place). The
+    spec format is described in `srt.model_executor.cpu_decode` and the binding's docs.
+    ValueError when a shape does not fit."""
+
+    def __init__(
+        self,
+        spec: dict[str, Any],
+        kv: list[tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]],
+    ) -> None: ...
+    def decode(
+        self,
+        ids: npt.NDArray[np.int64],
+        positions: npt.NDArray[np.int64],
+        out_loc: npt.NDArray[np.int64],
+        table: npt.NDArray[np.int32],
+        rows: npt.NDArray[np.int64],
+        lens: npt.NDArray[np.int64],
+        logits: npt.NDArray[np.float32],
+        threads: int,
+    ) -> None:
+        """Logits [batch, vocab] of one token per sequence (ids, positions, KV slots
+        `out_loc`), attending through `table[rows[i], :lens[i]]`; the K/V of the tokens go to
+        their slots. The GIL is released; ValueError on inputs that do not fit."""
