@@ -3,8 +3,12 @@ forward of the same model, step by step.
 
 Each decode step runs twice on one runner: the native call, then the torch forward (whose K/V
 writes to the same slots stand for the next step), so both always see the same cache. For a
-model of packed GGUF weights the two agree to the bit; dense parts and the ops the torch path
-computes with torch (q/k norms, GELU, soft-caps) differ only by float rounding.
+model of packed GGUF weights the two agree to the bit. Dense parts and the ops the torch path
+computes with torch (q/k norms, GELU, soft-caps) differ by float rounding, which the next
+packed product can amplify: its input is rounded to int8 per 32 values, and a last-bit change
+can move a value across a rounding boundary (one int8 step: ~0.4% of the block's largest
+value). Hence the looser tolerance there (`INT8_TOL`); a wrong weight or a wrong op moves
+logits by O(1).
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from srt.testing.tiny_model import make_tiny_model
 
 # The default model's formats: Q4_1 layers, a tied Q8_0 embedding.
 DEFAULT_TYPES = {"token_embd": "Q8_0", "blk": "Q4_1"}
+# See the module docstring; measured: up to 0.0041 on logits of magnitude ~1.7.
+INT8_TOL = 2e-2
 
 
 def gguf_folder(root: Path, types: dict[str, str], **kwargs: object) -> str:
@@ -96,7 +102,7 @@ def run_steps(runner: ModelRunner, steps: int, exact: bool, atol: float = 0.0) -
             assert torch.equal(got, want), f"step {step}: {(got - want).abs().max()}"
             assert all(np.array_equal(a, b) for a, b in zip(written, kv_now, strict=True))
         else:
-            torch.testing.assert_close(got, want, rtol=0, atol=atol, msg=f"step {step}")
+            torch.testing.assert_close(got, want, rtol=0, atol=atol, msg=lambda m: f"step {step}: {m}")
             for a, b in zip(written, kv_now, strict=True):
                 np.testing.assert_allclose(a, b, rtol=0, atol=atol)
         tokens = want.argmax(-1).tolist()
@@ -110,7 +116,7 @@ def test_default_formats_match_the_torch_forward_bit_for_bit(default_like: Model
 def test_every_gguf_format_and_dense_parts(mixed: ModelRunner) -> None:
     """Q4_0, Q4_1, Q8_0, Q4_K (packed), Q6_K (blocks) and an F32 layer in one model."""
     assert mixed.cpu_decode is not None
-    run_steps(mixed, steps=6, exact=False, atol=1e-5)
+    run_steps(mixed, steps=6, exact=False, atol=INT8_TOL)
 
 
 def test_thread_counts_give_the_same_logits(default_like: ModelRunner) -> None:
@@ -212,7 +218,7 @@ def test_families_match_the_torch_forward(arch: str, tmp_path: Path) -> None:
     to_q8_blocks(runner.model)
     runner.cpu_decode = CpuDecodeRunner.maybe_create(runner)
     assert runner.cpu_decode is not None
-    run_steps(runner, steps=8, exact=False, atol=1e-4)
+    run_steps(runner, steps=8, exact=False, atol=INT8_TOL)
 
 
 def test_unsupported_models_say_why(tmp_path: Path) -> None:

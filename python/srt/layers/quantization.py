@@ -130,8 +130,9 @@ class GGUFBlocks(nn.Module):
     """One weight, held for its matmul and its row lookup.
 
     The types that pack (Q4_0, Q4_1, Q8_0, Q4_K) are held repacked once by `quant_pack` (wide
-    loads, f32 scale and offset per 32 weights: the same numbers, about twice the block
-    kernel's speed) and their GGUF blocks dropped; Q6_K keeps its blocks (`quant_matmul`).
+    loads, a scale and an offset per 32 weights, f16 where exact and f32 for Q4_K: the same
+    numbers, about twice the block kernel's speed) and their GGUF blocks dropped; Q6_K keeps
+    its blocks (`quant_matmul`).
     """
 
     def __init__(self, weight: GGUFWeight) -> None:
@@ -147,8 +148,12 @@ class GGUFBlocks(nn.Module):
         bits, data, d, m = quant_pack(self.qtype, weight.blocks.contiguous().numpy(), self.k)
         self.bits = int(bits)
         for name, array in (("packed", data), ("scale", d), ("offset", m)):
+            # f16 scales come as their uint16 bits: the buffers hold them as float16
+            if array.dtype == np.uint16:
+                array = array.view(np.float16)
             self.register_buffer(name, torch.from_numpy(array), persistent=False)
-        # NOTE: numpy views of the buffers, made once (CPU only).
+        # NOTE: the kernel's arrays (f16 scales as uint16 bits), views of the buffers, made
+        # once (CPU only).
         self._packed_np = (data, d, m)
 
     @property
@@ -179,6 +184,7 @@ class GGUFBlocks(nn.Module):
     ) -> torch.Tensor:
         """fp32 weights of packed rows: `d * q + m` per 32 weights (exact in f32: d * q is)."""
         n, blocks = data.shape[0], scale.shape[1]
+        scale, offset = scale.float(), offset.float()  # f16 scales are exact in f32
         if self.bits == 8:
             q = data.view(n, blocks, 32)
         else:  # element j < 16 of a block in the low nibble of byte j, j + 16 in the high one

@@ -22,7 +22,7 @@ use crate::KernelError;
 /// Weights per block of the packed layout.
 pub const BLOCK: usize = 32;
 
-/// Packed weights: `bits` 4 or 8; `data` `[n, row_bytes]`; `d`, `m` `[n, blocks]` where
+/// Packed weights: `bits` 4 or 8; `data` `[n, row_bytes]`; the scales `[n, blocks]` where
 /// `blocks` is `k / 32` rounded up to even (a padding block has d = m = 0).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Packed {
@@ -30,8 +30,97 @@ pub struct Packed {
     pub n: usize,
     pub k: usize,
     pub data: Vec<u8>,
-    pub d: Vec<f32>,
-    pub m: Vec<f32>,
+    pub scales: Scales,
+}
+
+/// Each block's scale `d` and offset `m` (`w = d * q + m`): as f16 bits when every value of
+/// the matrix is exact in f16 (Q4_0, Q4_1 and Q8_0, whose GGUF blocks hold f16 scales), else
+/// f32 (Q4_K's products of a scale and a sub-block scale). A decode step streams every weight
+/// from memory once: f16 scales make a 4-bit weight 0.625 bytes instead of 0.75.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Scales {
+    F32 { d: Vec<f32>, m: Vec<f32> },
+    F16 { d: Vec<u16>, m: Vec<u16> },
+}
+
+/// Borrowed [`Scales`] (the arrays may live in numpy).
+#[derive(Clone, Copy, Debug)]
+pub enum ScalesRef<'a> {
+    F32 { d: &'a [f32], m: &'a [f32] },
+    F16 { d: &'a [u16], m: &'a [u16] },
+}
+
+impl Scales {
+    /// f16 when every value round-trips exactly, else f32.
+    fn compact(d: Vec<f32>, m: Vec<f32>) -> Scales {
+        let half = |v: &[f32]| {
+            v.iter()
+                .map(|&x| f16_exact(x))
+                .collect::<Option<Vec<u16>>>()
+        };
+        match (half(&d), half(&m)) {
+            (Some(d), Some(m)) => Scales::F16 { d, m },
+            _ => Scales::F32 { d, m },
+        }
+    }
+}
+
+impl ScalesRef<'_> {
+    fn lens(&self) -> (usize, usize) {
+        match self {
+            ScalesRef::F32 { d, m } => (d.len(), m.len()),
+            ScalesRef::F16 { d, m } => (d.len(), m.len()),
+        }
+    }
+
+    /// (d, m) of block `i`.
+    #[inline(always)]
+    fn get(&self, i: usize) -> (f32, f32) {
+        match self {
+            ScalesRef::F32 { d, m } => (d[i], m[i]),
+            ScalesRef::F16 { d, m } => (d[i].to_f32(), m[i].to_f32()),
+        }
+    }
+}
+
+/// A scale's storage: f32, or f16 as its bits.
+pub trait ScaleElem: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+}
+
+impl ScaleElem for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl ScaleElem for u16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        crate::quant::f16_to_f32(self)
+    }
+}
+
+/// The f16 bits of `x` when f16 holds it exactly (zeros, normals and subnormals in range).
+fn f16_exact(x: f32) -> Option<u16> {
+    let bits = x.to_bits();
+    let sign = ((bits >> 16) & 0x8000) as u16;
+    if x == 0.0 {
+        return Some(sign);
+    }
+    let exp = ((bits >> 23) & 0xff) as i32 - 127 + 15;
+    let mant = bits & 0x7f_ffff;
+    let h = if exp >= 31 {
+        return None;
+    } else if exp > 0 {
+        sign | ((exp as u16) << 10) | (mant >> 13) as u16
+    } else if exp >= -10 {
+        sign | ((mant | 0x80_0000) >> (14 - exp)) as u16
+    } else {
+        return None;
+    };
+    (crate::quant::f16_to_f32(h) == x).then_some(h)
 }
 
 /// Blocks per packed row (even: the 4-bit layout works in pairs).
@@ -65,20 +154,15 @@ pub fn pack(qt: QType, w: &[u8], n: usize, k: usize) -> Result<Packed, KernelErr
     let bits: u8 = if qt == QType::Q8_0 { 8 } else { 4 };
     let nbp = packed_blocks(k);
     let rb = packed_row_bytes(bits, k);
-    let mut p = Packed {
-        bits,
-        n,
-        k,
-        data: vec![0; n * rb],
-        d: vec![0.0; n * nbp],
-        m: vec![0.0; n * nbp],
-    };
+    let mut data_all = vec![0; n * rb];
+    let mut d_all = vec![0f32; n * nbp];
+    let mut m_all = vec![0f32; n * nbp];
     let src_rb = qt.row_bytes(k);
     for row in 0..n {
         let src = &w[row * src_rb..(row + 1) * src_rb];
-        let data = &mut p.data[row * rb..(row + 1) * rb];
-        let d = &mut p.d[row * nbp..(row + 1) * nbp];
-        let m = &mut p.m[row * nbp..(row + 1) * nbp];
+        let data = &mut data_all[row * rb..(row + 1) * rb];
+        let d = &mut d_all[row * nbp..(row + 1) * nbp];
+        let m = &mut m_all[row * nbp..(row + 1) * nbp];
         match qt {
             QType::Q4_0 | QType::Q4_1 => {
                 let bb = qt.block_bytes();
@@ -136,7 +220,13 @@ pub fn pack(qt: QType, w: &[u8], n: usize, k: usize) -> Result<Packed, KernelErr
             QType::Q6K => unreachable!("checked by packs()"),
         }
     }
-    Ok(p)
+    Ok(Packed {
+        bits,
+        n,
+        k,
+        data: data_all,
+        scales: Scales::compact(d_all, m_all),
+    })
 }
 
 #[inline(always)]
@@ -169,8 +259,7 @@ pub struct PackedRef<'a> {
     pub n: usize,
     pub k: usize,
     pub data: &'a [u8],
-    pub d: &'a [f32],
-    pub m: &'a [f32],
+    pub scales: ScalesRef<'a>,
 }
 
 impl PackedRef<'_> {
@@ -178,8 +267,7 @@ impl PackedRef<'_> {
         let nbp = packed_blocks(self.k);
         if !matches!(self.bits, 4 | 8)
             || self.data.len() != self.n * packed_row_bytes(self.bits, self.k)
-            || self.d.len() != self.n * nbp
-            || self.m.len() != self.n * nbp
+            || self.scales.lens() != (self.n * nbp, self.n * nbp)
         {
             return Err(KernelError(format!(
                 "packed weights of shape [{}, {}] ({} bits) have the wrong sizes",
@@ -197,8 +285,10 @@ impl<'a> From<&'a Packed> for PackedRef<'a> {
             n: p.n,
             k: p.k,
             data: &p.data,
-            d: &p.d,
-            m: &p.m,
+            scales: match &p.scales {
+                Scales::F32 { d, m } => ScalesRef::F32 { d, m },
+                Scales::F16 { d, m } => ScalesRef::F16 { d, m },
+            },
         }
     }
 }
@@ -349,7 +439,8 @@ impl PackedRef<'_> {
                 let byte = data[blk * 16 + (j % 16)];
                 (if j < 16 { byte & 0x0f } else { byte >> 4 }) as f32
             };
-            *o = q * self.d[row * nbp + blk] + self.m[row * nbp + blk];
+            let (d, m) = self.scales.get(row * nbp + blk);
+            *o = q * d + m;
         }
     }
 }
@@ -377,6 +468,9 @@ impl Path {
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::is_x86_feature_detected as has;
+            if !has!("f16c") {
+                return Path::Generic;
+            }
             if has!("avx512f") && has!("avx512bw") && has!("avx512vnni") && has!("avx512vl") {
                 return Path::Vnni512;
             }
@@ -399,12 +493,25 @@ unsafe fn run_rows(
     out: OutPtr,
     ldo: usize,
 ) {
-    match path {
+    // SAFETY (each arm): the caller's contract.
+    match (path, w.scales) {
         #[cfg(target_arch = "x86_64")]
-        Path::Vnni512 => unsafe { x86::rows_vnni(w, a, b, range, out, ldo) },
+        (Path::Vnni512, ScalesRef::F32 { d, m }) => unsafe {
+            x86::rows_vnni(w, d, m, a, b, range, out, ldo)
+        },
         #[cfg(target_arch = "x86_64")]
-        Path::Avx2 => unsafe { x86::rows_avx2(w, a, b, range, out, ldo) },
-        Path::Generic => unsafe { rows_generic(w, a, b, range, out, ldo) },
+        (Path::Vnni512, ScalesRef::F16 { d, m }) => unsafe {
+            x86::rows_vnni(w, d, m, a, b, range, out, ldo)
+        },
+        #[cfg(target_arch = "x86_64")]
+        (Path::Avx2, ScalesRef::F32 { d, m }) => unsafe {
+            x86::rows_avx2(w, d, m, a, b, range, out, ldo)
+        },
+        #[cfg(target_arch = "x86_64")]
+        (Path::Avx2, ScalesRef::F16 { d, m }) => unsafe {
+            x86::rows_avx2(w, d, m, a, b, range, out, ldo)
+        },
+        (Path::Generic, _) => unsafe { rows_generic(w, a, b, range, out, ldo) },
     }
 }
 
@@ -426,7 +533,7 @@ unsafe fn rows_generic(
             let xq = &a.q[i * kp..(i + 1) * kp];
             let mut total = 0f32;
             for blk in 0..nbp {
-                let (d, m) = (w.d[row * nbp + blk], w.m[row * nbp + blk]);
+                let (d, m) = w.scales.get(row * nbp + blk);
                 let mut isum = 0i32;
                 for j in 0..32 {
                     let (wq, xv) = if w.bits == 8 {
@@ -459,19 +566,43 @@ unsafe fn rows_generic(
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{packed_blocks, packed_row_bytes, Activations, OutPtr, PackedRef};
+    use super::{packed_blocks, packed_row_bytes, Activations, OutPtr, PackedRef, ScaleElem};
 
-    /// Two f32 at `p` (the scales of a pair of blocks) in the low half of a register.
-    #[inline(always)]
-    unsafe fn load2(p: *const f32) -> __m128 {
-        _mm_castpd_ps(_mm_load_sd(p.cast()))
+    /// Loads of scales as f32 lanes.
+    pub trait Load: ScaleElem {
+        /// Four scales at `p` as a register.
+        unsafe fn load4(p: *const Self) -> __m128;
+        /// Two scales at `p` (a pair of blocks) in the low half of a register.
+        unsafe fn load2(p: *const Self) -> __m128;
     }
 
-    /// The two f32 at `p` spread over 8 lanes: [p[0] x4, p[1] x4] (a pair's lane layout).
+    impl Load for f32 {
+        #[inline(always)]
+        unsafe fn load4(p: *const f32) -> __m128 {
+            _mm_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn load2(p: *const f32) -> __m128 {
+            _mm_castpd_ps(_mm_load_sd(p.cast()))
+        }
+    }
+
+    impl Load for u16 {
+        #[inline(always)]
+        unsafe fn load4(p: *const u16) -> __m128 {
+            _mm_cvtph_ps(_mm_loadl_epi64(p.cast()))
+        }
+        #[inline(always)]
+        unsafe fn load2(p: *const u16) -> __m128 {
+            _mm_cvtph_ps(_mm_cvtsi32_si128(p.cast::<i32>().read_unaligned()))
+        }
+    }
+
+    /// The two scales at `p` spread over 8 lanes: [p[0] x4, p[1] x4] (a pair's lane layout).
     #[inline(always)]
-    unsafe fn pair_lanes(p: *const f32) -> __m256 {
+    unsafe fn pair_lanes<S: Load>(p: *const S) -> __m256 {
         let pairs = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
-        _mm256_permutevar8x32_ps(_mm256_castps128_ps256(load2(p)), pairs)
+        _mm256_permutevar8x32_ps(_mm256_castps128_ps256(S::load2(p)), pairs)
     }
 
     #[inline(always)]
@@ -485,9 +616,12 @@ mod x86 {
     ///
     /// # Safety
     /// AVX2 and FMA; `out` as in `super::matmul`.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn rows_avx2(
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn rows_avx2<S: Load>(
         w: &PackedRef<'_>,
+        ds: &[S],
+        ms: &[S],
         a: &Activations,
         b: usize,
         range: std::ops::Range<usize>,
@@ -504,8 +638,8 @@ mod x86 {
         for row in range {
             acc.iter_mut().for_each(|v| *v = _mm256_setzero_ps());
             let data = w.data[row * rb..].as_ptr();
-            let dp = w.d[row * nbp..].as_ptr();
-            let mp = w.m[row * nbp..].as_ptr();
+            let dp = ds[row * nbp..].as_ptr();
+            let mp = ms[row * nbp..].as_ptr();
             if w.bits == 4 {
                 for p in 0..nbp / 2 {
                     let v = _mm256_loadu_si256(data.add(32 * p).cast());
@@ -534,7 +668,7 @@ mod x86 {
                     let u = _mm256_loadu_si256(data.add(32 * blk).cast());
                     let q = _mm256_xor_si256(u, flip);
                     let aq = _mm256_sign_epi8(q, q);
-                    let d = _mm256_set1_ps(*dp.add(blk));
+                    let d = _mm256_set1_ps((*dp.add(blk)).to_f32());
                     for (i, acc) in acc.iter_mut().enumerate() {
                         let xv = _mm256_loadu_si256(a.q[i * kp + 32 * blk..].as_ptr().cast());
                         let s = _mm256_madd_epi16(
@@ -553,127 +687,275 @@ mod x86 {
         }
     }
 
-    /// AVX-512 VNNI: 4-bit: two pairs (128 weights) per iteration; 8-bit: two blocks.
+    /// AVX-512 VNNI. Weight rows go four at a time and activation rows two at a time, so
+    /// each loaded activation vector serves four rows and each unpacked weight vector two
+    /// activation rows, and the accumulators (independent chains, in registers) hide the
+    /// latency of the FMAs. 4-bit: two pairs of blocks (128 weights) per step; 8-bit: one
+    /// pair (64 weights). Every row is computed by the same instructions in the same order
+    /// whatever its group, so a row's result does not depend on how `range` is cut.
     ///
     /// # Safety
     /// AVX-512 F/BW/VL/VNNI; `out` as in `super::matmul`.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-    pub unsafe fn rows_vnni(
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn rows_vnni<S: Load>(
         w: &PackedRef<'_>,
+        ds: &[S],
+        ms: &[S],
         a: &Activations,
         b: usize,
         range: std::ops::Range<usize>,
         out: OutPtr,
         ldo: usize,
     ) {
+        let mut row = range.start;
+        while row < range.end {
+            let rows = (range.end - row).min(4);
+            let mut i = 0;
+            while i < b {
+                let acts = (b - i).min(2);
+                // SAFETY: rows and activation rows in range; the caller's contract.
+                unsafe {
+                    match (rows, acts, w.bits) {
+                        (4, 2, 4) => group4::<S, 4, 2>(w, ds, ms, a, row, i, out, ldo),
+                        (4, 1, 4) => group4::<S, 4, 1>(w, ds, ms, a, row, i, out, ldo),
+                        (_, 2, 4) => group4::<S, 1, 2>(w, ds, ms, a, row, i, out, ldo),
+                        (_, _, 4) => group4::<S, 1, 1>(w, ds, ms, a, row, i, out, ldo),
+                        (4, 2, _) => group8::<S, 4, 2>(w, ds, ms, a, row, i, out, ldo),
+                        (4, 1, _) => group8::<S, 4, 1>(w, ds, ms, a, row, i, out, ldo),
+                        (_, 2, _) => group8::<S, 1, 2>(w, ds, ms, a, row, i, out, ldo),
+                        (_, _, _) => group8::<S, 1, 1>(w, ds, ms, a, row, i, out, ldo),
+                    }
+                }
+                i += acts;
+            }
+            row += if rows == 4 { 4 } else { 1 };
+        }
+    }
+
+    /// Software prefetch of the rows a few groups ahead, spread over the steps of a group:
+    /// a decode step streams every weight from memory once, and the hardware prefetcher
+    /// alone leaves the memory bus idle between the kernel's bursts.
+    struct Ahead {
+        data: *const u8,
+        data_bytes: usize,
+        d: *const u8,
+        m: *const u8,
+        scale_bytes: usize,
+    }
+
+    /// Rows ahead of the current group whose weights are prefetched.
+    const AHEAD_ROWS: usize = 32;
+
+    impl Ahead {
+        #[inline(always)]
+        unsafe fn new<S: Load>(
+            w: &PackedRef<'_>,
+            ds: &[S],
+            ms: &[S],
+            row: usize,
+            r: usize,
+        ) -> Ahead {
+            let nbp = packed_blocks(w.k);
+            let rb = packed_row_bytes(w.bits, w.k);
+            let first = (row + r + AHEAD_ROWS).min(w.n);
+            let last = (first + r).min(w.n);
+            let sz = std::mem::size_of::<S>();
+            Ahead {
+                data: w.data.as_ptr().add(first * rb),
+                data_bytes: (last - first) * rb,
+                d: ds.as_ptr().add(first * nbp).cast(),
+                m: ms.as_ptr().add(first * nbp).cast(),
+                scale_bytes: (last - first) * nbp * sz,
+            }
+        }
+
+        /// Step `p` of `steps`: its share of the lines.
+        #[inline(always)]
+        unsafe fn step(&self, p: usize, steps: usize) {
+            let lines = self.data_bytes.div_ceil(64);
+            let per = lines.div_ceil(steps.max(1));
+            for l in p * per..((p + 1) * per).min(lines) {
+                _mm_prefetch::<_MM_HINT_T0>(self.data.add(l * 64).cast());
+            }
+            if p == 0 {
+                let mut off = 0;
+                while off < self.scale_bytes {
+                    _mm_prefetch::<_MM_HINT_T0>(self.d.add(off).cast());
+                    _mm_prefetch::<_MM_HINT_T0>(self.m.add(off).cast());
+                    off += 64;
+                }
+            }
+        }
+    }
+
+    /// Rows `row..row + R` times activation rows `act..act + N`, 4-bit weights.
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)] // indices into fixed register arrays
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn group4<S: Load, const R: usize, const N: usize>(
+        w: &PackedRef<'_>,
+        ds: &[S],
+        ms: &[S],
+        a: &Activations,
+        row: usize,
+        act: usize,
+        out: OutPtr,
+        ldo: usize,
+    ) {
         let nbp = packed_blocks(w.k);
         let rb = packed_row_bytes(w.bits, w.k);
         let kp = nbp * 32;
+        let (data, dp, mp) = (w.data.as_ptr(), ds.as_ptr(), ms.as_ptr());
+        let (xq, xdx, xs) = (a.q.as_ptr(), a.dx.as_ptr(), a.s.as_ptr());
         let low = _mm512_set1_epi8(0x0f);
         // 4 scales -> lanes [s0 x4, s1 x4, s2 x4, s3 x4]
         let four = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-        // 2 scales -> lanes [s0 x8, s1 x8]
-        let two = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-        let mut acc = vec![_mm512_setzero_ps(); b];
-        for row in range {
-            acc.iter_mut().for_each(|v| *v = _mm512_setzero_ps());
-            let data = w.data[row * rb..].as_ptr();
-            let dp = w.d[row * nbp..].as_ptr();
-            let mp = w.m[row * nbp..].as_ptr();
-            if w.bits == 4 {
-                let quads = nbp / 4;
-                for p in 0..quads {
-                    let v = _mm512_loadu_si512(data.add(64 * p).cast());
-                    let lo = _mm512_and_si512(v, low);
-                    let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
-                    let dd = _mm512_permutexvar_ps(
-                        four,
-                        _mm512_castps128_ps512(_mm_loadu_ps(dp.add(4 * p))),
+        let mut acc = [[_mm512_setzero_ps(); R]; N];
+        let mut accm = [[_mm512_setzero_ps(); R]; N];
+        let ahead = Ahead::new(w, ds, ms, row, R);
+        for p in 0..nbp / 4 {
+            ahead.step(p, nbp / 4);
+            let mut xl = [_mm512_setzero_si512(); N];
+            let mut xh = [_mm512_setzero_si512(); N];
+            let mut dx = [_mm512_setzero_ps(); N];
+            let mut sx = [_mm512_setzero_ps(); N];
+            for j in 0..N {
+                // The two pairs' activations: [A0-15 B0-15 | C0-15 D0-15] against the low
+                // nibbles, [A16-31 B16-31 | C16-31 D16-31] against the high ones.
+                let x = xq.add((act + j) * kp + 128 * p);
+                let x0 = _mm256_loadu_si256(x.cast());
+                let x1 = _mm256_loadu_si256(x.add(32).cast());
+                let x2 = _mm256_loadu_si256(x.add(64).cast());
+                let x3 = _mm256_loadu_si256(x.add(96).cast());
+                xl[j] = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(x0), x2);
+                xh[j] = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(x1), x3);
+                let lanes = ((act + j) * nbp + 4 * p) * 4;
+                dx[j] = _mm512_loadu_ps(xdx.add(lanes));
+                sx[j] = _mm512_loadu_ps(xs.add(lanes));
+            }
+            for r in 0..R {
+                let v = _mm512_loadu_si512(data.add((row + r) * rb + 64 * p).cast());
+                let lo = _mm512_and_si512(v, low);
+                let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
+                let at = (row + r) * nbp + 4 * p;
+                let dd = _mm512_permutexvar_ps(four, _mm512_castps128_ps512(S::load4(dp.add(at))));
+                let mm = _mm512_permutexvar_ps(four, _mm512_castps128_ps512(S::load4(mp.add(at))));
+                for j in 0..N {
+                    let s = _mm512_dpbusd_epi32(
+                        _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xl[j]),
+                        hi,
+                        xh[j],
                     );
-                    let mm = _mm512_permutexvar_ps(
-                        four,
-                        _mm512_castps128_ps512(_mm_loadu_ps(mp.add(4 * p))),
-                    );
-                    for (i, acc) in acc.iter_mut().enumerate() {
-                        let xq = a.q[i * kp + 128 * p..].as_ptr();
-                        // The two pairs' activations: [A0-15 B0-15 | C0-15 D0-15] against lo,
-                        // [A16-31 B16-31 | C16-31 D16-31] against hi.
-                        let x0 = _mm256_loadu_si256(xq.cast());
-                        let x1 = _mm256_loadu_si256(xq.add(32).cast());
-                        let x2 = _mm256_loadu_si256(xq.add(64).cast());
-                        let x3 = _mm256_loadu_si256(xq.add(96).cast());
-                        let xl = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(x0), x2);
-                        let xh = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(x1), x3);
-                        let s = _mm512_dpbusd_epi32(
-                            _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xl),
-                            hi,
-                            xh,
-                        );
-                        let lanes = (i * nbp + 4 * p) * 4;
-                        let dx = _mm512_loadu_ps(a.dx[lanes..].as_ptr());
-                        let sx = _mm512_loadu_ps(a.s[lanes..].as_ptr());
-                        *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dd, dx), *acc);
-                        *acc = _mm512_fmadd_ps(mm, sx, *acc);
-                    }
-                }
-                // A last pair when the blocks are not a multiple of 4.
-                if !nbp.is_multiple_of(4) {
-                    let p = nbp / 2 - 1;
-                    let v = _mm256_loadu_si256(data.add(32 * p).cast());
-                    let low8 = _mm256_set1_epi8(0x0f);
-                    let lo = _mm256_and_si256(v, low8);
-                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low8);
-                    let dd = pair_lanes(dp.add(2 * p));
-                    let mm = pair_lanes(mp.add(2 * p));
-                    for (i, acc) in acc.iter_mut().enumerate() {
-                        let xq = a.q[i * kp + 64 * p..].as_ptr();
-                        let xl = _mm256_loadu_si256(xq.cast());
-                        let xh = _mm256_loadu_si256(xq.add(32).cast());
-                        let s = _mm256_dpbusd_epi32(
-                            _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, xl),
-                            hi,
-                            xh,
-                        );
-                        let lanes = (i * nbp + 2 * p) * 4;
-                        let dx = _mm256_loadu_ps(a.dx[lanes..].as_ptr());
-                        let sx = _mm256_loadu_ps(a.s[lanes..].as_ptr());
-                        let t = _mm256_fmadd_ps(
-                            _mm256_cvtepi32_ps(s),
-                            _mm256_mul_ps(dd, dx),
-                            _mm256_mul_ps(mm, sx),
-                        );
-                        *acc = _mm512_add_ps(*acc, _mm512_castps256_ps512_zero(t));
-                    }
-                }
-            } else {
-                for p in 0..nbp / 2 {
-                    let u = _mm512_loadu_si512(data.add(64 * p).cast());
-                    let dd =
-                        _mm512_permutexvar_ps(two, _mm512_castps128_ps512(load2(dp.add(2 * p))));
-                    let mm =
-                        _mm512_permutexvar_ps(two, _mm512_castps128_ps512(load2(mp.add(2 * p))));
-                    for (i, acc) in acc.iter_mut().enumerate() {
-                        let xv = _mm512_loadu_si512(a.q[i * kp + 64 * p..].as_ptr().cast());
-                        let s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, xv);
-                        let lanes = (i * nbp + 2 * p) * 4;
-                        // 8-bit lanes: block 2p in lanes 0-7, 2p + 1 in 8-15; `dx`/`s` hold
-                        // 4 values per block, so spread them over 8 lanes.
-                        let dx = _mm512_permutexvar_ps(
-                            _mm512_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7, 4, 5, 6, 7),
-                            _mm512_castps256_ps512(_mm256_loadu_ps(a.dx[lanes..].as_ptr())),
-                        );
-                        let sx = _mm512_permutexvar_ps(
-                            _mm512_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7, 4, 5, 6, 7),
-                            _mm512_castps256_ps512(_mm256_loadu_ps(a.s[lanes..].as_ptr())),
-                        );
-                        *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dd, dx), *acc);
-                        *acc = _mm512_fmadd_ps(mm, sx, *acc);
-                    }
+                    acc[j][r] =
+                        _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dd, dx[j]), acc[j][r]);
+                    accm[j][r] = _mm512_fmadd_ps(mm, sx[j], accm[j][r]);
                 }
             }
-            for (i, v) in acc.iter().enumerate() {
+        }
+        // A last pair when the blocks are not a multiple of 4.
+        if !nbp.is_multiple_of(4) {
+            let p = nbp / 2 - 1;
+            let low8 = _mm256_set1_epi8(0x0f);
+            for r in 0..R {
+                let v = _mm256_loadu_si256(data.add((row + r) * rb + 32 * p).cast());
+                let lo = _mm256_and_si256(v, low8);
+                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low8);
+                let at = (row + r) * nbp + 2 * p;
+                let dd = pair_lanes(dp.add(at));
+                let mm = pair_lanes(mp.add(at));
+                for j in 0..N {
+                    let x = xq.add((act + j) * kp + 64 * p);
+                    let xl = _mm256_loadu_si256(x.cast());
+                    let xh = _mm256_loadu_si256(x.add(32).cast());
+                    let s = _mm256_dpbusd_epi32(
+                        _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, xl),
+                        hi,
+                        xh,
+                    );
+                    let lanes = ((act + j) * nbp + 2 * p) * 4;
+                    let dx = _mm256_loadu_ps(xdx.add(lanes));
+                    let sx = _mm256_loadu_ps(xs.add(lanes));
+                    let t = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(s),
+                        _mm256_mul_ps(dd, dx),
+                        _mm256_mul_ps(mm, sx),
+                    );
+                    acc[j][r] = _mm512_add_ps(acc[j][r], _mm512_castps256_ps512_zero(t));
+                }
+            }
+        }
+        for j in 0..N {
+            for r in 0..R {
+                let total = _mm512_reduce_add_ps(_mm512_add_ps(acc[j][r], accm[j][r]));
                 // SAFETY: the caller's contract.
-                unsafe { *out.0.add(i * ldo + row) = _mm512_reduce_add_ps(*v) };
+                unsafe { *out.0.add((act + j) * ldo + row + r) = total };
+            }
+        }
+    }
+
+    /// Rows `row..row + R` times activation rows `act..act + N`, 8-bit weights.
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)] // indices into fixed register arrays
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn group8<S: Load, const R: usize, const N: usize>(
+        w: &PackedRef<'_>,
+        ds: &[S],
+        ms: &[S],
+        a: &Activations,
+        row: usize,
+        act: usize,
+        out: OutPtr,
+        ldo: usize,
+    ) {
+        let nbp = packed_blocks(w.k);
+        let rb = packed_row_bytes(w.bits, w.k);
+        let kp = nbp * 32;
+        let (data, dp, mp) = (w.data.as_ptr(), ds.as_ptr(), ms.as_ptr());
+        let (xq, xdx, xs) = (a.q.as_ptr(), a.dx.as_ptr(), a.s.as_ptr());
+        // 2 scales -> lanes [s0 x8, s1 x8]
+        let two = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+        // 8-bit lanes: block 2p in lanes 0-7, 2p + 1 in 8-15; `dx`/`s` hold 4 values per
+        // block, so they are spread over 8 lanes.
+        let spread = _mm512_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7, 4, 5, 6, 7);
+        let mut acc = [[_mm512_setzero_ps(); R]; N];
+        let mut accm = [[_mm512_setzero_ps(); R]; N];
+        let ahead = Ahead::new(w, ds, ms, row, R);
+        for p in 0..nbp / 2 {
+            ahead.step(p, nbp / 2);
+            let mut xv = [_mm512_setzero_si512(); N];
+            let mut dx = [_mm512_setzero_ps(); N];
+            let mut sx = [_mm512_setzero_ps(); N];
+            for j in 0..N {
+                xv[j] = _mm512_loadu_si512(xq.add((act + j) * kp + 64 * p).cast());
+                let lanes = ((act + j) * nbp + 2 * p) * 4;
+                dx[j] = _mm512_permutexvar_ps(
+                    spread,
+                    _mm512_castps256_ps512(_mm256_loadu_ps(xdx.add(lanes))),
+                );
+                sx[j] = _mm512_permutexvar_ps(
+                    spread,
+                    _mm512_castps256_ps512(_mm256_loadu_ps(xs.add(lanes))),
+                );
+            }
+            for r in 0..R {
+                let u = _mm512_loadu_si512(data.add((row + r) * rb + 64 * p).cast());
+                let at = (row + r) * nbp + 2 * p;
+                let dd = _mm512_permutexvar_ps(two, _mm512_castps128_ps512(S::load2(dp.add(at))));
+                let mm = _mm512_permutexvar_ps(two, _mm512_castps128_ps512(S::load2(mp.add(at))));
+                for j in 0..N {
+                    let s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, xv[j]);
+                    acc[j][r] =
+                        _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dd, dx[j]), acc[j][r]);
+                    accm[j][r] = _mm512_fmadd_ps(mm, sx[j], accm[j][r]);
+                }
+            }
+        }
+        for j in 0..N {
+            for r in 0..R {
+                let total = _mm512_reduce_add_ps(_mm512_add_ps(acc[j][r], accm[j][r]));
+                // SAFETY: the caller's contract.
+                unsafe { *out.0.add((act + j) * ldo + row + r) = total };
             }
         }
     }
@@ -712,6 +994,26 @@ mod tests {
             }
         }
         assert!(pack(QType::Q6K, &[0; 210], 1, 256).is_err());
+    }
+
+    #[test]
+    fn scales_are_f16_where_f16_holds_them() {
+        let kind = |qt: QType| {
+            let p = pack(qt, &random_blocks(qt, 4, 256, 7), 4, 256).unwrap();
+            matches!(p.scales, Scales::F16 { .. })
+        };
+        // The 32-weight formats' scales are f16 in the file; Q4_K's products of two are not.
+        assert!(kind(QType::Q4_0) && kind(QType::Q4_1) && kind(QType::Q8_0));
+        assert!(!kind(QType::Q4K));
+        assert_eq!(f16_exact(1.0), Some(0x3c00));
+        assert_eq!(f16_exact(-0.0), Some(0x8000));
+        assert_eq!(f16_exact(65504.0), Some(0x7bff));
+        assert_eq!(f16_exact(2f32.powi(-24)), Some(1)); // the smallest subnormal
+        assert_eq!(f16_exact(3.0 * 2f32.powi(-20)), Some(0x30)); // a subnormal
+        assert_eq!(f16_exact(1.0 + 2f32.powi(-11)), None); // needs 11 mantissa bits
+        assert_eq!(f16_exact(65536.0), None);
+        assert_eq!(f16_exact(2f32.powi(-25)), None);
+        assert_eq!(f16_exact(f32::NAN), None);
     }
 
     fn check_matmul(path_override: Option<Path>) {

@@ -7,7 +7,8 @@
 //! never moves an array's data). The caller must not resize them.
 //!
 //! Spec (plain Python values, built by `srt.model_executor.cpu_decode`):
-//! - part: `("packed", bits, data u8 [n, bytes], d f32 [n, blocks], m f32 [n, blocks], k)`,
+//! - part: `("packed", bits, data u8 [n, bytes], d [n, blocks], m [n, blocks], k)` (scales
+//!   float32 or uint16 f16 bits),
 //!   `("blocks", qtype, blocks u8 [n, row_bytes], k)` or `("dense", w f32 [n, k])`;
 //! - linear: `{"parts": [part, ...], "bias": f32 [n] or None}`;
 //! - norm: `(weight f32 [size], eps, gemma)`;
@@ -26,7 +27,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 use srt_kernels::decoder::{Act, Decoder, KvLayer, Layer, Linear, Model, Norm, Part, Rope, Step};
 use srt_kernels::quant::QType;
-use srt_kernels::quant_packed::PackedRef;
+use srt_kernels::quant_packed::{PackedRef, ScalesRef};
 
 use crate::errors::value_error;
 
@@ -50,6 +51,25 @@ impl Keep {
         // SAFETY: `obj` is kept alive in `self` (owned by the decoder) and numpy never moves
         // an array's data; the decoder only reads it.
         Ok(unsafe { std::slice::from_raw_parts(ptr, len) })
+    }
+
+    /// A packed matrix's scales: float32, or uint16 (f16 bits).
+    fn scales(
+        &mut self,
+        d: &Bound<'_, PyAny>,
+        m: &Bound<'_, PyAny>,
+        what: &str,
+    ) -> PyResult<ScalesRef<'static>> {
+        if d.extract::<PyReadonlyArrayDyn<'_, u16>>().is_ok() {
+            return Ok(ScalesRef::F16 {
+                d: self.slice(d, what)?,
+                m: self.slice(m, what)?,
+            });
+        }
+        Ok(ScalesRef::F32 {
+            d: self.slice(d, what)?,
+            m: self.slice(m, what)?,
+        })
     }
 
     fn slice_mut(&mut self, obj: &Bound<'_, PyAny>, what: &str) -> PyResult<(*mut f32, usize)> {
@@ -88,8 +108,7 @@ fn part(keep: &mut Keep, obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Part<'s
                 n: rows(&data)?,
                 k: t.get_item(5)?.extract()?,
                 data: keep.slice(&data, what)?,
-                d: keep.slice(&t.get_item(3)?, what)?,
-                m: keep.slice(&t.get_item(4)?, what)?,
+                scales: keep.scales(&t.get_item(3)?, &t.get_item(4)?, what)?,
             }))
         }
         "blocks" => {

@@ -5,7 +5,7 @@
 use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray2, PyReadwriteArray2, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use srt_kernels::quant::{dequantize, matmul, QType};
-use srt_kernels::quant_packed::{self, pack, packed_blocks, PackedRef};
+use srt_kernels::quant_packed::{self, pack, packed_blocks, PackedRef, Scales, ScalesRef};
 
 use crate::errors::value_error;
 
@@ -106,15 +106,48 @@ fn quant_dequantize(
 type PackedArrays<'py> = (
     u8,
     Bound<'py, PyArray2U8>,
-    Bound<'py, PyArray2F32>,
-    Bound<'py, PyArray2F32>,
+    Bound<'py, PyAny>,
+    Bound<'py, PyAny>,
 );
 type PyArray2U8 = numpy::PyArray2<u8>;
-type PyArray2F32 = numpy::PyArray2<f32>;
+
+/// A packed matrix's scale arrays as the caller passed them: float32, or uint16 (f16 bits).
+pub enum ScaleArrays<'py> {
+    F32(PyReadonlyArray2<'py, f32>, PyReadonlyArray2<'py, f32>),
+    F16(PyReadonlyArray2<'py, u16>, PyReadonlyArray2<'py, u16>),
+}
+
+impl<'py> ScaleArrays<'py> {
+    pub fn extract(d: &Bound<'py, PyAny>, m: &Bound<'py, PyAny>) -> PyResult<Self> {
+        if let (Ok(d), Ok(m)) = (d.extract(), m.extract()) {
+            return Ok(ScaleArrays::F32(d, m));
+        }
+        match (d.extract(), m.extract()) {
+            (Ok(d), Ok(m)) => Ok(ScaleArrays::F16(d, m)),
+            _ => Err(value_error(
+                "scales d and m must both be float32 or both uint16 (f16 bits) 2-D arrays",
+            )),
+        }
+    }
+
+    pub fn as_ref(&self) -> PyResult<ScalesRef<'_>> {
+        Ok(match self {
+            ScaleArrays::F32(d, m) => ScalesRef::F32 {
+                d: contiguous(d.as_slice(), "d")?,
+                m: contiguous(m.as_slice(), "m")?,
+            },
+            ScaleArrays::F16(d, m) => ScalesRef::F16 {
+                d: contiguous(d.as_slice(), "d")?,
+                m: contiguous(m.as_slice(), "m")?,
+            },
+        })
+    }
+}
 
 /// GGUF blocks (uint8 `[n, row_bytes]` of `qtype`, `[n, k]` weights) repacked for
-/// `quant_matmul_packed`: (bits, data uint8 `[n, bytes]`, d float32 `[n, blocks]`, m float32
-/// `[n, blocks]`). Q4_0, Q4_1, Q8_0 and Q4_K pack; ValueError for the others.
+/// `quant_matmul_packed`: (bits, data uint8 `[n, bytes]`, d `[n, blocks]`, m `[n, blocks]`),
+/// the scales as uint16 (f16 bits) where f16 holds them exactly, else float32. Q4_0, Q4_1,
+/// Q8_0 and Q4_K pack; ValueError for the others.
 #[pyfunction]
 fn quant_pack<'py>(
     py: Python<'py>,
@@ -129,8 +162,16 @@ fn quant_pack<'py>(
     let nbp = packed_blocks(k);
     let rb = quant_packed::packed_row_bytes(p.bits, k);
     let data = PyArray1::from_vec(py, p.data).reshape([n, rb])?;
-    let d = PyArray1::from_vec(py, p.d).reshape([n, nbp])?;
-    let m = PyArray1::from_vec(py, p.m).reshape([n, nbp])?;
+    let (d, m) = match p.scales {
+        Scales::F32 { d, m } => (
+            PyArray1::from_vec(py, d).reshape([n, nbp])?.into_any(),
+            PyArray1::from_vec(py, m).reshape([n, nbp])?.into_any(),
+        ),
+        Scales::F16 { d, m } => (
+            PyArray1::from_vec(py, d).reshape([n, nbp])?.into_any(),
+            PyArray1::from_vec(py, m).reshape([n, nbp])?.into_any(),
+        ),
+    };
     Ok((p.bits, data, d, m))
 }
 
@@ -143,8 +184,8 @@ fn quant_matmul_packed(
     py: Python<'_>,
     bits: u8,
     data: PyReadonlyArray2<'_, u8>,
-    d: PyReadonlyArray2<'_, f32>,
-    m: PyReadonlyArray2<'_, f32>,
+    d: Bound<'_, PyAny>,
+    m: Bound<'_, PyAny>,
     k: usize,
     x: PyReadonlyArray2<'_, f32>,
     mut out: PyReadwriteArray2<'_, f32>,
@@ -152,13 +193,13 @@ fn quant_matmul_packed(
     threads: usize,
 ) -> PyResult<()> {
     let n = data.shape()[0];
+    let scales = ScaleArrays::extract(&d, &m)?;
     let w = PackedRef {
         bits,
         n,
         k,
         data: contiguous(data.as_slice(), "data")?,
-        d: contiguous(d.as_slice(), "d")?,
-        m: contiguous(m.as_slice(), "m")?,
+        scales: scales.as_ref()?,
     };
     let (x, b, o, mcols) = product_io(&x, &mut out, k, n, col)?;
     py.detach(|| quant_packed::matmul(w, x, b, o, mcols, threads))
