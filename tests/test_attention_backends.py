@@ -157,7 +157,7 @@ def test_torch_native_decode_kernels_match_reference(
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     outs = {}
     for native in (True, False):
-        monkeypatch.setattr(TorchNativeAttnBackend, "_native_decode", lambda self, n=native: n)
+        monkeypatch.setattr(TorchNativeAttnBackend, "_native_cpu", lambda self, n=native: n)
         backend.init_forward_metadata(batch)
         assert (backend._native is not None) == native
         outs[native] = backend.forward(q, k, v, layer, batch)
@@ -166,6 +166,116 @@ def test_torch_native_decode_kernels_match_reference(
     for native, out in outs.items():
         err = (out.double() - want).abs().max().item()
         assert err < tol, f"native={native}: off by {err}"
+
+
+def _extend_case(dtype: torch.dtype, hq: int, hkv: int, d: int, seed: int) -> tuple:
+    """A torch-native backend over pools with random cached prefixes, and an extend batch of
+    uneven sequences (no prefix, a prefix, long) whose new K/V the step stores."""
+    from srt.mem_cache.memory_pool import KVPool, ReqToTokenPool
+    from srt.model_executor.forward_batch import ForwardBatch
+
+    g = torch.Generator().manual_seed(seed)
+    pool = KVPool(512, 1, 1, hkv, d, dtype, "cpu")
+    table = ReqToTokenPool(8, 128, "cpu")
+    for buf in (*pool.k_buffers, *pool.v_buffers):
+        buf[1:] = torch.randn(buf[1:].shape, generator=g).to(dtype)
+    rows, prefix, ext = [4, 1, 6], [0, 9, 30], [5, 40, 3]
+    free = (torch.randperm(500, generator=g) + 1).tolist()
+    out_loc = []
+    for row, p, n in zip(rows, prefix, ext, strict=True):
+        slots = [free.pop() for _ in range(p + n)]
+        table.req_to_token[row, : p + n] = torch.tensor(slots)
+        out_loc += slots[p:]
+    backend = TorchNativeAttnBackend()
+    backend.bind_pools(table, pool)
+    t = sum(ext)
+    batch = ForwardBatch.extend([1] * t, out_loc, rows, prefix, ext, "cpu")
+    q = torch.randn(t, hq, d, generator=g).to(dtype)
+    kv = torch.randn(2, t, hkv, d, generator=g).to(dtype)
+    return backend, batch, q, kv[0], kv[1]
+
+
+def _reference_extend(backend: TorchNativeAttnBackend, batch, q, layer) -> torch.Tensor:
+    """Each new token on its own: its visible keys by table lookup, softmax in float64."""
+    assert backend.kv_pool is not None and backend.req_to_token_pool is not None
+    k_buf, v_buf = backend.kv_pool.get_kv(0)
+    outs = []
+    rows = batch.req_pool_indices.tolist()
+    prefix, ext = batch.extend_prefix_lens.tolist(), batch.extend_seq_lens.tolist()
+    token = 0
+    for row, p, n in zip(rows, prefix, ext, strict=True):
+        for j in range(n):
+            pos = p + j
+            lo = 0 if not layer.sliding_window else max(0, pos - layer.sliding_window + 1)
+            slots = backend.req_to_token_pool.req_to_token[row, lo : pos + 1].long()
+            keys, values = k_buf[slots].double(), v_buf[slots].double()
+            group = q.shape[1] // keys.shape[1]
+            keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+            scores = torch.einsum("hd,nhd->hn", q[token + j].double(), keys) * layer.scaling
+            if layer.logit_softcap:
+                scores = torch.tanh(scores / layer.logit_softcap) * layer.logit_softcap
+            outs.append(torch.einsum("hn,nhd->hd", scores.softmax(-1), values).reshape(-1))
+        token += n
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("hq", "hkv", "d"), [(4, 4, 16), (6, 2, 32), (8, 1, 64)])
+@pytest.mark.parametrize(("window", "softcap"), [(None, None), (7, None), (None, 2.0)])
+def test_torch_native_extend_kernel_matches_reference(
+    dtype: torch.dtype,
+    hq: int,
+    hkv: int,
+    d: int,
+    window: int | None,
+    softcap: float | None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The native extend kernel (one call for the batch) and the SDPA paths (padded or one per
+    # sequence) against a per-token float64 reference.
+    from srt.layers.attention.layer import AttentionLayer
+
+    backend, batch, q, k, v = _extend_case(dtype, hq, hkv, d, seed=hq * d)
+    layer = AttentionLayer(
+        backend, 0, hq, hkv, d, scaling=d**-0.5, sliding_window=window, logit_softcap=softcap
+    )
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    outs = {}
+    for native in (True, False):
+        monkeypatch.setattr(TorchNativeAttnBackend, "_native_cpu", lambda self, n=native: n)
+        backend.init_forward_metadata(batch)
+        assert (backend._native_extend is not None) == native
+        outs[native] = backend.forward(q, k, v, layer, batch)
+        assert outs[native].dtype == dtype and outs[native].shape == (q.shape[0], hq * d)
+    want = _reference_extend(backend, batch, q, layer)
+    for native, out in outs.items():
+        err = (out.double() - want).abs().max().item()
+        assert err < tol, f"native={native}: off by {err}"
+
+
+def test_native_extend_kernel_rejects_what_does_not_fit() -> None:
+    import numpy as np
+
+    from srt._native import paged_extend_attention
+
+    q = np.zeros((5, 4, 8), np.float32)
+    kv = np.zeros((10, 2, 8), np.float32)
+    table = np.zeros((3, 6), np.int32)
+    rows, prefix, ext = (np.array(v, np.int64) for v in ([0, 2], [1, 3], [2, 3]))
+    out = np.empty_like(q)
+    paged_extend_attention(q, kv, kv, table, rows, prefix, ext, 0.5, out, 2)
+    assert np.all(out == 0)
+    table[2, 5] = 10  # one past the pool
+    with pytest.raises(ValueError, match="KV slot 10"):
+        paged_extend_attention(q, kv, kv, table, rows, prefix, ext, 0.5, out, 2)
+    with pytest.raises(ValueError, match="row 3"):
+        paged_extend_attention(q, kv, kv, table, np.array([0, 3]), prefix, ext, 0.5, out, 1)
+    with pytest.raises(ValueError, match="do not fit the table"):
+        paged_extend_attention(q, kv, kv, table, rows, np.array([1, 4]), ext, 0.5, out, 1)
+    with pytest.raises(ValueError, match="expected"):  # 4 new tokens for 5 query rows
+        paged_extend_attention(q, kv, kv, table, rows, prefix, np.array([2, 2]), 0.5, out, 1)
+    with pytest.raises(ValueError, match="float32 or int16"):
+        paged_extend_attention(q.astype(np.float64), kv, kv, table, rows, prefix, ext, 0.5, out, 1)
 
 
 def test_native_decode_kernel_rejects_what_does_not_fit() -> None:

@@ -112,12 +112,13 @@ def test_batched_with_chunks_and_cached_prefix_match_hf(
 
 
 @pytest.mark.parametrize("arch", ["mistral", "gemma2"])
-def test_sdpa_decode_path_matches_hf(
+def test_sdpa_paths_match_hf(
     arch: str, family_paths: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The decode path of non-CPU pools (batched SDPA, or the explicit soft-capped softmax),
-    run here on the CPU in place of the native kernel, windows and soft-caps included."""
-    monkeypatch.setattr(TorchNativeAttnBackend, "_native_decode", lambda self: False)
+    """The decode and extend paths of non-CPU pools (batched SDPA, or the explicit soft-capped
+    softmax), run here on the CPU in place of the native kernels, windows and soft-caps
+    included."""
+    monkeypatch.setattr(TorchNativeAttnBackend, "_native_cpu", lambda self: False)
     path, ids, steps = family_paths[arch], prompt(13, seed=8), 8
     ref_tokens, ref_logits = hf_greedy(path, ids, steps)
     tokens, logits = srt_greedy(make_runner(path, page_size=4), ids, steps)

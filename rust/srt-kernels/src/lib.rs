@@ -2,6 +2,7 @@
 //!
 //! - [`attention`]: decode attention that reads K and V straight from the paged KV pool
 //!   through the request-to-token table (no gathered copy of the keys), GQA, f32 or bf16.
+//! - [`extend`]: extend (prefill) attention over the paged pool for a whole batch in one call.
 //! - [`rope`]: rotary position embedding in place, bit for bit torch's `rotate_half` form.
 //! - [`sampling`]: the draw of sampled tokens (top-k / top-p / min-p, inverse CDF from a
 //!   seeded uniform), bit for bit the computation of srt's torch sampler on the CPU.
@@ -20,6 +21,7 @@ pub mod attention;
 pub mod decoder;
 pub mod elem;
 pub mod elementwise;
+pub mod extend;
 pub mod math;
 pub mod pool;
 pub mod quant;

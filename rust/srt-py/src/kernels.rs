@@ -9,6 +9,7 @@ use numpy::{
 use pyo3::prelude::*;
 use srt_kernels::attention::{paged_decode, PagedDecode};
 use srt_kernels::elem::{Bf16, Elem};
+use srt_kernels::extend::{paged_extend, PagedExtend};
 use srt_kernels::rope::rope_neox;
 use srt_kernels::sampling::{draw, softmax, Draw, Softmax};
 
@@ -24,6 +25,72 @@ fn as_elems<'a, T: Element, E: Elem>(a: &'a PyReadonlyArray3<'_, T>) -> PyResult
     Ok(unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<E>(), s.len()) })
 }
 
+/// q, k, v and out of an attention call as kernel elements.
+type AttnSlices<'a, E> = (&'a [E], &'a [E], &'a [E], &'a mut [E]);
+
+/// The q, k, v and out arrays of an attention call, as numpy arrays of `T`, shapes checked:
+/// q and out `[tokens, heads, d]`, k and v `[slots, kv_heads, d]`.
+struct AttnArrays<'py, T: Element> {
+    q: PyReadonlyArray3<'py, T>,
+    k: PyReadonlyArray3<'py, T>,
+    v: PyReadonlyArray3<'py, T>,
+    out: PyReadwriteArray3<'py, T>,
+}
+
+impl<'py, T: Element> AttnArrays<'py, T> {
+    fn extract(
+        name: &str,
+        q: &Bound<'py, PyAny>,
+        k: &Bound<'py, PyAny>,
+        v: &Bound<'py, PyAny>,
+        out: &Bound<'py, PyAny>,
+    ) -> PyResult<Self> {
+        let a = AttnArrays {
+            q: q.extract()?,
+            k: k.extract()?,
+            v: v.extract()?,
+            out: out.extract()?,
+        };
+        let (qs, ks) = (a.q.shape(), a.k.shape());
+        if a.out.shape() != qs || a.v.shape() != ks || qs[2] != ks[2] {
+            return Err(value_error(format!(
+                "{name}: q {qs:?}, k {ks:?}, v {:?}, out {:?} do not fit",
+                a.v.shape(),
+                a.out.shape()
+            )));
+        }
+        Ok(a)
+    }
+
+    /// (heads, kv heads, head dim)
+    fn heads(&self) -> (usize, usize, usize) {
+        (self.q.shape()[1], self.k.shape()[1], self.q.shape()[2])
+    }
+
+    /// q, k, v as `E` and out as `E`, mutable.
+    fn slices<E: Elem>(&mut self) -> PyResult<AttnSlices<'_, E>> {
+        let (q, k, v) = (
+            as_elems::<T, E>(&self.q)?,
+            as_elems::<T, E>(&self.k)?,
+            as_elems::<T, E>(&self.v)?,
+        );
+        let o = self
+            .out
+            .as_slice_mut()
+            .map_err(|_| value_error("out must be C-contiguous"))?;
+        // SAFETY: as in `as_elems`.
+        let o = unsafe { std::slice::from_raw_parts_mut(o.as_mut_ptr().cast::<E>(), o.len()) };
+        Ok((q, k, v, o))
+    }
+}
+
+fn table_slice<'a>(table: &'a PyReadonlyArray2<'_, i32>) -> PyResult<(&'a [i32], usize)> {
+    let t = table
+        .as_slice()
+        .map_err(|_| value_error("table must be C-contiguous"))?;
+    Ok((t, table.shape()[1]))
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run<T: Element, E: Elem>(
     py: Python<'_>,
@@ -37,44 +104,104 @@ fn run<T: Element, E: Elem>(
     out: &Bound<'_, PyAny>,
     (threads, window, softcap): (usize, usize, f32),
 ) -> PyResult<()> {
-    let (q, k, v): (
-        PyReadonlyArray3<'_, T>,
-        PyReadonlyArray3<'_, T>,
-        PyReadonlyArray3<'_, T>,
-    ) = (q.extract()?, k.extract()?, v.extract()?);
-    let mut out: PyReadwriteArray3<'_, T> = out.extract()?;
-    let (qs, ks) = (q.shape(), k.shape());
-    if out.shape() != qs || v.shape() != ks || qs[2] != ks[2] {
-        return Err(value_error(format!(
-            "paged_decode_attention: q {qs:?}, k {ks:?}, v {:?}, out {:?} do not fit",
-            v.shape(),
-            out.shape()
-        )));
-    }
+    let mut a = AttnArrays::<T>::extract("paged_decode_attention", q, k, v, out)?;
+    let (num_heads, num_kv_heads, head_dim) = a.heads();
+    let (table, table_cols) = table_slice(table)?;
+    let (q, k, v, o) = a.slices::<E>()?;
     let p = PagedDecode {
-        q: as_elems::<T, E>(&q)?,
-        k: as_elems::<T, E>(&k)?,
-        v: as_elems::<T, E>(&v)?,
-        table: table
-            .as_slice()
-            .map_err(|_| value_error("table must be C-contiguous"))?,
-        table_cols: table.shape()[1],
+        q,
+        k,
+        v,
+        table,
+        table_cols,
         rows: rows.as_slice()?,
         lens: lens.as_slice()?,
-        num_heads: qs[1],
-        num_kv_heads: ks[1],
-        head_dim: qs[2],
+        num_heads,
+        num_kv_heads,
+        head_dim,
         scale,
         window,
         softcap,
     };
-    let o = out
-        .as_slice_mut()
-        .map_err(|_| value_error("out must be C-contiguous"))?;
-    // SAFETY: as in `as_elems`.
-    let o = unsafe { std::slice::from_raw_parts_mut(o.as_mut_ptr().cast::<E>(), o.len()) };
     py.detach(|| paged_decode(&p, o, threads))
         .map_err(value_error)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_extend<T: Element, E: Elem>(
+    py: Python<'_>,
+    q: &Bound<'_, PyAny>,
+    k: &Bound<'_, PyAny>,
+    v: &Bound<'_, PyAny>,
+    table: &PyReadonlyArray2<'_, i32>,
+    (rows, prefix, extend): (
+        &PyReadonlyArray1<'_, i64>,
+        &PyReadonlyArray1<'_, i64>,
+        &PyReadonlyArray1<'_, i64>,
+    ),
+    scale: f32,
+    out: &Bound<'_, PyAny>,
+    (threads, window, softcap): (usize, usize, f32),
+) -> PyResult<()> {
+    let mut a = AttnArrays::<T>::extract("paged_extend_attention", q, k, v, out)?;
+    let (num_heads, num_kv_heads, head_dim) = a.heads();
+    let (table, table_cols) = table_slice(table)?;
+    let (q, k, v, o) = a.slices::<E>()?;
+    let p = PagedExtend {
+        q,
+        k,
+        v,
+        table,
+        table_cols,
+        rows: rows.as_slice()?,
+        prefix_lens: prefix.as_slice()?,
+        extend_lens: extend.as_slice()?,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        scale,
+        window,
+        softcap,
+    };
+    py.detach(|| paged_extend(&p, o, threads))
+        .map_err(value_error)
+}
+
+/// Extend (prefill) attention over one layer of the paged KV pool, every sequence of a batch
+/// in one call: the new tokens of sequence `b` (`extend_lens[b]` rows of `q` `[T, Hq, D]`,
+/// sequence after sequence) sit after `prefix_lens[b]` cached tokens and attend causally to
+/// the keys and values (`[slots, Hkv, D]`, the new tokens' already stored) at
+/// `table[rows[b], :prefix + extend]`. Arrays as in `paged_decode_attention`; `window` and
+/// `softcap` likewise. Raises ValueError on shapes or indices that do not fit.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (q, k, v, table, rows, prefix_lens, extend_lens, scale, out, threads, window=0, softcap=0.0))]
+fn paged_extend_attention(
+    py: Python<'_>,
+    q: &Bound<'_, PyAny>,
+    k: &Bound<'_, PyAny>,
+    v: &Bound<'_, PyAny>,
+    table: PyReadonlyArray2<'_, i32>,
+    rows: PyReadonlyArray1<'_, i64>,
+    prefix_lens: PyReadonlyArray1<'_, i64>,
+    extend_lens: PyReadonlyArray1<'_, i64>,
+    scale: f32,
+    out: &Bound<'_, PyAny>,
+    threads: usize,
+    window: usize,
+    softcap: f32,
+) -> PyResult<()> {
+    let opts = (threads, window, softcap);
+    let seqs = (&rows, &prefix_lens, &extend_lens);
+    if q.extract::<PyReadonlyArray3<'_, f32>>().is_ok() {
+        run_extend::<f32, f32>(py, q, k, v, &table, seqs, scale, out, opts)
+    } else if q.extract::<PyReadonlyArray3<'_, i16>>().is_ok() {
+        run_extend::<i16, Bf16>(py, q, k, v, &table, seqs, scale, out, opts)
+    } else {
+        Err(value_error(
+            "paged_extend_attention: q must be a 3-D float32 or int16 (bf16) array",
+        ))
+    }
 }
 
 /// Decode attention over one layer of the paged KV pool: `out[b]` = attention of `q[b]`
@@ -254,6 +381,7 @@ fn sample_softmax<'py>(
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(sample_softmax, m)?)?;
     m.add_function(wrap_pyfunction!(paged_decode_attention, m)?)?;
+    m.add_function(wrap_pyfunction!(paged_extend_attention, m)?)?;
     m.add_function(wrap_pyfunction!(rope_neox_inplace, m)?)?;
     m.add_function(wrap_pyfunction!(sample_draw, m)?)
 }

@@ -1,7 +1,11 @@
-"""Torch-native attention over the paged KV pool (CPU, and a GPU fallback), via SDPA.
+"""Torch-native attention over the paged KV pool (CPU, and a GPU fallback): srt-kernels on the
+CPU, SDPA elsewhere.
 
 - extend: the queries of each sequence's new tokens attend causally to its prefix plus the new
-  keys, read from the pool through `req_to_token[row, :seq_len]`. A batch of many short
+  keys, read from the pool through `req_to_token[row, :seq_len]`. On the CPU with an fp32 or
+  bf16 pool, srt-kernels' paged extend attention (`_native.paged_extend_attention`) takes the
+  whole batch in one call (sliding window and soft-cap included), in parallel over
+  (sequence, KV head, tile of new tokens). Elsewhere, a batch of many short
   sequences runs as one SDPA over queries and keys padded to the longest (`_PaddedExtend`,
   when the padded mask stays small and padding wastes little); otherwise one SDPA per sequence.
 - decode: on the CPU with an fp32 or bf16 pool, srt-kernels' paged decode attention
@@ -21,13 +25,14 @@ kernel takes both as arguments.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from srt._native import paged_decode_attention
+from srt._native import paged_decode_attention, paged_extend_attention
 from srt.layers.attention.base import AttentionBackend
 from srt.layers.attention.layer import AttentionLayer
 from srt.model_executor.forward_batch import ForwardBatch
@@ -105,6 +110,16 @@ class _NativeDecode:
 
 
 @dataclass
+class _NativeExtend:
+    """An extend step's arguments of the native kernel (host arrays, shared with the step)."""
+
+    table: np.ndarray  # [rows, max_context] int32: the whole request-to-token table
+    rows: np.ndarray  # [B] int64
+    prefix_lens: np.ndarray  # [B] int64
+    extend_lens: np.ndarray  # [B] int64
+
+
+@dataclass
 class _ExtendSeq:
     start: int  # first row of this sequence in the step's tokens
     num_new: int
@@ -151,11 +166,12 @@ class TorchNativeAttnBackend(AttentionBackend):
         self._padded: _PaddedExtend | None = None
         self._decode: _PaddedDecode | None = None
         self._native: _NativeDecode | None = None
+        self._native_extend: _NativeExtend | None = None
         # layer id -> (the pool's K tensor, numpy views of K and V) for the native kernel
         self._pool_arrays: dict[int, tuple[torch.Tensor, np.ndarray, np.ndarray]] = {}
 
-    def _native_decode(self) -> bool:
-        """Whether decode steps run the native kernel: a CPU pool of a dtype it reads."""
+    def _native_cpu(self) -> bool:
+        """Whether steps run the native kernels: a CPU pool of a dtype they read."""
         assert self.kv_pool is not None
         return self.kv_pool.device.type == "cpu" and self.kv_pool.dtype in _NATIVE_DECODE_VIEW
 
@@ -163,11 +179,13 @@ class TorchNativeAttnBackend(AttentionBackend):
         assert self.req_to_token_pool is not None, "bind_pools() must be called first"
         table = self.req_to_token_pool.req_to_token
         self._native = None
+        self._native_extend = None
         self._decode = None
+        self._padded = None
         seq_lens = forward_batch.seq_lens_cpu
         if seq_lens is None:
             seq_lens = forward_batch.seq_lens.cpu().numpy()
-        if forward_batch.is_decode and self._native_decode():
+        if forward_batch.is_decode and self._native_cpu():
             rows = forward_batch.req_pool_indices.numpy()
             self._native = _NativeDecode(table.numpy(), rows, np.asarray(seq_lens, np.int64))
             return
@@ -178,6 +196,13 @@ class TorchNativeAttnBackend(AttentionBackend):
         if prefix_lens is None:
             assert forward_batch.extend_prefix_lens is not None
             prefix_lens = forward_batch.extend_prefix_lens.cpu().numpy()
+        if self._native_cpu():
+            rows = forward_batch.req_pool_indices.numpy()
+            prefix = np.ascontiguousarray(prefix_lens, np.int64)
+            self._native_extend = _NativeExtend(
+                table.numpy(), rows, prefix, np.asarray(seq_lens, np.int64) - prefix
+            )
+            return
         self._padded = self._plan_padded(
             forward_batch, np.asarray(seq_lens), np.asarray(prefix_lens)
         )
@@ -258,6 +283,28 @@ class TorchNativeAttnBackend(AttentionBackend):
     ) -> torch.Tensor:
         assert self.kv_pool is not None
         k_buf, v_buf = self.kv_pool.get_kv(layer.layer_id)
+        if self._native_extend is not None:
+            plan = self._native_extend
+            pool = self._pool_views(layer.layer_id, k_buf, v_buf)
+            return self._run_native(
+                q,
+                k_buf.dtype,
+                layer,
+                lambda qa, oa, threads: paged_extend_attention(
+                    qa,
+                    pool[1],
+                    pool[2],
+                    plan.table,
+                    plan.rows,
+                    plan.prefix_lens,
+                    plan.extend_lens,
+                    layer.scaling,
+                    oa,
+                    threads,
+                    layer.sliding_window or 0,
+                    layer.logit_softcap or 0.0,
+                ),
+            )
         if self._padded is not None:
             return self._forward_padded(q, k_buf, v_buf, layer, self._padded)
         out = torch.empty(
@@ -309,14 +356,26 @@ class TorchNativeAttnBackend(AttentionBackend):
         assert self.kv_pool is not None
         k_buf, v_buf = self.kv_pool.get_kv(layer.layer_id)
         if self._native is not None:
-            pool = self._pool_arrays.get(layer.layer_id)
-            if pool is None or pool[0] is not k_buf:
-                view = _NATIVE_DECODE_VIEW[k_buf.dtype]
-                # NOTE: the pool's tensors live as long as the backend: their numpy views
-                # are made once per layer, not per step.
-                pool = (k_buf, k_buf.view(view).numpy(), v_buf.view(view).numpy())
-                self._pool_arrays[layer.layer_id] = pool
-            return self._forward_native(q, pool[1], pool[2], k_buf.dtype, layer, self._native)
+            plan = self._native
+            pool = self._pool_views(layer.layer_id, k_buf, v_buf)
+            return self._run_native(
+                q,
+                k_buf.dtype,
+                layer,
+                lambda qa, oa, threads: paged_decode_attention(
+                    qa,
+                    pool[1],
+                    pool[2],
+                    plan.table,
+                    plan.rows,
+                    plan.lens,
+                    layer.scaling,
+                    oa,
+                    threads,
+                    layer.sliding_window or 0,
+                    layer.logit_softcap or 0.0,
+                ),
+            )
         assert self._decode is not None
         plan = self._decode
         shape = (q.shape[0], plan.mask.shape[-1], *k_buf.shape[1:])
@@ -338,33 +397,33 @@ class TorchNativeAttnBackend(AttentionBackend):
         )
         return o.reshape(b, -1)
 
+    def _pool_views(
+        self, layer_id: int, k_buf: torch.Tensor, v_buf: torch.Tensor
+    ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """(the pool's K tensor, numpy views of K and V) of a layer for the native kernels."""
+        pool = self._pool_arrays.get(layer_id)
+        if pool is None or pool[0] is not k_buf:
+            view = _NATIVE_DECODE_VIEW[k_buf.dtype]
+            # NOTE: the pool's tensors live as long as the backend: their numpy views are
+            # made once per layer, not per step.
+            pool = (k_buf, k_buf.view(view).numpy(), v_buf.view(view).numpy())
+            self._pool_arrays[layer_id] = pool
+        return pool
+
     @staticmethod
-    def _forward_native(
+    def _run_native(
         q: torch.Tensor,
-        k_arr: np.ndarray,
-        v_arr: np.ndarray,
         kv_dtype: torch.dtype,
         layer: AttentionLayer,
-        plan: _NativeDecode,
+        kernel: Callable[[np.ndarray, np.ndarray, int], None],
     ) -> torch.Tensor:
+        """A native kernel's attention of q [T, Hq, D] (in the pool's dtype): [T, Hq * D]."""
         view = _NATIVE_DECODE_VIEW[kv_dtype]
         dtype = q.dtype
         if dtype != kv_dtype:
             q = q.to(kv_dtype)
         q = q.contiguous()
         out = torch.empty_like(q)
-        paged_decode_attention(
-            q.view(view).numpy(),
-            k_arr,
-            v_arr,
-            plan.table,
-            plan.rows,
-            plan.lens,
-            layer.scaling,
-            out.view(view).numpy(),
-            torch.get_num_threads(),
-            layer.sliding_window or 0,
-            layer.logit_softcap or 0.0,
-        )
+        kernel(q.view(view).numpy(), out.view(view).numpy(), torch.get_num_threads())
         out = out.view(q.shape[0], -1)
         return out if out.dtype == dtype else out.to(dtype)
