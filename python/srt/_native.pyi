@@ -320,6 +320,28 @@ def paged_decode_attention(
     included); `softcap` > 0: the scaled scores become `softcap * tanh(score / softcap)`.
     Raises ValueError when shapes, rows, lengths, slots or the soft-cap do not fit."""
 
+def paged_extend_attention(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    table: npt.NDArray[np.int32],
+    rows: npt.NDArray[np.int64],
+    prefix_lens: npt.NDArray[np.int64],
+    extend_lens: npt.NDArray[np.int64],
+    scale: float,
+    out: np.ndarray,
+    threads: int,
+    window: int = 0,
+    softcap: float = 0.0,
+) -> None:
+    """Extend (prefill) attention over one layer of the paged KV pool for a whole batch, into
+    `out` ([T, Hq, D], q's layout): the `extend_lens[b]` new tokens of sequence b (rows of q,
+    sequence after sequence) follow its `prefix_lens[b]` cached tokens and attend causally to
+    the keys and values at `table[rows[b], :prefix + extend]` (the new tokens' own already
+    stored). Arrays, `scale`, `window` and `softcap` as in `paged_decode_attention`; runs in
+    parallel over (sequence, KV head, tile of new tokens), the GIL released. Raises ValueError
+    when shapes, rows, lengths, slots or the soft-cap do not fit."""
+
 def rope_neox_inplace(
     x: np.ndarray,
     positions: npt.NDArray[np.int64],
@@ -374,17 +396,18 @@ def quant_dequantize(
 
 def quant_pack(
     qtype_name: str, w: npt.NDArray[np.uint8], k: int
-) -> tuple[int, npt.NDArray[np.uint8], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+) -> tuple[int, npt.NDArray[np.uint8], np.ndarray, np.ndarray]:
     """GGUF blocks `w` (uint8 [n, row_bytes] of Q4_0, Q4_1, Q8_0 or Q4_K holding [n, k]
     weights) repacked once for `quant_matmul_packed`: (bits 4 or 8, data uint8 [n, bytes],
-    d float32 [n, blocks], m float32 [n, blocks]), the weights being `d * q + m` per 32.
+    d [n, blocks], m [n, blocks]), the weights being `d * q + m` per 32. The scales are
+    uint16 f16 bits where f16 holds every one exactly (Q4_0, Q4_1, Q8_0), else float32 (Q4_K).
     Raises ValueError for other types (Q6_K stays in its blocks: `quant_matmul`)."""
 
 def quant_matmul_packed(
     bits: int,
     data: npt.NDArray[np.uint8],
-    d: npt.NDArray[np.float32],
-    m: npt.NDArray[np.float32],
+    d: np.ndarray,
+    m: np.ndarray,
     k: int,
     x: npt.NDArray[np.float32],
     out: npt.NDArray[np.float32],
