@@ -797,3 +797,149 @@ fn gelu_tanh_and_mul(x: &[f32], out: &mut [f32]) {
         *o = 0.5 * g * (1.0 + inner.tanh()) * u;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Rng(u64);
+    impl Rng {
+        fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    self.0 = self
+                        .0
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    ((self.0 >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+                })
+                .collect()
+        }
+    }
+
+    const H: usize = 32;
+    const D: usize = 8;
+    const I: usize = 48;
+    const V: usize = 40;
+    const POS: usize = 16;
+
+    struct Weights {
+        w: Vec<Vec<f32>>,
+        ones: Vec<f32>,
+        cos: Vec<f32>,
+        sin: Vec<f32>,
+    }
+
+    fn weights() -> Weights {
+        let mut r = Rng(3);
+        let shapes = [(V, H), (H + 2 * 2 * D, H), (H, H), (2 * I, H), (H, I)];
+        let angles: Vec<f32> = (0..POS * D)
+            .map(|i| (i / D) as f32 * 0.1 * ((i % (D / 2)) + 1) as f32)
+            .collect();
+        Weights {
+            w: shapes.iter().map(|&(n, k)| r.vec(n * k, 0.3)).collect(),
+            ones: vec![1.0; H],
+            cos: angles.iter().map(|a| a.cos()).collect(),
+            sin: angles.iter().map(|a| a.sin()).collect(),
+        }
+    }
+
+    fn model(w: &Weights, layers: usize) -> Model<'_> {
+        let dense = |i: usize, n: usize, k: usize| Part::Dense { w: &w.w[i], n, k };
+        let lin = |i: usize, n: usize, k: usize| Linear {
+            parts: vec![dense(i, n, k)],
+            bias: None,
+        };
+        let norm = || Norm {
+            weight: &w.ones,
+            eps: 1e-6,
+            gemma: false,
+        };
+        Model {
+            hidden: H,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: D,
+            intermediate: I,
+            vocab: V,
+            embed: dense(0, V, H),
+            embed_scale: None,
+            layers: (0..layers)
+                .map(|_| Layer {
+                    input_norm: norm(),
+                    qkv: lin(1, H + 4 * D, H),
+                    q_norm: None,
+                    k_norm: None,
+                    rope: Rope {
+                        cos: &w.cos,
+                        sin: &w.sin,
+                    },
+                    scale: 0.35,
+                    window: 0,
+                    softcap: 0.0,
+                    o: lin(2, H, H),
+                    post_attn_norm: norm(),
+                    ff_norms: None,
+                    gate_up: lin(3, 2 * I, H),
+                    down: lin(4, H, I),
+                })
+                .collect(),
+            norm: norm(),
+            lm_head: lin(0, V, H),
+            final_softcap: 0.0,
+            act: Act::Silu,
+        }
+    }
+
+    /// Runs one step of 3 sequences (lengths 1, 3, 2; the cache holds zeros before them).
+    fn step(dec: &Decoder<'_>, ids: &[i64], threads: usize) -> Result<Vec<f32>, KernelError> {
+        let layers = dec.model().layers.len();
+        let mut pools: Vec<(Vec<f32>, Vec<f32>)> = (0..layers)
+            .map(|_| (vec![0.0; 8 * 2 * D], vec![0.0; 8 * 2 * D]))
+            .collect();
+        let mut kv: Vec<KvLayer<'_>> = pools.iter_mut().map(|(k, v)| KvLayer { k, v }).collect();
+        let table: Vec<i32> = (0..3 * 4).map(|i| i % 8).collect();
+        let s = Step {
+            ids,
+            positions: &[0, 2, 1],
+            out_loc: &[0, 6, 9 % 8],
+            table: &table,
+            table_cols: 4,
+            rows: &[0, 1, 2],
+            lens: &[1, 3, 2],
+        };
+        let mut logits = vec![f32::NAN; ids.len() * V];
+        dec.decode(&s, &mut kv, &mut logits, threads)?;
+        Ok(logits)
+    }
+
+    #[test]
+    fn threads_do_not_change_the_logits() {
+        let w = weights();
+        let dec = Decoder::new(model(&w, 2)).unwrap();
+        let one = step(&dec, &[3, 7, 39], 1).unwrap();
+        assert!(one.iter().all(|v| v.is_finite()));
+        for threads in [2, 3] {
+            assert_eq!(step(&dec, &[3, 7, 39], threads).unwrap(), one);
+        }
+    }
+
+    #[test]
+    fn bad_models_and_steps_are_errors() {
+        let w = weights();
+        let mut bad = model(&w, 1);
+        bad.layers[0].down = Linear {
+            parts: vec![Part::Dense {
+                w: &w.w[4],
+                n: H,
+                k: I - 1,
+            }],
+            bias: None,
+        };
+        assert!(Decoder::new(bad).is_err());
+        let dec = Decoder::new(model(&w, 1)).unwrap();
+        let e = step(&dec, &[3, 7, V as i64], 2).unwrap_err();
+        assert!(e.0.contains("vocabulary"), "{e}");
+        assert!(step(&dec, &[3, 7], 2).is_err()); // 2 ids for 3 positions
+    }
+}

@@ -10,9 +10,11 @@
 //! operations of 10-50 us each, and waking a sleeping pool for each costs as much as the work.
 //! Here the pool wakes once per step and members wait for each other by spinning briefly.
 //!
-//! Why claimed chunks rather than one fixed share per member: on a shared machine a member
-//! can lose its core for a scheduler slice. The others then take its chunks instead of
-//! waiting for it, and it catches up (finding nothing left to claim) when it runs again.
+//! Each member starts on its own contiguous share of an operation's chunks (so it streams
+//! its rows of a weight matrix in order, as the prefetchers want), then claims what is left of
+//! the others' shares. Why claimed chunks rather than fixed shares alone: on a shared machine
+//! a member can lose its core for a scheduler slice. The others then take its chunks instead
+//! of waiting for it, and it catches up (finding nothing left to claim) when it runs again.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -25,15 +27,15 @@ use crate::KernelError;
 /// How long a member spins for the others before yielding its core between checks.
 const SPIN: Duration = Duration::from_micros(50);
 
-/// One operation's chunk counters, each on its own cache line.
+/// A counter on its own cache line.
 #[derive(Default)]
 #[repr(align(128))]
-struct Counter {
-    next: AtomicUsize,
-    done: AtomicUsize,
-}
+struct Counter(AtomicUsize);
 
 struct Shared {
+    threads: usize,
+    /// per operation: `threads` cursors (chunks claimed in each member's share), then the
+    /// count of chunks done
     ops: Vec<Counter>,
     failed: AtomicBool,
     error: Mutex<Option<String>>,
@@ -53,8 +55,12 @@ pub fn run<F>(threads: usize, max_ops: usize, body: F) -> Result<(), KernelError
 where
     F: Fn(&mut Member<'_>) + Sync,
 {
+    let threads = threads.max(1);
     let shared = Shared {
-        ops: (0..max_ops).map(|_| Counter::default()).collect(),
+        threads,
+        ops: (0..max_ops * (threads + 1))
+            .map(|_| Counter::default())
+            .collect(),
         failed: AtomicBool::new(false),
         error: Mutex::new(None),
     };
@@ -92,22 +98,28 @@ impl Member<'_> {
     /// The next operation: chunks `0..n`, each run once by some member (`f(chunk)`); returns
     /// when all of them are done. Every member must call `split` in the same order.
     pub fn split(&mut self, n: usize, mut f: impl FnMut(usize)) {
-        let counter = &self.shared.ops[self.op];
+        let t = self.shared.threads;
+        let counters = &self.shared.ops[self.op * (t + 1)..(self.op + 1) * (t + 1)];
         self.op += 1;
-        loop {
-            let i = counter.next.fetch_add(1, Ordering::Relaxed);
-            if i >= n {
-                break;
+        let (cursors, done) = (&counters[..t], &counters[t].0);
+        // Share s: chunks s * n / t .. (s + 1) * n / t; this member's own first.
+        for s in (0..t).map(|k| (self.index + k) % t) {
+            let (start, end) = (s * n / t, (s + 1) * n / t);
+            loop {
+                let i = start + cursors[s].0.fetch_add(1, Ordering::Relaxed);
+                if i >= end {
+                    break;
+                }
+                if let Err(e) = catch_unwind(AssertUnwindSafe(|| f(i))) {
+                    self.fail(e);
+                }
+                // Release: what the chunk wrote is visible to whoever sees the count.
+                done.fetch_add(1, Ordering::AcqRel);
             }
-            if let Err(e) = catch_unwind(AssertUnwindSafe(|| f(i))) {
-                self.fail(e);
-            }
-            // Release: what the chunk wrote is visible to whoever sees the count.
-            counter.done.fetch_add(1, Ordering::AcqRel);
         }
         let start = Instant::now();
         let mut spins = 0u32;
-        while counter.done.load(Ordering::Acquire) < n {
+        while done.load(Ordering::Acquire) < n {
             spins = spins.wrapping_add(1);
             if !spins.is_multiple_of(64) || start.elapsed() < SPIN {
                 std::hint::spin_loop();
