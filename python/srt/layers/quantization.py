@@ -8,8 +8,9 @@ nothing; slices of the input dim only where they fall on block boundaries (else 
 The layers keep the weights in `GGUFBlocks` (a module, so they count as the model's memory) and
 multiply through srt._native's GGUF kernels: activations go in as float32 and the result comes
 back in the activation dtype. Q4_0, Q4_1, Q8_0 and Q4_K run repacked (`quant_matmul_packed`)
-with the activations quantized to int8 per 32 values as llama.cpp does, so products differ
-from the dequantized fp32 ones by that rounding; Q6_K runs in its blocks in f32
+with the activations quantized per 32 values, to int16 on CPUs with AVX-512 VNNI (products
+within ~1e-5 of the dequantized fp32 ones) and to int8 elsewhere, as llama.cpp does (~0.5%:
+enough to change a small model's greedy answers); Q6_K runs in its blocks in f32
 (`quant_matmul`). Inputs of more than KERNEL_MAX_ROWS rows (prefill, big batches) multiply
 the weights dequantized instead, a chunk of rows at a time. The embedding lookup dequantizes
 only the looked-up rows, bit-exact.

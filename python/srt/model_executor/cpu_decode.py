@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # Larger decode batches take the torch forward, whose GGUF layers multiply dequantized
-# weights above this many rows (faster there than the int8 kernels).
+# weights above this many rows (faster there than the integer kernels).
 MAX_BATCH = KERNEL_MAX_ROWS
 
 

@@ -23,7 +23,7 @@ use crate::attention::{self, PagedDecode};
 use crate::elementwise::{rms_norm, silu_and_mul};
 use crate::math::dot;
 use crate::quant::{self, QType};
-use crate::quant_packed::{self, Activations, PackedRef};
+use crate::quant_packed::{self, Acts, PackedRef};
 use crate::rope::rotate_head;
 use crate::team::{self, Member};
 use crate::KernelError;
@@ -730,7 +730,7 @@ fn product(
 ) {
     let ldo = lin.n();
     let k = lin.parts[0].k();
-    let mut acts: [Option<Activations>; 2] = [None, None];
+    let mut acts: [Option<Acts>; 2] = [None, None];
     member.split(plan.len(), |c| {
         let ch = plan[c];
         let rows = ch.start..ch.end;
@@ -740,7 +740,7 @@ fn product(
         match &lin.parts[ch.part] {
             Part::Packed(w) => {
                 let a = acts[usize::from(w.bits == 8)]
-                    .get_or_insert_with(|| Activations::new(x, b, k, w.bits));
+                    .get_or_insert_with(|| Acts::new(x, b, k, w.bits));
                 // SAFETY: as above; `a` was made for w's bits and k.
                 unsafe { quant_packed::rows_into(w, a, b, rows, o, ldo) }
             }

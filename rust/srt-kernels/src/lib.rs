@@ -26,6 +26,7 @@ pub mod math;
 pub mod pool;
 pub mod quant;
 pub mod quant_packed;
+mod quant_wide;
 pub mod rope;
 pub mod sampling;
 pub mod team;
