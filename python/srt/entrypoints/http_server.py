@@ -322,7 +322,7 @@ def launch_server(server_args: ServerArgs) -> int:
             raise UsageError(str(e)) from e
         port_args = PortArgs.new(server_args)
         procs = launch_subprocesses(server_args, port_args)
-        tm = TokenizerManager(server_args, port_args, procs.scheduler_info)
+        tm = TokenizerManager(server_args, port_args, procs.scheduler_info, torch_free=True)
         replicas = range(server_args.dp_size)
         tm.scheduler_pids = [procs.procs[scheduler_name(d, 0)].pid or 0 for d in replicas]
 

@@ -51,6 +51,7 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
+from srt.managers.hf_tokenizer import load_tokenizer
 from srt.managers.io_struct import (
     AbortReq,
     BatchStrOut,
@@ -157,12 +158,13 @@ class TokenizerManager:
         server_args: ServerArgs,
         port_args: PortArgs,
         scheduler_info: dict[str, Any],
+        torch_free: bool = False,
     ) -> None:
-        from transformers import AutoTokenizer
-
+        """`torch_free`: this process is srt's own and must not load torch (the HTTP server):
+        see `hf_tokenizer.load_tokenizer`."""
         self.server_args = server_args
         tokenizer_path = server_args.tokenizer_path or server_args.model_path
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        self.tokenizer = load_tokenizer(tokenizer_path, torch_free=torch_free)
         self.model_path = server_args.model_path or ""
         self.served_model_name = server_args.served_model_name or self.model_path
         self.context_len = int(scheduler_info["context_len"])
