@@ -1,7 +1,7 @@
 """GGUF weights in their blocks against dequantized bf16 and fp32 weights, on the default model.
 
-For each mode (no flags, `--quantization gguf`, `none --dtype bfloat16`, `none --dtype
-float32`), one
+For each mode (no flags, `--quantization gguf`, the same with `--disable-native-decode`,
+`none --dtype bfloat16`, `none --dtype float32`), one
 subprocess starts an `srt.Engine` on the default model (SmolLM2-135M-Instruct Q4_1, CPU), warms
 it up, and times two greedy workloads: one user (1 prompt x `--output-len` tokens) and
 `--users` concurrent prompts (each x `--output-len` tokens), every prompt `--input-len` random
@@ -35,9 +35,11 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-MODES: dict[str, dict[str, str]] = {
+MODES: dict[str, dict[str, str | bool]] = {
     "auto": {},  # what `srt serve` picks on this machine (see srt.model_loader.weight_format)
     "gguf": {"quantization": "gguf"},
+    # the blocks through the torch forward, layer by layer (no native decode step)
+    "gguf-torch": {"quantization": "gguf", "disable_native_decode": True},
     "bf16": {"quantization": "none", "dtype": "bfloat16"},
     "fp32": {"quantization": "none", "dtype": "float32"},
 }

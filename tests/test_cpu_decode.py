@@ -102,7 +102,9 @@ def run_steps(runner: ModelRunner, steps: int, exact: bool, atol: float = 0.0) -
             assert torch.equal(got, want), f"step {step}: {(got - want).abs().max()}"
             assert all(np.array_equal(a, b) for a, b in zip(written, kv_now, strict=True))
         else:
-            torch.testing.assert_close(got, want, rtol=0, atol=atol, msg=lambda m: f"step {step}: {m}")
+            torch.testing.assert_close(
+                got, want, rtol=0, atol=atol, msg=lambda m, s=step: f"step {s}: {m}"
+            )
             for a, b in zip(written, kv_now, strict=True):
                 np.testing.assert_allclose(a, b, rtol=0, atol=atol)
         tokens = want.argmax(-1).tolist()

@@ -78,9 +78,9 @@ class ServerArgs:
     quantization: str = _f(
         "auto",
         "Weights of a .gguf model: gguf keeps its quantized tensors (Q4_0, Q4_1, Q8_0, Q4_K, "
-        "Q6_K) in their blocks and multiplies with srt's CPU kernels (CPU only); none "
-        "dequantizes them to --dtype; auto picks, on a CPU with --dtype auto, bf16 weights "
-        "where the CPU has native bf16 matmuls (AMX / AVX512-BF16), else gguf; otherwise none.",
+        "Q6_K) in their blocks and multiplies with srt's CPU kernels (CPU only; other types "
+        "are dequantized); none dequantizes them to --dtype; auto is gguf on a CPU with "
+        "--dtype auto, none otherwise.",
         QUANTIZATION_CHOICES,
     )
     device: str = _f("auto", "Device: auto (cuda when available, else cpu), cpu or cuda.")

@@ -9,13 +9,13 @@ dense weights and activations, whether to load the GGUF blocks, and why, for the
 - `gguf`: the GGUF file's quantized tensors stay in their blocks and run through srt's CPU
   kernels; activations at `--dtype` (auto: fp32, the kernels' own input). CPU only, and only
   for a model given as a .gguf file.
-- `auto`: `none`, except for a GGUF model on a CPU under `--dtype auto`: there the CPU decides.
-  Where it multiplies bf16 natively (AMX or AVX512-BF16, which oneDNN uses for torch's bf16
-  matmuls), bf16 weights: the default model's matmuls of one decode step take 4.8 ms in bf16
-  against 10.5 ms through the GGUF kernels at batch 1, 10 against 34 at batch 8 (fastest of
-  300 runs, 2 threads, an AMX CPU; benches/RESULTS.md "GGUF weights on a CPU"). Elsewhere
-  torch's bf16 matmul is emulated and its fp32 one reads 5-6x the bytes the blocks take: the
-  blocks, with fp32 activations. An explicit `--dtype` asks for full precision: dense.
+- `auto`: `none`, except for a GGUF model on a CPU under `--dtype auto`: there the blocks, with
+  fp32 activations. A decode step streams every weight from memory once, and the blocks are
+  1/5 of fp32's bytes and 2/5 of bf16's; with the whole step in one native call
+  (`model_executor/cpu_decode.py`) they beat bf16 weights even on CPUs that multiply bf16
+  natively (AMX): the default model decodes one user 4-5x faster and 32 users about as fast
+  (benches/RESULTS.md "the native decode step"). An explicit `--dtype` asks for full
+  precision: dense.
 """
 
 from __future__ import annotations
@@ -25,9 +25,6 @@ from pathlib import Path
 
 from srt.model_loader.gguf import GGUF_BLOCKS_FILE
 
-# /proc/cpuinfo flags of a CPU whose bf16 matmuls are native (oneDNN's AMX / AVX512-BF16 paths).
-NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
-
 
 @dataclass(frozen=True)
 class WeightFormat:
@@ -36,27 +33,13 @@ class WeightFormat:
     reason: str  # one line for the log: what was chosen and why
 
 
-def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
-    """The feature flags of the first CPU listed (empty where the file is unreadable)."""
-    try:
-        with open(cpuinfo) as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
 def resolve_weight_format(
     quantization: str,
     dtype: str,
     device: str,
     model_path: str | Path,
-    flags: frozenset[str] | None = None,
 ) -> WeightFormat:
-    """The weight format for these flags on this machine; ValueError for `gguf` where it
-    cannot run. `flags`: the CPU's feature flags (default: read from /proc/cpuinfo)."""
+    """The weight format for these flags; ValueError for `gguf` where it cannot run."""
     on_cpu = device.split(":")[0] == "cpu"
     has_blocks = (Path(model_path) / GGUF_BLOCKS_FILE).is_file()
     dense_auto = "float32" if on_cpu else "bfloat16"
@@ -86,18 +69,8 @@ def resolve_weight_format(
         return WeightFormat(chosen, False, f"{chosen} weights (GGUF blocks run on the CPU only)")
     if dtype != "auto":
         return WeightFormat(dtype, False, f"{dtype} weights (--dtype {dtype} asks for them)")
-    native = sorted((cpu_flags() if flags is None else flags) & set(NATIVE_BF16_FLAGS))
-    if native:
-        return WeightFormat(
-            "bfloat16",
-            False,
-            f"bfloat16 weights: this CPU multiplies bf16 natively ({', '.join(native)}), "
-            "faster than the GGUF kernels from a few concurrent requests on "
-            "(--quantization gguf: faster for one, and lighter)",
-        )
     return WeightFormat(
         "float32",
         True,
-        "GGUF blocks, float32 activations: this CPU has no native bf16 matmul "
-        f"({' / '.join(NATIVE_BF16_FLAGS)})",
+        "GGUF blocks, float32 activations (--quantization none or a --dtype for dense weights)",
     )
