@@ -420,7 +420,7 @@ impl Acts {
     pub(crate) fn new(x: &[f32], b: usize, k: usize, bits: u8) -> Acts {
         #[cfg(target_arch = "x86_64")]
         if Path::detect() == Path::Vnni512 {
-            return Acts::Wide(WideActs::new(x, b, k, bits));
+            return Acts::Wide(WideActs::new(x, b, k));
         }
         Acts::Narrow(Activations::new(x, b, k, bits))
     }
@@ -597,6 +597,8 @@ pub(crate) mod x86 {
     pub(crate) trait Load: ScaleElem {
         /// Two scales at `p` (a pair of blocks) in the low half of a register.
         unsafe fn load2(p: *const Self) -> __m128;
+        /// The scales at `p` of the lanes `mask` sets (16 lanes; the others 0). AVX-512.
+        unsafe fn load16(p: *const Self, mask: __mmask16) -> __m512;
     }
 
     impl Load for f32 {
@@ -604,12 +606,20 @@ pub(crate) mod x86 {
         unsafe fn load2(p: *const f32) -> __m128 {
             _mm_castpd_ps(_mm_load_sd(p.cast()))
         }
+        #[inline(always)]
+        unsafe fn load16(p: *const f32, mask: __mmask16) -> __m512 {
+            _mm512_maskz_loadu_ps(mask, p)
+        }
     }
 
     impl Load for u16 {
         #[inline(always)]
         unsafe fn load2(p: *const u16) -> __m128 {
             _mm_cvtph_ps(_mm_cvtsi32_si128(p.cast::<i32>().read_unaligned()))
+        }
+        #[inline(always)]
+        unsafe fn load16(p: *const u16, mask: __mmask16) -> __m512 {
+            _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p.cast()))
         }
     }
 

@@ -13,8 +13,8 @@ use crate::quant_packed::{packed_blocks, PackedRef};
 
 /// The activations as int16 per 32 values, in the order the packed weights need.
 pub(crate) struct WideActs {
-    /// `[b, blocks * 32]`: 4-bit layout: per pair of blocks A, B the values
-    /// `A0..15, B0..15, A16..31, B16..31`; 8-bit: in order.
+    /// `[b, blocks * 32]`: per pair of blocks A, B the values `A0..15, B0..15, A16..31,
+    /// B16..31` (the order in which the weights unpack, for either width).
     q: Vec<i16>,
     /// `[b, blocks]`: each block's scale (`x ~ dx * q`).
     dx: Vec<f32>,
@@ -23,7 +23,7 @@ pub(crate) struct WideActs {
 }
 
 impl WideActs {
-    pub(crate) fn new(x: &[f32], b: usize, k: usize, bits: u8) -> WideActs {
+    pub(crate) fn new(x: &[f32], b: usize, k: usize) -> WideActs {
         let nbp = packed_blocks(k);
         let kp = nbp * 32;
         let mut a = WideActs {
@@ -51,14 +51,10 @@ impl WideActs {
                 a.dx[i * nbp + blk] = d;
                 a.sx[i * nbp + blk] = vals.iter().sum();
                 let row = &mut a.q[i * kp..(i + 1) * kp];
-                if bits == 8 {
-                    row[lo..lo + 32].copy_from_slice(&block);
-                } else {
-                    let (pair, second) = (blk / 2, blk % 2);
-                    let base = pair * 64 + 16 * second;
-                    row[base..base + 16].copy_from_slice(&block[..16]);
-                    row[base + 32..base + 48].copy_from_slice(&block[16..]);
-                }
+                let (pair, second) = (blk / 2, blk % 2);
+                let base = pair * 64 + 16 * second;
+                row[base..base + 16].copy_from_slice(&block[..16]);
+                row[base + 32..base + 48].copy_from_slice(&block[16..]);
             }
         }
         a
@@ -152,7 +148,9 @@ mod x86 {
         }
     }
 
-    /// Weight rows four at a time, activation rows two at a time (as the int8 kernel).
+    /// Weight rows two at a time, activation rows four at a time: each unpacked weight vector
+    /// serves four activation rows and each loaded activation vector two weight rows, in
+    /// independent accumulators (registers).
     ///
     /// # Safety
     /// As `super::rows_vnni`.
@@ -170,27 +168,33 @@ mod x86 {
     ) {
         let mut row = range.start;
         while row < range.end {
-            let rows = (range.end - row).min(4);
+            let rows = (range.end - row).min(2);
             let mut i = 0;
             while i < b {
-                let acts = (b - i).min(2);
+                let acts = match b - i {
+                    4.. => 4,
+                    2 | 3 => 2,
+                    _ => 1,
+                };
                 // SAFETY: rows and activation rows in range; the caller's contract.
                 unsafe {
                     match (rows, acts) {
-                        (4, 2) => group::<S, 4, 2>(w, ds, ms, a, row, i, out, ldo),
-                        (4, _) => group::<S, 4, 1>(w, ds, ms, a, row, i, out, ldo),
+                        (2, 4) => group::<S, 2, 4>(w, ds, ms, a, row, i, out, ldo),
+                        (2, 2) => group::<S, 2, 2>(w, ds, ms, a, row, i, out, ldo),
+                        (2, _) => group::<S, 2, 1>(w, ds, ms, a, row, i, out, ldo),
+                        (_, 4) => group::<S, 1, 4>(w, ds, ms, a, row, i, out, ldo),
                         (_, 2) => group::<S, 1, 2>(w, ds, ms, a, row, i, out, ldo),
                         (_, _) => group::<S, 1, 1>(w, ds, ms, a, row, i, out, ldo),
                     }
                 }
                 i += acts;
             }
-            row += if rows == 4 { 4 } else { 1 };
+            row += rows;
         }
     }
 
     /// Rows `row..row + R` times activation rows `act..act + N`: per pair of blocks (64
-    /// weights), 16 i32 lanes, 8 per block.
+    /// weights), 16 i32 lanes, 8 per block; the blocks' offsets (`m * sum(x)`) after.
     #[inline(always)]
     #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
     unsafe fn group<S: Load, const R: usize, const N: usize>(
@@ -211,72 +215,77 @@ mod x86 {
         let low = _mm256_set1_epi8(0x0f);
         // 2 scales -> lanes [s0 x8, s1 x8]
         let two = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-        // The 8-bit layout's two blocks' 16 lanes each, folded to 8 lanes each.
-        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-        let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-        let eighth = _mm512_set1_ps(0.125);
         let mut acc = [[_mm512_setzero_ps(); R]; N];
-        let mut accm = [[_mm512_setzero_ps(); R]; N];
         let ahead = Ahead::new(w, ds, ms, row, R);
         for p in 0..nbp / 2 {
             ahead.step(p, nbp / 2);
             let mut x0 = [_mm512_setzero_si512(); N];
             let mut x1 = [_mm512_setzero_si512(); N];
             let mut dx = [_mm512_setzero_ps(); N];
-            let mut sx = [_mm512_setzero_ps(); N];
             for j in 0..N {
                 let x = xq.add((act + j) * kp + 64 * p);
                 x0[j] = _mm512_loadu_si512(x.cast());
                 x1[j] = _mm512_loadu_si512(x.add(32).cast());
                 let at = (act + j) * nbp + 2 * p;
                 dx[j] = _mm512_permutexvar_ps(two, _mm512_castps128_ps512(f32::load2(xdx.add(at))));
-                let s = _mm512_permutexvar_ps(two, _mm512_castps128_ps512(f32::load2(xsx.add(at))));
-                // 8 lanes a block: each carries an eighth of the block's sum (exact).
-                sx[j] = _mm512_mul_ps(s, eighth);
             }
             for r in 0..R {
                 let at = (row + r) * nbp + 2 * p;
                 let dd = _mm512_permutexvar_ps(two, _mm512_castps128_ps512(S::load2(dp.add(at))));
-                let mm = _mm512_permutexvar_ps(two, _mm512_castps128_ps512(S::load2(mp.add(at))));
-                let src = data.add((row + r) * rb + 32 * p * w.bits as usize / 4);
-                if w.bits == 4 {
-                    // Low nibbles: [A0-15 B0-15], high: [A16-31 B16-31], as the activations.
-                    let v = _mm256_loadu_si256(src.cast());
-                    let lo = _mm512_cvtepu8_epi16(_mm256_and_si256(v, low));
-                    let hi = _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16::<4>(v), low));
-                    for j in 0..N {
-                        let s = _mm512_dpwssd_epi32(
-                            _mm512_dpwssd_epi32(_mm512_setzero_si512(), lo, x0[j]),
-                            hi,
-                            x1[j],
-                        );
-                        let scale = _mm512_mul_ps(dd, dx[j]);
-                        acc[j][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[j][r]);
-                        accm[j][r] = _mm512_fmadd_ps(mm, sx[j], accm[j][r]);
-                    }
+                // The pair's weights as two vectors of 32 bytes, [A0-15 B0-15] and
+                // [A16-31 B16-31], the activations' order.
+                let (lo, hi) = if w.bits == 4 {
+                    let v = _mm256_loadu_si256(data.add((row + r) * rb + 32 * p).cast());
+                    (
+                        _mm256_and_si256(v, low),
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(v), low),
+                    )
                 } else {
-                    let w0 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(src.cast()));
-                    let w1 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(src.add(32).cast()));
-                    for j in 0..N {
-                        let s0 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w0, x0[j]);
-                        let s1 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w1, x1[j]);
-                        let s = _mm512_add_epi32(
-                            _mm512_permutex2var_epi32(s0, even, s1),
-                            _mm512_permutex2var_epi32(s0, odd, s1),
-                        );
-                        let scale = _mm512_mul_ps(dd, dx[j]);
-                        acc[j][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[j][r]);
-                        accm[j][r] = _mm512_fmadd_ps(mm, sx[j], accm[j][r]);
-                    }
+                    let src = data.add((row + r) * rb + 64 * p);
+                    let (va, vb) = (
+                        _mm256_loadu_si256(src.cast()),
+                        _mm256_loadu_si256(src.add(32).cast()),
+                    );
+                    (
+                        _mm256_permute2x128_si256::<0x20>(va, vb),
+                        _mm256_permute2x128_si256::<0x31>(va, vb),
+                    )
+                };
+                let (lo, hi) = (_mm512_cvtepu8_epi16(lo), _mm512_cvtepu8_epi16(hi));
+                for j in 0..N {
+                    let s = _mm512_dpwssd_epi32(
+                        _mm512_dpwssd_epi32(_mm512_setzero_si512(), lo, x0[j]),
+                        hi,
+                        x1[j],
+                    );
+                    let scale = _mm512_mul_ps(dd, dx[j]);
+                    acc[j][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[j][r]);
                 }
             }
         }
         for j in 0..N {
             for r in 0..R {
-                let total = _mm512_reduce_add_ps(_mm512_add_ps(acc[j][r], accm[j][r]));
+                let offsets = offset_sum(mp.add((row + r) * nbp), xsx.add((act + j) * nbp), nbp);
+                let total = _mm512_reduce_add_ps(acc[j][r]) + offsets;
                 // SAFETY: the caller's contract.
                 unsafe { *out.add((act + j) * ldo + row + r) = total };
             }
         }
+    }
+
+    /// `sum(m[i] * sx[i] for i < n)`: a row's block offsets times an activation row's block
+    /// sums, 16 blocks at a time.
+    #[inline(always)]
+    unsafe fn offset_sum<S: Load>(m: *const S, sx: *const f32, n: usize) -> f32 {
+        let mut acc = _mm512_setzero_ps();
+        let mut i = 0;
+        while i < n {
+            let count = (n - i).min(16);
+            let mask: __mmask16 = if count == 16 { !0 } else { (1u16 << count) - 1 };
+            let x = _mm512_maskz_loadu_ps(mask, sx.add(i));
+            acc = _mm512_fmadd_ps(S::load16(m.add(i), mask), x, acc);
+            i += 16;
+        }
+        _mm512_reduce_add_ps(acc)
     }
 }
