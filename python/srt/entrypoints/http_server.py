@@ -29,6 +29,7 @@ import sys
 import threading
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -54,6 +55,7 @@ from srt.entrypoints.parse_routes import register_parse_routes
 from srt.entrypoints.uvicorn_serve import serve_and_announce
 from srt.entrypoints.web.openapi import install_openapi, request_body
 from srt.entrypoints.web.pages import register_pages
+from srt.managers.hf_tokenizer import load_tokenizer, tokenizer_path_of
 from srt.managers.tokenizer_manager import (
     ClientDisconnected,
     RuntimeDeadError,
@@ -321,8 +323,16 @@ def launch_server(server_args: ServerArgs) -> int:
         except (FileNotFoundError, ValueError) as e:
             raise UsageError(str(e)) from e
         port_args = PortArgs.new(server_args)
-        procs = launch_subprocesses(server_args, port_args)
-        tm = TokenizerManager(server_args, port_args, procs.scheduler_info, torch_free=True)
+        # NOTE: the tokenizer loads (without torch) while the children start: the scheduler's
+        # start is the long part, and this one's own ~1 s then costs nothing.
+        with ThreadPoolExecutor(1, thread_name_prefix="srt-load-tokenizer") as loader:
+            tokenizer = loader.submit(
+                load_tokenizer, tokenizer_path_of(server_args), torch_free=True
+            )
+            procs = launch_subprocesses(server_args, port_args)
+            tm = TokenizerManager(
+                server_args, port_args, procs.scheduler_info, tokenizer=tokenizer.result()
+            )
         replicas = range(server_args.dp_size)
         tm.scheduler_pids = [procs.procs[scheduler_name(d, 0)].pid or 0 for d in replicas]
 

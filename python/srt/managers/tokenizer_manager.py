@@ -51,7 +51,7 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
-from srt.managers.hf_tokenizer import load_tokenizer
+from srt.managers.hf_tokenizer import load_tokenizer, tokenizer_path_of
 from srt.managers.io_struct import (
     AbortReq,
     BatchStrOut,
@@ -158,13 +158,14 @@ class TokenizerManager:
         server_args: ServerArgs,
         port_args: PortArgs,
         scheduler_info: dict[str, Any],
-        torch_free: bool = False,
+        tokenizer: Any | None = None,
     ) -> None:
-        """`torch_free`: this process is srt's own and must not load torch (the HTTP server):
-        see `hf_tokenizer.load_tokenizer`."""
+        """`tokenizer`: the HF tokenizer, already loaded (the HTTP server loads it while the
+        children start, without torch: `hf_tokenizer.load_tokenizer`); None: load it here."""
         self.server_args = server_args
-        tokenizer_path = server_args.tokenizer_path or server_args.model_path
-        self.tokenizer = load_tokenizer(tokenizer_path, torch_free=torch_free)
+        if tokenizer is None:
+            tokenizer = load_tokenizer(tokenizer_path_of(server_args), torch_free=False)
+        self.tokenizer = tokenizer
         self.model_path = server_args.model_path or ""
         self.served_model_name = server_args.served_model_name or self.model_path
         self.context_len = int(scheduler_info["context_len"])
