@@ -414,12 +414,22 @@ pub fn matmul(
 pub(crate) enum Acts {
     Narrow(Activations),
     Wide(WideActs),
+    /// The f32 activations themselves (`[b, k]`), for batches of `FLOAT_MIN_ROWS` rows and
+    /// more on AVX-512 CPUs: the weights are dequantized a few rows at a time instead.
+    Float(Vec<f32>),
 }
+
+/// Activation rows from which AVX-512 CPUs multiply dequantized weight rows by FMA
+/// (`quant_wide::rows_float`): below, the integer kernel's memory traffic hides its work.
+const FLOAT_MIN_ROWS: usize = 6;
 
 impl Acts {
     pub(crate) fn new(x: &[f32], b: usize, k: usize, bits: u8) -> Acts {
         #[cfg(target_arch = "x86_64")]
         if Path::detect() == Path::Vnni512 {
+            if b >= FLOAT_MIN_ROWS {
+                return Acts::Float(x[..b * k].to_vec());
+            }
             return Acts::Wide(WideActs::new(x, b, k));
         }
         Acts::Narrow(Activations::new(x, b, k, bits))
@@ -445,8 +455,12 @@ pub(crate) unsafe fn rows_into(
         Acts::Narrow(a) => unsafe { run_rows(Path::detect(), w, a, b, range, OutPtr(out), ldo) },
         #[cfg(target_arch = "x86_64")]
         Acts::Wide(a) => unsafe { crate::quant_wide::rows_vnni(w, a, b, range, out, ldo) },
+        #[cfg(target_arch = "x86_64")]
+        Acts::Float(x) => unsafe { crate::quant_wide::rows_float(w, x, b, range, out, ldo) },
         #[cfg(not(target_arch = "x86_64"))]
-        Acts::Wide(_) => unreachable!("wide activations are made for VNNI CPUs only"),
+        Acts::Wide(_) | Acts::Float(_) => {
+            unreachable!("wide and float activations are made for VNNI CPUs only")
+        }
     }
 }
 
@@ -774,6 +788,9 @@ mod tests {
                 (37, 576, 2),
                 (70, 1536, 3),
                 (9, 64, 1),
+                // batches: the float path on AVX-512 CPUs (FLOAT_MIN_ROWS rows and more)
+                (37, 576, 6),
+                (70, 1536, 8),
             ] {
                 if !k.is_multiple_of(qt.block_elems()) {
                     continue;

@@ -1,5 +1,6 @@
-//! Packed GGUF weights ([`crate::quant_packed`]) times activations held as int16 per 32
-//! values, on CPUs with AVX-512 VNNI (`vpdpwssd`).
+//! Packed GGUF weights ([`crate::quant_packed`]) times activations on CPUs with AVX-512
+//! VNNI: held as int16 per 32 values (`vpdpwssd`) for a few activation rows, and as they
+//! are (f32) against weight rows dequantized a few at a time for batches (`rows_float`).
 //!
 //! The int8 activations of llama.cpp (and of the AVX2 path here) round every value to one of
 //! 255 steps of its block's largest: products drift from the float ones by ~0.5%, and a
@@ -287,5 +288,152 @@ mod x86 {
             i += 16;
         }
         _mm512_reduce_add_ps(acc)
+    }
+}
+
+/// Float rows: for batches, the weights are dequantized a few rows at a time into a small
+/// buffer (exact: `d * q + m`) and multiplied with the f32 activations by FMA, each weight
+/// vector against four activation rows and each activation vector against four weight rows.
+/// The products are the fp32 ones (up to summation order), and per multiply-add this does
+/// less port work than `vpdpwssd` plus its per-block scaling once the batch amortizes the
+/// dequantization.
+///
+/// # Safety
+/// As `rows_vnni`; `x` holds `[b, k]` f32 values.
+#[cfg(target_arch = "x86_64")]
+pub(crate) unsafe fn rows_float(
+    w: &PackedRef<'_>,
+    x: &[f32],
+    b: usize,
+    range: std::ops::Range<usize>,
+    out: *mut f32,
+    ldo: usize,
+) {
+    use crate::quant_packed::ScalesRef;
+    // SAFETY (both arms): the caller's contract.
+    match w.scales {
+        ScalesRef::F32 { d, m } => unsafe { float::rows(w, d, m, x, b, range, out, ldo) },
+        ScalesRef::F16 { d, m } => unsafe { float::rows(w, d, m, x, b, range, out, ldo) },
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod float {
+    use std::arch::x86_64::*;
+
+    use crate::quant_packed::x86::Load;
+    use crate::quant_packed::{packed_blocks, packed_row_bytes, PackedRef};
+
+    /// Weight rows dequantized at a time.
+    const R: usize = 4;
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn rows<S: Load>(
+        w: &PackedRef<'_>,
+        ds: &[S],
+        ms: &[S],
+        x: &[f32],
+        b: usize,
+        range: std::ops::Range<usize>,
+        out: *mut f32,
+        ldo: usize,
+    ) {
+        let k = w.k;
+        let mut buf = vec![0f32; R * k];
+        let mut row = range.start;
+        while row < range.end {
+            let rows = (range.end - row).min(R);
+            for r in 0..rows {
+                dequantize(w, ds, ms, row + r, &mut buf[r * k..(r + 1) * k]);
+            }
+            let mut i = 0;
+            while i < b {
+                let acts = (b - i).min(4);
+                // SAFETY: the caller's contract; rows and acts in range.
+                unsafe {
+                    match (rows, acts) {
+                        (4, 4) => tile::<4, 4>(&buf, x, k, row, i, out, ldo),
+                        (4, 3) => tile::<4, 3>(&buf, x, k, row, i, out, ldo),
+                        (4, 2) => tile::<4, 2>(&buf, x, k, row, i, out, ldo),
+                        (4, _) => tile::<4, 1>(&buf, x, k, row, i, out, ldo),
+                        (3, _) => tile::<3, 1>(&buf, x, k, row, i, out, ldo),
+                        (2, _) => tile::<2, 1>(&buf, x, k, row, i, out, ldo),
+                        (_, _) => tile::<1, 1>(&buf, x, k, row, i, out, ldo),
+                    }
+                }
+                // Fewer than 4 weight rows go one activation row at a time.
+                i += if rows == 4 { acts } else { 1 };
+            }
+            row += rows;
+        }
+    }
+
+    /// Row `row` of `w` as f32 into `dst` (`k` values), 16 at a time.
+    #[inline(always)]
+    unsafe fn dequantize<S: Load>(
+        w: &PackedRef<'_>,
+        ds: &[S],
+        ms: &[S],
+        row: usize,
+        dst: &mut [f32],
+    ) {
+        let nbp = packed_blocks(w.k);
+        let rb = packed_row_bytes(w.bits, w.k);
+        let data = w.data.as_ptr().add(row * rb);
+        let low = _mm_set1_epi8(0x0f);
+        for blk in 0..w.k / 32 {
+            let d = _mm512_set1_ps(ds[row * nbp + blk].to_f32());
+            let m = _mm512_set1_ps(ms[row * nbp + blk].to_f32());
+            let (q0, q1) = if w.bits == 4 {
+                // Element j < 16 in the low nibble of byte j, j + 16 in the high one.
+                let v = _mm_loadu_si128(data.add(16 * blk).cast());
+                (
+                    _mm_and_si128(v, low),
+                    _mm_and_si128(_mm_srli_epi16::<4>(v), low),
+                )
+            } else {
+                let p = data.add(32 * blk);
+                (_mm_loadu_si128(p.cast()), _mm_loadu_si128(p.add(16).cast()))
+            };
+            let out = dst.as_mut_ptr().add(32 * blk);
+            for (half, q) in [(0, q0), (16, q1)] {
+                let qf = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q));
+                _mm512_storeu_ps(out.add(half), _mm512_fmadd_ps(qf, d, m));
+            }
+        }
+    }
+
+    /// `out[act + j][row + r] = buf[r] . x[act + j]` for R2 rows and N activation rows.
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn tile<const R2: usize, const N: usize>(
+        buf: &[f32],
+        x: &[f32],
+        k: usize,
+        row: usize,
+        act: usize,
+        out: *mut f32,
+        ldo: usize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); N]; R2];
+        let (wp, xp) = (buf.as_ptr(), x.as_ptr());
+        for c in (0..k).step_by(16) {
+            let mut xv = [_mm512_setzero_ps(); N];
+            for j in 0..N {
+                xv[j] = _mm512_loadu_ps(xp.add((act + j) * k + c));
+            }
+            for r in 0..R2 {
+                let wv = _mm512_loadu_ps(wp.add(r * k + c));
+                for j in 0..N {
+                    acc[r][j] = _mm512_fmadd_ps(wv, xv[j], acc[r][j]);
+                }
+            }
+        }
+        for r in 0..R2 {
+            for j in 0..N {
+                *out.add((act + j) * ldo + row + r) = _mm512_reduce_add_ps(acc[r][j]);
+            }
+        }
     }
 }
