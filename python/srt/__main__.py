@@ -24,7 +24,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"srt serve: error: {e}", file=sys.stderr)
         return 2
-    from srt.entrypoints.http_server import launch_server
+    from srt.entrypoints.serve import launch_server
 
     return launch_server(server_args)
 
