@@ -24,8 +24,9 @@ use std::time::{Duration, Instant};
 use crate::pool::pool;
 use crate::KernelError;
 
-/// How long a member spins for the others before yielding its core between checks.
+/// How long a member spins for the others before sleeping `NAP`s between checks.
 const SPIN: Duration = Duration::from_micros(50);
+const NAP: Duration = Duration::from_micros(20);
 
 /// A counter on its own cache line.
 #[derive(Default)]
@@ -124,7 +125,9 @@ impl Member<'_> {
             if !spins.is_multiple_of(64) || start.elapsed() < SPIN {
                 std::hint::spin_loop();
             } else {
-                std::thread::yield_now();
+                // NOTE: a sleep, not a yield: an idle core lets the kernel move a member that
+                // waits for its core (beside another busy process) onto this one.
+                std::thread::sleep(NAP);
             }
         }
     }
