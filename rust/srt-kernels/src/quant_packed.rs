@@ -421,7 +421,7 @@ pub(crate) enum Acts {
 
 /// Activation rows from which AVX-512 CPUs multiply dequantized weight rows by FMA
 /// (`quant_wide::rows_float`): below, the integer kernel's memory traffic hides its work.
-const FLOAT_MIN_ROWS: usize = 6;
+const FLOAT_MIN_ROWS: usize = 8;
 
 impl Acts {
     pub(crate) fn new(x: &[f32], b: usize, k: usize, bits: u8) -> Acts {
@@ -789,7 +789,7 @@ mod tests {
                 (70, 1536, 3),
                 (9, 64, 1),
                 // batches: the float path on AVX-512 CPUs (FLOAT_MIN_ROWS rows and more)
-                (37, 576, 6),
+                (37, 576, 8),
                 (70, 1536, 8),
             ] {
                 if !k.is_multiple_of(qt.block_elems()) {
