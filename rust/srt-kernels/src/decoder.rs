@@ -7,7 +7,7 @@
 //! [`Decoder::decode`] runs the step (embedding lookup, every layer, the final norm and the
 //! logits) as one walk of a [`team`] of threads over the same kernels srt's layers call one
 //! by one: [`rms_norm`], the packed GGUF product ([`quant_packed`]), the GGUF block product
-//! ([`quant`]), [`rotate_head`] and the paged decode [`attention`]. Each row and each output
+//! ([`quant`]), `rotate_head` and the paged decode [`attention`]. Each row and each output
 //! column is computed by the same code in the same order as the layer-by-layer path, so the
 //! two agree to the bit for the GGUF formats (dense f32 weights use their own dot product).
 //!
@@ -30,7 +30,8 @@ use crate::KernelError;
 
 /// One weight matrix `[n, k]` in one of the forms the kernels multiply.
 pub enum Part<'a> {
-    /// Repacked GGUF weights ([`quant_packed::pack`]), int8 activations.
+    /// Repacked GGUF weights ([`quant_packed::pack`]), integer or f32 activations (the CPU's
+    /// kernel: `quant_packed::Acts`).
     Packed(PackedRef<'a>),
     /// GGUF blocks of `qt` (`[n, row_bytes]`), f32 activations.
     Blocks {

@@ -8,7 +8,7 @@
 //! same numbers as the GGUF blocks' (`dequantize` of either gives the same f32 values).
 //!
 //! [`matmul`] takes the activations as integers per 32 values and multiplies in integer
-//! arithmetic: int16 with AVX-512 VNNI (`vpdpwssd`, [`crate::quant_wide`]) where the CPU has
+//! arithmetic: int16 with AVX-512 VNNI (`vpdpwssd`, `quant_wide`) where the CPU has
 //! it, else int8 (llama.cpp's Q8 of the activations) with AVX2 (`vpmaddubsw`), else plain
 //! Rust. A decode step streams every weight once: the kernels prefetch ahead of their rows.
 
@@ -409,8 +409,9 @@ pub fn matmul(
     Ok(())
 }
 
-/// The activations of a product in the form this CPU's kernel takes: int16 per 32 values
-/// where the CPU has AVX-512 VNNI ([`crate::quant_wide`]), else int8.
+/// The activations of a product in the form this CPU's kernel takes: where the CPU has
+/// AVX-512 VNNI (`quant_wide`), int16 per 32 values for a few rows and f32 for
+/// batches; else int8.
 pub(crate) enum Acts {
     Narrow(Activations),
     Wide(WideActs),

@@ -47,7 +47,7 @@ pub struct Softmax<'a> {
 }
 
 /// Writes each row's probabilities, softmax((logits - frequency * count - presence *
-/// [count > 0]) / temperature), into `probs`, and the first maximum of its penalised logits
+/// \[count > 0\]) / temperature), into `probs`, and the first maximum of its penalised logits
 /// (a greedy row's token) into `argmax`.
 pub fn softmax(s: &Softmax<'_>, probs: &mut [f32], argmax: &mut [i64]) -> Result<(), KernelError> {
     let (n, v) = (argmax.len(), s.vocab);
