@@ -52,15 +52,17 @@ impl<E: Elem> PagedDecode<'_, E> {
 
     pub(crate) fn validate(&self, out_len: usize) -> Result<(), KernelError> {
         let err = |m: String| Err(KernelError(m));
-        let (hq, hkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        if hq == 0 || hkv == 0 || d == 0 || hq % hkv != 0 {
-            return err(format!(
-                "{hq} query heads must be a positive multiple of {hkv} KV heads (head_dim {d})"
-            ));
-        }
-        if !(self.softcap >= 0.0 && self.softcap.is_finite()) {
-            return err(format!("soft-cap {} must be finite and >= 0", self.softcap));
-        }
+        let (hq, d) = (self.num_heads, self.head_dim);
+        let table_rows = check_layout(&PoolLayout {
+            num_heads: hq,
+            num_kv_heads: self.num_kv_heads,
+            head_dim: d,
+            softcap: self.softcap,
+            k: self.k.len(),
+            v: self.v.len(),
+            table: self.table.len(),
+            table_cols: self.table_cols,
+        })?;
         let b = self.batch();
         if self.lens.len() != b {
             return err(format!("{} lengths for {b} rows", self.lens.len()));
@@ -71,22 +73,7 @@ impl<E: Elem> PagedDecode<'_, E> {
                 self.q.len()
             ));
         }
-        let kv_row = hkv * d;
-        if self.k.len() != self.v.len() || !self.k.len().is_multiple_of(kv_row) {
-            return err(format!(
-                "k ({}) and v ({}) must both be [slots, {hkv}, {d}]",
-                self.k.len(),
-                self.v.len()
-            ));
-        }
         let cols = self.table_cols;
-        if cols == 0 || !self.table.len().is_multiple_of(cols) {
-            return err(format!(
-                "table of {} entries is not [rows, {cols}]",
-                self.table.len()
-            ));
-        }
-        let table_rows = self.table.len() / cols;
         for (&row, &len) in self.rows.iter().zip(self.lens) {
             if row < 0 || row as usize >= table_rows {
                 return err(format!(
@@ -99,6 +86,47 @@ impl<E: Elem> PagedDecode<'_, E> {
         }
         Ok(())
     }
+}
+
+/// The sizes an attention call over the paged pool reads (decode and extend alike).
+pub(crate) struct PoolLayout {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub softcap: f32,
+    /// lengths of the pool's K and V and of the request-to-token table
+    pub k: usize,
+    pub v: usize,
+    pub table: usize,
+    pub table_cols: usize,
+}
+
+/// Checks the heads, the soft-cap, the pool (`[slots, kv_heads, head_dim]` each) and the
+/// table (`[rows, cols]`); returns the table's rows.
+pub(crate) fn check_layout(l: &PoolLayout) -> Result<usize, KernelError> {
+    let err = |m: String| Err(KernelError(m));
+    let (hq, hkv, d) = (l.num_heads, l.num_kv_heads, l.head_dim);
+    if hq == 0 || hkv == 0 || d == 0 || !hq.is_multiple_of(hkv) {
+        return err(format!(
+            "{hq} query heads must be a positive multiple of {hkv} KV heads (head_dim {d})"
+        ));
+    }
+    if !(l.softcap >= 0.0 && l.softcap.is_finite()) {
+        return err(format!("soft-cap {} must be finite and >= 0", l.softcap));
+    }
+    if l.k != l.v || !l.k.is_multiple_of(hkv * d) {
+        return err(format!(
+            "k ({}) and v ({}) must both be [slots, {hkv}, {d}]",
+            l.k, l.v
+        ));
+    }
+    if l.table_cols == 0 || !l.table.is_multiple_of(l.table_cols) {
+        return err(format!(
+            "table of {} entries is not [rows, {}]",
+            l.table, l.table_cols
+        ));
+    }
+    Ok(l.table / l.table_cols)
 }
 
 /// Below this many (position, KV head) pairs a call runs on the calling thread: waking the

@@ -16,6 +16,7 @@
 
 use rayon::prelude::*;
 
+use crate::attention::{check_layout, PoolLayout};
 use crate::elem::Elem;
 use crate::math::{dot, exp_nonpositive, sum};
 use crate::pool::pool;
@@ -62,15 +63,17 @@ struct Task {
 impl<E: Elem> PagedExtend<'_, E> {
     fn validate(&self, out_len: usize) -> Result<Vec<Task>, KernelError> {
         let err = |m: String| Err(KernelError(m));
-        let (hq, hkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        if hq == 0 || hkv == 0 || d == 0 || !hq.is_multiple_of(hkv) {
-            return err(format!(
-                "{hq} query heads must be a positive multiple of {hkv} KV heads (head_dim {d})"
-            ));
-        }
-        if !(self.softcap >= 0.0 && self.softcap.is_finite()) {
-            return err(format!("soft-cap {} must be finite and >= 0", self.softcap));
-        }
+        let (hq, d) = (self.num_heads, self.head_dim);
+        let table_rows = check_layout(&PoolLayout {
+            num_heads: hq,
+            num_kv_heads: self.num_kv_heads,
+            head_dim: d,
+            softcap: self.softcap,
+            k: self.k.len(),
+            v: self.v.len(),
+            table: self.table.len(),
+            table_cols: self.table_cols,
+        })?;
         let b = self.rows.len();
         if self.prefix_lens.len() != b || self.extend_lens.len() != b {
             return err(format!(
@@ -80,21 +83,6 @@ impl<E: Elem> PagedExtend<'_, E> {
             ));
         }
         let cols = self.table_cols;
-        if cols == 0 || !self.table.len().is_multiple_of(cols) {
-            return err(format!(
-                "table of {} entries is not [rows, {cols}]",
-                self.table.len()
-            ));
-        }
-        let width = hkv * d;
-        if self.k.len() != self.v.len() || !self.k.len().is_multiple_of(width) {
-            return err(format!(
-                "k ({}) and v ({}) must both be [slots, {hkv}, {d}]",
-                self.k.len(),
-                self.v.len()
-            ));
-        }
-        let table_rows = self.table.len() / cols;
         let mut tasks = Vec::new();
         let mut token = 0usize;
         for s in 0..b {
@@ -110,7 +98,7 @@ impl<E: Elem> PagedExtend<'_, E> {
                 ));
             }
             let n = n as usize;
-            for head in 0..hkv {
+            for head in 0..self.num_kv_heads {
                 for first in (0..n).step_by(TILE) {
                     tasks.push(Task {
                         seq: s,

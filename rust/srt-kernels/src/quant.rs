@@ -308,38 +308,18 @@ fn has_avx2_fma() -> bool {
 }
 
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
+pub(crate) struct SendPtr(pub(crate) *mut f32);
 // SAFETY: tasks write disjoint elements (see `matmul`).
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
-/// Rows `range` of `w` times the f32 rows of `x` (`[b, k]`), into `out[i * ldo + row]`.
-///
-/// # Safety
-/// `w` is checked for `qt`, `n >= range.end` and `k`; `out` holds `[b, ldo]` values with
-/// `range.end <= ldo`, and no one else reads or writes these rows' columns meanwhile.
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn rows_into(
-    qt: QType,
-    w: &[u8],
-    k: usize,
-    x: &[f32],
-    b: usize,
-    range: std::ops::Range<usize>,
-    out: *mut f32,
-    ldo: usize,
-) {
-    // SAFETY: the caller's contract.
-    unsafe { matmul_rows(qt, w, k, x, b, range, SendPtr(out), ldo) }
-}
-
 /// Rows `range` of the product, each block unpacked once and applied to every row of `x`.
 ///
 /// # Safety
-/// `out` must hold `[b, ldo]` values with `range.end <= ldo`, written by no one else in these
-/// columns.
+/// `w` is checked for `qt`, `range.end` rows and `k`; `out` must hold `[b, ldo]` values with
+/// `range.end <= ldo`, written by no one else in these columns.
 #[allow(clippy::too_many_arguments)]
-unsafe fn matmul_rows(
+pub(crate) unsafe fn matmul_rows(
     qt: QType,
     w: &[u8],
     k: usize,

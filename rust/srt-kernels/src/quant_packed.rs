@@ -308,6 +308,37 @@ pub(crate) struct Activations {
     s: Vec<f32>,
 }
 
+/// Calls `f(row, block, values, d, inv)` for each 32-value block of each of the `b` rows of `x`
+/// (`[b, k]`; `k` rounded up to the packed blocks, so the last blocks may be short or empty),
+/// with `d` the scale that maps the block's largest magnitude to `steps` and `inv` = 1 / d
+/// (0 for an all-zero block): the activations' quantization, shared by their forms.
+pub(crate) fn for_each_block(
+    x: &[f32],
+    b: usize,
+    k: usize,
+    steps: f32,
+    mut f: impl FnMut(usize, usize, &[f32], f32, f32),
+) {
+    for i in 0..b {
+        let xs = &x[i * k..(i + 1) * k];
+        for blk in 0..packed_blocks(k) {
+            let lo = (blk * 32).min(k);
+            let vals = &xs[lo..(lo + 32).min(k)];
+            let amax = vals.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / steps;
+            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+            f(i, blk, vals, d, inv);
+        }
+    }
+}
+
+/// Where the 4-bit layout puts block `blk`'s values 0..16 in a row of activations (its values
+/// 16..32 follow 32 places later): per pair of blocks A, B, `A0..15, B0..15, A16..31, B16..31`.
+#[inline]
+pub(crate) fn pair_offset(blk: usize) -> usize {
+    blk / 2 * 64 + 16 * (blk % 2)
+}
+
 impl Activations {
     pub(crate) fn new(x: &[f32], b: usize, k: usize, bits: u8) -> Activations {
         let nbp = packed_blocks(k);
@@ -318,47 +349,32 @@ impl Activations {
             s: vec![0.0; b * nbp * 4],
         };
         let mut block_q = [0i8; 32];
-        for i in 0..b {
-            let xs = &x[i * k..(i + 1) * k];
-            for blk in 0..nbp {
-                let lo = blk * 32;
-                let vals = if lo < k {
-                    &xs[lo..(lo + 32).min(k)]
-                } else {
-                    &[][..]
-                };
-                let amax = vals.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let d = amax / 127.0;
-                let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-                let mut sum = 0i32;
-                block_q.fill(0);
-                for (q, &v) in block_q.iter_mut().zip(vals) {
-                    let qi = (v * inv).round() as i32;
-                    *q = qi as i8;
-                    sum += qi;
-                }
-                let s = d * sum as f32;
-                let qrow = &mut a.q[i * kp..(i + 1) * kp];
-                if bits == 8 {
-                    qrow[lo..lo + 32].copy_from_slice(&block_q);
-                    let lanes = &mut a.dx[(i * nbp + blk) * 4..][..4];
-                    lanes.fill(d);
-                    // 8 lanes per block in the 8-bit layout (see `dx` of pairs below): the
-                    // two halves of `dx[.. * 4]` hold blocks 2p and 2p + 1.
-                    a.s[(i * nbp + blk) * 4..][..4].fill(s / 8.0);
-                } else {
-                    let (pair, second) = (blk / 2, blk % 2);
-                    let base = pair * 64;
-                    for j in 0..16 {
-                        qrow[base + 16 * second + j] = block_q[j];
-                        qrow[base + 32 + 16 * second + j] = block_q[16 + j];
-                    }
-                    let lanes = (i * nbp + pair * 2) * 4 + 4 * second;
-                    a.dx[lanes..lanes + 4].fill(d);
-                    a.s[lanes..lanes + 4].fill(s / 4.0);
-                }
+        for_each_block(x, b, k, 127.0, |i, blk, vals, d, inv| {
+            let mut sum = 0i32;
+            block_q.fill(0);
+            for (q, &v) in block_q.iter_mut().zip(vals) {
+                let qi = (v * inv).round() as i32;
+                *q = qi as i8;
+                sum += qi;
             }
-        }
+            let s = d * sum as f32;
+            let qrow = &mut a.q[i * kp..(i + 1) * kp];
+            if bits == 8 {
+                qrow[blk * 32..blk * 32 + 32].copy_from_slice(&block_q);
+                let lanes = &mut a.dx[(i * nbp + blk) * 4..][..4];
+                lanes.fill(d);
+                // 8 lanes per block in the 8-bit layout (see `dx` of pairs below): the
+                // two halves of `dx[.. * 4]` hold blocks 2p and 2p + 1.
+                a.s[(i * nbp + blk) * 4..][..4].fill(s / 8.0);
+            } else {
+                let at = pair_offset(blk);
+                qrow[at..at + 16].copy_from_slice(&block_q[..16]);
+                qrow[at + 32..at + 48].copy_from_slice(&block_q[16..]);
+                let lanes = (i * nbp + blk / 2 * 2) * 4 + 4 * (blk % 2);
+                a.dx[lanes..lanes + 4].fill(d);
+                a.s[lanes..lanes + 4].fill(s / 4.0);
+            }
+        });
         a
     }
 }

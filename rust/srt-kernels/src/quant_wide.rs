@@ -10,7 +10,7 @@
 //! integer work of int8, which a decode step hides behind its memory traffic (it streams
 //! every weight once). A block's offset term `m * sum(x)` uses the exact float sum.
 
-use crate::quant_packed::{packed_blocks, PackedRef};
+use crate::quant_packed::{for_each_block, packed_blocks, pair_offset, PackedRef};
 
 /// The activations as int16 per 32 values, in the order the packed weights need.
 pub(crate) struct WideActs {
@@ -33,31 +33,17 @@ impl WideActs {
             sx: vec![0.0; b * nbp],
         };
         let mut block = [0i16; 32];
-        for i in 0..b {
-            let xs = &x[i * k..(i + 1) * k];
-            for blk in 0..nbp {
-                let lo = blk * 32;
-                let vals = if lo < k {
-                    &xs[lo..(lo + 32).min(k)]
-                } else {
-                    &[][..]
-                };
-                let amax = vals.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let d = amax / 32767.0;
-                let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-                block.fill(0);
-                for (q, &v) in block.iter_mut().zip(vals) {
-                    *q = (v * inv).round().clamp(-32767.0, 32767.0) as i16;
-                }
-                a.dx[i * nbp + blk] = d;
-                a.sx[i * nbp + blk] = vals.iter().sum();
-                let row = &mut a.q[i * kp..(i + 1) * kp];
-                let (pair, second) = (blk / 2, blk % 2);
-                let base = pair * 64 + 16 * second;
-                row[base..base + 16].copy_from_slice(&block[..16]);
-                row[base + 32..base + 48].copy_from_slice(&block[16..]);
+        for_each_block(x, b, k, 32767.0, |i, blk, vals, d, inv| {
+            block.fill(0);
+            for (q, &v) in block.iter_mut().zip(vals) {
+                *q = (v * inv).round().clamp(-32767.0, 32767.0) as i16;
             }
-        }
+            a.dx[i * nbp + blk] = d;
+            a.sx[i * nbp + blk] = vals.iter().sum();
+            let (row, at) = (&mut a.q[i * kp..(i + 1) * kp], pair_offset(blk));
+            row[at..at + 16].copy_from_slice(&block[..16]);
+            row[at + 32..at + 48].copy_from_slice(&block[16..]);
+        });
         a
     }
 }
