@@ -46,16 +46,16 @@ MAX_BATCH = 256
 
 class CpuDecodeRunner:
     def __init__(self, runner: ModelRunner, model: LlamaForCausalLM) -> None:
-        self.runner = runner
         self.max_bs = MAX_BATCH
         self.table = runner.req_to_token_pool.req_to_token.numpy()
         kv = [
             (k.numpy(), v.numpy())
             for k, v in zip(runner.kv_pool.k_buffers, runner.kv_pool.v_buffers, strict=True)
         ]
-        self.spec = _model_spec(model)
-        self.decoder = NativeDecoder(self.spec, kv)
-        self.vocab = int(self.spec["vocab"])
+        spec = _model_spec(model)
+        # NOTE: the decoder keeps the spec's arrays alive (and the pool's) as long as it lives.
+        self.decoder = NativeDecoder(spec, kv)
+        self.vocab = int(spec["vocab"])
 
     @classmethod
     def maybe_create(cls, runner: ModelRunner) -> CpuDecodeRunner | None:

@@ -428,24 +428,24 @@ pub fn matmul(
 /// The activations of a product in the form this CPU's kernel takes: where the CPU has
 /// AVX-512 VNNI (`quant_wide`), int16 per 32 values for a few rows and f32 for
 /// batches; else int8.
-pub(crate) enum Acts {
+pub(crate) enum Acts<'x> {
     Narrow(Activations),
     Wide(WideActs),
-    /// The f32 activations themselves (`[b, k]`), for batches of `FLOAT_MIN_ROWS` rows and
-    /// more on AVX-512 CPUs: the weights are dequantized a few rows at a time instead.
-    Float(Vec<f32>),
+    /// The f32 activations themselves (`[b, k]`, borrowed), for batches of `FLOAT_MIN_ROWS`
+    /// rows and more on AVX-512 CPUs: the weights are dequantized a few rows at a time instead.
+    Float(&'x [f32]),
 }
 
 /// Activation rows from which AVX-512 CPUs multiply dequantized weight rows by FMA
 /// (`quant_wide::rows_float`): below, the integer kernel's memory traffic hides its work.
 const FLOAT_MIN_ROWS: usize = 8;
 
-impl Acts {
-    pub(crate) fn new(x: &[f32], b: usize, k: usize, bits: u8) -> Acts {
+impl<'x> Acts<'x> {
+    pub(crate) fn new(x: &'x [f32], b: usize, k: usize, bits: u8) -> Acts<'x> {
         #[cfg(target_arch = "x86_64")]
         if Path::detect() == Path::Vnni512 {
             if b >= FLOAT_MIN_ROWS {
-                return Acts::Float(x[..b * k].to_vec());
+                return Acts::Float(&x[..b * k]);
             }
             return Acts::Wide(WideActs::new(x, b, k));
         }
@@ -460,7 +460,7 @@ impl Acts {
 /// these rows' columns meanwhile; `a` was made by `Acts::new` for `w`'s `k` and `bits`.
 pub(crate) unsafe fn rows_into(
     w: &PackedRef<'_>,
-    a: &Acts,
+    a: &Acts<'_>,
     b: usize,
     range: std::ops::Range<usize>,
     out: *mut f32,

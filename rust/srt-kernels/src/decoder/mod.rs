@@ -559,7 +559,7 @@ fn product(
 ) {
     let ldo = lin.n();
     let k = lin.parts[0].k();
-    let mut acts: [Option<Acts>; 2] = [None, None];
+    let mut acts: [Option<Acts<'_>>; 2] = [None, None];
     member.split(plan.len(), |c| {
         let ch = plan[c];
         let rows = ch.start..ch.end;
