@@ -9,7 +9,7 @@ import pytest
 from test_scheduler import Harness
 from transformers import AutoTokenizer
 
-from srt.constrained.grammar import check_grammar
+from srt.constrained.build import check_grammar
 from srt.sampling_params import SamplingParams
 
 

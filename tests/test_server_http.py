@@ -359,6 +359,37 @@ def test_client_disconnect_aborts_and_server_stays_healthy(server: Server) -> No
     assert httpx.get(server.base + "/health").status_code == 200
 
 
+def test_only_the_scheduler_loads_torch(server: Server, client: openai.OpenAI) -> None:
+    """Requests whose grammar the HTTP process checks (a JSON schema, a regex, a bad schema, a
+    forced tool call) leave the main and detokenizer processes without torch: of the whole
+    server, only the scheduler maps libtorch."""
+    from _tools import WEATHER
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}
+    messages = [{"role": "user", "content": "hi"}]
+    r = client.chat.completions.create(
+        model=server.model, messages=messages, max_tokens=8, response_format=fmt
+    )
+    assert r.choices[0].finish_reason in ("stop", "length")
+    r = post(server, "/generate", json={"text": "x", "sampling_params": {"regex": "[ab]+"}})
+    assert r.status_code == 200
+    bad = {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "nope"}}}
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=server.model, messages=messages, response_format=bad)
+    r = client.chat.completions.create(
+        model=server.model, messages=messages, max_tokens=32, tools=[WEATHER], tool_choice="required"
+    )
+    assert r.choices[0].finish_reason in ("tool_calls", "length")
+
+    def maps_torch(pid: int) -> bool:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+
+    assert not maps_torch(server.proc.pid)
+    kids = child_pids(server.proc.pid)
+    assert sum(maps_torch(p) for p in kids) == 1, "torch outside the scheduler process"
+
+
 def test_sigterm_stops_cleanly(server: Server) -> None:
     """Last: stops the module's server. Exit 0, children gone, socket dir removed."""
     kids = child_pids(server.proc.pid)

@@ -1,6 +1,6 @@
 """Grammar-constrained sampling with xgrammar (JSON schema, regex, EBNF, structural tag).
 
-Main process: `check_grammar(params)` parses a request's grammar without a tokenizer and raises ValueError (a 400) when it is invalid, before anything is sent.
+The main process only builds grammars to check them (`srt.constrained.build`, torch-free).
 Scheduler process: `GrammarBackend` compiles a grammar once per distinct spec against the
 tokenizer (cached), `new_matcher` gives each request its own `GrammarMatcher`; for every step
 with constrained rows the scheduler fills one token bitmask on the host (`fill_bitmask`, from
@@ -15,88 +15,15 @@ valid JSON, and a weak model cannot spend its whole budget on whitespace.
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 
-from srt.sampling_params import SamplingParams
+from srt.constrained.build import build_grammar
 
 # Compiled grammars kept per backend (distinct specs); the oldest goes first.
 _CACHE_SIZE = 256
-# xgrammar errors start with "[HH:MM:SS] /path/file.cc:123: "; clients need only the message.
-_CPP_PREFIX = re.compile(r"^\[[0-9:]+\] \S+:\d+: ")
-
-
-def _clean(e: Exception) -> str:
-    return _CPP_PREFIX.sub("", str(e)).strip()
-
-
-def grammar_key(params: SamplingParams) -> tuple[str, str] | None:
-    """(kind, spec) of a constrained request, else None; kind is one of json_schema, regex,
-    ebnf, structural_tag."""
-    return params.grammar
-
-
-def _structural_tag(spec: str) -> Any:
-    """xgrammar's structural tag (`{"type": "structural_tag", "format": ...}`), or SGLang's
-    older shape `{"structures": [{"begin", "schema", "end"}], "triggers": [...]}`."""
-    import xgrammar as xgr
-
-    try:
-        d = json.loads(spec)
-    except ValueError as e:
-        raise ValueError(f"structural_tag is not valid JSON: {e}") from e
-    if not isinstance(d, dict):
-        raise ValueError("structural_tag must be a JSON object")
-    try:
-        if "structures" in d:
-            items = [
-                xgr.StructuralTagItem(begin=s["begin"], schema=s["schema"], end=s["end"])
-                for s in d["structures"]
-            ]
-            tag = xgr.StructuralTag.from_legacy_structural_tag(items, d.get("triggers", []))
-        else:
-            tag = xgr.StructuralTag.from_json(d)
-        return xgr.Grammar.from_structural_tag(tag)
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"invalid structural_tag: missing or wrong field {e}") from e
-    except Exception as e:  # pydantic ValidationError, xgrammar's own errors
-        raise ValueError(f"invalid structural_tag: {_clean(e)}") from e
-
-
-def _grammar(kind: str, spec: str) -> Any:
-    import xgrammar as xgr
-
-    if kind == "json_schema":
-        try:
-            json.loads(spec)
-        except ValueError as e:
-            raise ValueError(f"json_schema is not valid JSON: {e}") from e
-        try:
-            return xgr.Grammar.from_json_schema(spec, any_whitespace=False)
-        except (RuntimeError, ValueError, TypeError) as e:
-            raise ValueError(f"invalid json_schema: {_clean(e)}") from e
-    if kind == "structural_tag":
-        return _structural_tag(spec)
-    if kind == "ebnf":
-        try:
-            return xgr.Grammar.from_ebnf(spec)
-        except (RuntimeError, ValueError, TypeError) as e:
-            raise ValueError(f"invalid ebnf: {_clean(e)}") from e
-    try:
-        return xgr.Grammar.from_regex(spec)
-    except (RuntimeError, ValueError, TypeError) as e:
-        raise ValueError(f"invalid regex: {_clean(e)}") from e
-
-
-def check_grammar(params: SamplingParams) -> None:
-    """Raises ValueError naming the problem if the request's grammar cannot be built."""
-    key = grammar_key(params)
-    if key is not None:
-        _grammar(*key)
 
 
 class GrammarBackend:
@@ -116,7 +43,7 @@ class GrammarBackend:
     def compile(self, key: tuple[str, str]) -> Any:
         compiled = self._cache.get(key)
         if compiled is None:
-            compiled = self.compiler.compile_grammar(_grammar(*key))
+            compiled = self.compiler.compile_grammar(build_grammar(*key))
             if len(self._cache) >= _CACHE_SIZE:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[key] = compiled

@@ -603,12 +603,12 @@ def json_content(schema: Any) -> dict[str, Any]:
     constrained JSON: ", " and ": " between items, no other whitespace (a weak model cannot
     wander off into whitespace, and the arguments read like a model's own). ValueError when
     xgrammar cannot use the schema."""
-    import xgrammar as xgr
+    from srt.constrained.build import clean_error, json_schema_grammar
 
     try:
-        grammar = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
+        grammar = json_schema_grammar(json.dumps(schema))
     except Exception as e:  # xgrammar's errors for schemas it cannot use
-        raise ValueError(re.sub(r"^\[[0-9:]+\] \S+:\d+: ", "", str(e)).strip()) from e
+        raise ValueError(clean_error(e)) from e
     return {"type": "grammar", "grammar": str(grammar)}
 
 

@@ -117,9 +117,9 @@ class HostRequests:
     def new_matcher(self, params: Any) -> Any:
         """A grammar matcher for a request's json_schema / regex (ValueError, RuntimeError:
         the grammar cannot be used)."""
-        from srt.constrained.grammar import GrammarBackend, grammar_key
+        from srt.constrained.grammar import GrammarBackend
 
-        key = grammar_key(params)
+        key = params.grammar
         assert key is not None
         if self._grammar is None:
             from transformers import AutoTokenizer

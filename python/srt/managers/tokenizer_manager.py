@@ -389,7 +389,7 @@ class TokenizerManager:
             sp.verify(self.vocab_size)
         sp.n = 1  # NOTE: n > 1 is fanned out into separate requests by the callers
         if sp.grammar is not None:
-            from srt.constrained.grammar import check_grammar
+            from srt.constrained.build import check_grammar
 
             check_grammar(sp)  # an invalid grammar is the client's 400, not the scheduler's
 
