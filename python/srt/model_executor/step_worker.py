@@ -104,12 +104,18 @@ class StepWorker:
             # NOTE: per-thread settings the worker thread must share with this one: the CUDA
             # device and torch's intra-op thread count.
             threads = torch.get_num_threads()
-            self._executor.submit(self._init_thread, threads).result()
+            cuda_index = None
+            if self.device.type == "cuda":
+                # NOTE: a single-rank runner's device is a bare "cuda", which set_device refuses.
+                cuda_index = self.device.index
+                if cuda_index is None:
+                    cuda_index = torch.cuda.current_device()
+            self._executor.submit(self._init_thread, threads, cuda_index).result()
 
-    def _init_thread(self, threads: int) -> None:
+    def _init_thread(self, threads: int, cuda_index: int | None) -> None:
         torch.set_num_threads(threads)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
+        if cuda_index is not None:
+            torch.cuda.set_device(cuda_index)
 
     def submit(self, job: StepJob) -> PendingStep:
         if self._executor is not None:
