@@ -38,6 +38,7 @@ from srt.layers.attention import create_attention_backend
 from srt.layers.quantization import gguf_bytes
 from srt.mem_cache.memory_pool import KVPool, ReqToTokenPool
 from srt.model_executor.cpu_decode import CpuDecodeRunner
+from srt.model_executor.cuda_graph_runner import DEFAULT_MAX_BS as CUDA_GRAPH_DEFAULT_MAX_BS
 from srt.model_executor.cuda_graph_runner import CudaGraphRunner
 from srt.model_executor.forward_batch import ForwardBatch, StepInput
 from srt.model_loader.weight_format import resolve_weight_format
@@ -150,6 +151,18 @@ class ModelRunner:
                 model.load_weights(iterate_weights(cfg.model_path, self.weight_format.gguf_blocks))
         return model.eval()
 
+    def _graph_logits_bytes(self) -> int:
+        """GPU memory the decode CUDA graphs' logits take beyond the fixed reserve: their shared
+        fp32 output buffer, and the bf16 and fp32 logits the largest graph makes before copying
+        into it (kept in the graphs' memory pool)."""
+        args = self.server_args
+        if args.disable_cuda_graph or self.parallel.world_size > 1:
+            return 0
+        max_bs = args.cuda_graph_max_bs or CUDA_GRAPH_DEFAULT_MAX_BS
+        if args.max_running_requests is not None:
+            max_bs = min(max_bs, args.max_running_requests)
+        return max_bs * self.model_config.vocab_size * (4 + 4 + 2)
+
     def _kv_pool_tokens(self, free_before_load: int) -> int:
         cfg = self.model_config
         per_token = KVPool.bytes_per_token(
@@ -160,9 +173,10 @@ class ModelRunner:
         elif self.device.type == "cuda":
             fraction = self.server_args.mem_fraction_static or GPU_MEM_FRACTION_DEFAULT
             free_now, total = torch.cuda.mem_get_info(self.device)
+            reserve = GPU_RESERVE_BYTES + self._graph_logits_bytes()
             budget = min(
-                total * fraction - self.weight_bytes - GPU_RESERVE_BYTES,
-                free_now - GPU_RESERVE_BYTES,
+                total * fraction - self.weight_bytes - reserve,
+                free_now - reserve,
             )
             tokens = int(budget // per_token)
         else:
