@@ -153,5 +153,8 @@ class SparseMoE(nn.Module):
                 rows = slice(start, start + n)
                 ys[rows] = F.linear(self.act_fn(F.linear(xs[rows], w13[e])), w2[e])
                 start += n
-        ys = ys * weights.view(-1).index_select(0, order).unsqueeze(-1)
-        return torch.zeros_like(x).index_add_(0, token_of, ys)
+        # NOTE: weighted and summed in fp32, rounded once (as `dense`'s einsum does): in bf16,
+        # each product and each of the top-k adds rounded on its own.
+        ys = ys.float() * weights.view(-1).index_select(0, order).unsqueeze(-1).float()
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        return out.index_add_(0, token_of, ys).to(x.dtype)
