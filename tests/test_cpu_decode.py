@@ -87,10 +87,13 @@ def step_both(
     return got, want, written
 
 
-def run_steps(runner: ModelRunner, steps: int, exact: bool, atol: float = 0.0) -> None:
+def run_steps(
+    runner: ModelRunner, steps: int, exact: bool, atol: float = 0.0, batch: int = 3
+) -> None:
     sched = Sched(runner)
-    reqs = [sched.new_req() for _ in range(3)]
-    logits = sched.extend(reqs, [prompt(5, 1), prompt(9, 2), prompt(3, 3)])
+    reqs = [sched.new_req() for _ in range(batch)]
+    lens = (5, 9, 3)
+    logits = sched.extend(reqs, [prompt(lens[i % 3] + i // 3, i + 1) for i in range(batch)])
     tokens = logits.argmax(-1).tolist()
     pool = runner.kv_pool
     for step in range(steps):
@@ -113,6 +116,13 @@ def run_steps(runner: ModelRunner, steps: int, exact: bool, atol: float = 0.0) -
 def test_default_formats_match_the_torch_forward_bit_for_bit(default_like: ModelRunner) -> None:
     assert default_like.cpu_decode is not None
     run_steps(default_like, steps=6, exact=True)
+
+
+@pytest.mark.parametrize("batch", [8, 19])
+def test_batches_match_the_torch_forward_bit_for_bit(default_like: ModelRunner, batch: int) -> None:
+    """Batches of 8 sequences and more take the batch kernel (AMX-BF16 tiles where the CPU has
+    them, else f32 FMA), in the native step and in the torch forward's packed products alike."""
+    run_steps(default_like, steps=4, exact=True, batch=batch)
 
 
 def test_every_gguf_format_and_dense_parts(mixed: ModelRunner) -> None:

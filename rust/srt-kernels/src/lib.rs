@@ -25,6 +25,7 @@ pub mod extend;
 pub mod math;
 pub mod pool;
 pub mod quant;
+mod quant_amx;
 pub mod quant_packed;
 mod quant_wide;
 pub mod rope;

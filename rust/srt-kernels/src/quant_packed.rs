@@ -415,7 +415,9 @@ pub fn matmul(
     // NOTE: one chunk of rows per thread; a product of fewer than PARALLEL_MIN_WORK
     // weight-rows runs on the calling thread: waking the pool costs more than it saves (on the
     // default model, 2 threads for every layer made a decode step 25% slower than 1).
-    let chunk = n.div_ceil(threads.max(1)).max(64);
+    // Whole multiples of 16 rows: a row's result does not depend on the split (the AMX
+    // kernel leaves rows outside whole tiles of 16 to the FMA path).
+    let chunk = n.div_ceil(threads.max(1)).max(64).next_multiple_of(16);
     if threads > 1 && n * k * b >= PARALLEL_MIN_WORK && n > chunk {
         let starts: Vec<usize> = (0..n).step_by(chunk).collect();
         pool(threads).install(|| starts.par_iter().for_each(|&s| rows(s..(s + chunk).min(n))));
@@ -427,13 +429,16 @@ pub fn matmul(
 
 /// The activations of a product in the form this CPU's kernel takes: where the CPU has
 /// AVX-512 VNNI (`quant_wide`), int16 per 32 values for a few rows and f32 for
-/// batches; else int8.
+/// batches (bf16 tiles where it has AMX, `quant_amx`); else int8.
 pub(crate) enum Acts<'x> {
     Narrow(Activations),
     Wide(WideActs),
     /// The f32 activations themselves (`[b, k]`, borrowed), for batches of `FLOAT_MIN_ROWS`
     /// rows and more on AVX-512 CPUs: the weights are dequantized a few rows at a time instead.
     Float(&'x [f32]),
+    /// The same batches on CPUs with AMX-BF16 (`quant_amx`): the activations split into bf16
+    /// high and low parts for the tiles, and the f32 ones for the rows left over.
+    Amx(crate::quant_amx::AmxActs, &'x [f32]),
 }
 
 /// Activation rows from which AVX-512 CPUs multiply dequantized weight rows by FMA
@@ -445,7 +450,11 @@ impl<'x> Acts<'x> {
         #[cfg(target_arch = "x86_64")]
         if Path::detect() == Path::Vnni512 {
             if b >= FLOAT_MIN_ROWS {
-                return Acts::Float(&x[..b * k]);
+                let x = &x[..b * k];
+                if k.is_multiple_of(32) && crate::quant_amx::available() {
+                    return Acts::Amx(crate::quant_amx::AmxActs::new(x, b, k), x);
+                }
+                return Acts::Float(x);
             }
             return Acts::Wide(WideActs::new(x, b, k));
         }
@@ -474,9 +483,12 @@ pub(crate) unsafe fn rows_into(
         Acts::Wide(a) => unsafe { crate::quant_wide::rows_vnni(w, a, b, range, out, ldo) },
         #[cfg(target_arch = "x86_64")]
         Acts::Float(x) => unsafe { crate::quant_wide::rows_float(w, x, b, range, out, ldo) },
+        // SAFETY: as above; AMX activations are made only where `quant_amx::available()`.
+        #[cfg(target_arch = "x86_64")]
+        Acts::Amx(a, x) => unsafe { crate::quant_amx::rows(w, a, x, b, range, out, ldo) },
         #[cfg(not(target_arch = "x86_64"))]
-        Acts::Wide(_) | Acts::Float(_) => {
-            unreachable!("wide and float activations are made for VNNI CPUs only")
+        Acts::Wide(_) | Acts::Float(_) | Acts::Amx(..) => {
+            unreachable!("wide, float and AMX activations are made for VNNI CPUs only")
         }
     }
 }
@@ -829,10 +841,16 @@ mod tests {
                         unsafe { run_rows(path, &(&p).into(), &acts, b, 0..n, ptr, ldo) };
                     }
                 }
+                // AMX tiles (batches, where the CPU has them) round each weight to bf16: 2^-9
+                // of it at most.
+                let amx = wide && b >= FLOAT_MIN_ROWS && crate::quant_amx::available();
                 for i in 0..b {
                     for j in 0..n {
                         let want: f64 = (0..k)
                             .map(|kk| x[i * k + kk] as f64 * wf[j * k + kk] as f64)
+                            .sum();
+                        let mag: f64 = (0..k)
+                            .map(|kk| (x[i * k + kk] as f64 * wf[j * k + kk] as f64).abs())
                             .sum();
                         let bound: f64 = (0..k.div_ceil(32))
                             .map(|blk| {
@@ -847,7 +865,8 @@ mod tests {
                                 (amax / steps * ws) as f64
                             })
                             .sum::<f64>()
-                            + rel * (1.0 + want.abs());
+                            + rel * (1.0 + want.abs())
+                            + if amx { mag / 512.0 } else { 0.0 };
                         let got = out[i * ldo + j] as f64;
                         assert!(
                             (got - want).abs() <= bound,

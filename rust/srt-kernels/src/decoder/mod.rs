@@ -47,7 +47,12 @@ const CHUNKS_PER_PRODUCT: usize = 16;
 const MIN_CHUNK_ROWS: usize = 16;
 
 fn chunks(lin: &Linear<'_>) -> Vec<Chunk> {
-    let rows = lin.n().div_ceil(CHUNKS_PER_PRODUCT).max(MIN_CHUNK_ROWS);
+    // NOTE: whole multiples of 16 rows: the AMX kernel's tiles (it leaves other rows to FMA).
+    let rows = lin
+        .n()
+        .div_ceil(CHUNKS_PER_PRODUCT)
+        .next_multiple_of(16)
+        .max(MIN_CHUNK_ROWS);
     let mut out = Vec::new();
     let mut col = 0;
     for (part, p) in lin.parts.iter().enumerate() {
