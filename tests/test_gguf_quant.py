@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, GenerationConfig
 
+from srt._native import quant_batch_tiles
 from srt.configs.model_config import ModelConfig
 from srt.layers import quantization
 from srt.layers.linear import RowParallelLinear, StackedLinear
@@ -223,8 +224,10 @@ def test_bf16_activations_over_blocks(tiny: tuple[Path, str], gguf_runner: Model
 
 def test_dense_path_for_many_rows(tiny: tuple[Path, str], monkeypatch: pytest.MonkeyPatch) -> None:
     """Over KERNEL_MAX_ROWS input rows a layer multiplies its weights dequantized, in chunks
-    of output rows: the same weights, bit for bit, as the blocks dequantize to."""
+    of output rows: the same weights, bit for bit, as the blocks dequantize to (where the CPU
+    has no AMX tiles: see the next test)."""
     monkeypatch.setattr(quantization, "DENSE_CHUNK_ROWS", 100)  # several chunks per weight
+    monkeypatch.setattr(quantization, "_batch_tiles", lambda: False)
     x = torch.randn(KERNEL_MAX_ROWS + 1, 256, generator=torch.Generator().manual_seed(0))
     seen = set()
     for name, w in iterate_gguf_blocks(tiny[1]):
@@ -244,6 +247,25 @@ def test_dense_path_for_many_rows(tiny: tuple[Path, str], monkeypatch: pytest.Mo
         torch.testing.assert_close(one_row[0], got[0], rtol=0, atol=0.02 * scale)
     assert {q for q, _ in seen} == {"Q4_0", "Q4_1", "Q4_K", "Q6_K", "Q8_0"}
     assert {b for _, b in seen} == {0, 4, 8}  # blocks (Q6_K), packed 4- and 8-bit
+
+
+@pytest.mark.skipif(not quant_batch_tiles(), reason="this CPU has no AMX-BF16 tiles")
+def test_batch_tiles_for_many_rows(tiny: tuple[Path, str]) -> None:
+    """With AMX tiles, packed weights take the kernel at any row count: bf16 weights (2^-9 of
+    each) and activations kept to ~16 bits, f32 sums; Q6_K keeps the dequantized path."""
+    x = torch.randn(3 * KERNEL_MAX_ROWS + 5, 256, generator=torch.Generator().manual_seed(0))
+    for name, w in iterate_gguf_blocks(tiny[1]):
+        if w.shape[1] != 256:
+            continue
+        dense = w.dequantize()
+        got = GGUFLinear(256, [w])(x)
+        want = x @ dense.t()
+        if w.qtype == "Q6_K":
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+            continue
+        bound = (x.abs() @ dense.abs().t()) / 256  # twice the weights' bf16 rounding
+        assert bool(((got - want).abs() <= bound + 1e-5).all()), name
+        assert not torch.equal(got, want), name  # not the dense path
 
 
 def test_gguf_weight_slices() -> None:

@@ -414,9 +414,15 @@ def quant_matmul_packed(
     col: int,
     threads: int,
 ) -> None:
-    """`out[:, col:col + n] = x @ W.T` for weights packed by `quant_pack` ([n, k]); x float32
-    [b, k] is taken as int8 per 32 values; AVX-512 VNNI, AVX2 or plain code as the CPU allows;
-    the GIL is released. Raises ValueError when shapes do not fit."""
+    """`out[:, col:col + n] = x @ W.T` for weights packed by `quant_pack` ([n, k]), x float32
+    [b, k]: on AVX-512 VNNI CPUs x is taken as int16 per 32 values below 8 rows, and from 8
+    rows multiplies as f32 with the weights dequantized (AMX-BF16 tiles, bf16 weights and x in
+    two bf16 parts, where the CPU has them); elsewhere as int8 per 32 values (AVX2 or plain
+    code); the GIL is released. Raises ValueError when shapes do not fit."""
+
+def quant_batch_tiles() -> bool:
+    """Whether `quant_matmul_packed` multiplies batches of rows on AMX tiles here (its cost
+    then grows little with the rows). SRT_DISABLE_AMX=1 turns them off."""
 
 def rms_norm(
     x: np.ndarray,

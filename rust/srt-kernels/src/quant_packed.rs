@@ -379,6 +379,20 @@ impl Activations {
     }
 }
 
+/// Whether batches of activation rows multiply on AMX-BF16 tiles here (`quant_amx`): their
+/// cost then grows little with the rows, so a prefill's products are cheaper through
+/// [`matmul`] than through dequantized weights and a BLAS product.
+pub fn batch_tiles() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        Path::detect() == Path::Vnni512 && crate::quant_amx::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// `out[i * ldo + j] = sum_k x[i, k] * w[j, k]` (`x` `[b, k]` f32), `ldo >= n`.
 pub fn matmul(
     w: PackedRef<'_>,

@@ -206,7 +206,15 @@ fn quant_matmul_packed(
         .map_err(value_error)
 }
 
+/// Whether packed-weight products of many rows run on AMX tiles here (see
+/// `srt_kernels::quant_packed::batch_tiles`).
+#[pyfunction]
+fn quant_batch_tiles() -> bool {
+    quant_packed::batch_tiles()
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(quant_batch_tiles, m)?)?;
     m.add_function(wrap_pyfunction!(quant_matmul, m)?)?;
     m.add_function(wrap_pyfunction!(quant_pack, m)?)?;
     m.add_function(wrap_pyfunction!(quant_matmul_packed, m)?)?;
