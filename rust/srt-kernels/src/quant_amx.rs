@@ -74,6 +74,8 @@ fn detect() -> bool {
 /// Rows of a tile (activation rows and weight rows alike), and f32 values of a block.
 const TILE: usize = 16;
 const BLOCK: usize = 32;
+/// Pairs of weight tiles dequantized together (128 weight rows).
+const GROUP: usize = 4;
 
 /// The activations of a product as the tiles take them (their second operand): per tile of 16
 /// rows and per block of 32 values, 16 pairs of values by 16 rows (bf16 pairs as u32), for
@@ -167,7 +169,7 @@ mod x86 {
     use std::arch::asm;
     use std::arch::x86_64::*;
 
-    use super::{lines, AmxActs, BLOCK, TILE};
+    use super::{lines, AmxActs, BLOCK, GROUP, TILE};
     use crate::quant_packed::x86::Load;
     use crate::quant_packed::{packed_blocks, packed_row_bytes, PackedRef};
 
@@ -256,12 +258,15 @@ mod x86 {
         let k = w.k;
         assert_eq!(a.k, k, "AMX activations made for another k");
         let blocks = k / BLOCK;
-        // Two panels of 16 weight rows as bf16, row-major (the tiles' first operand).
-        let mut panel_lines = lines(2 * TILE * k * 2);
-        // SAFETY: the buffer holds 2 * 16 * k u16, 64-aligned (rows of k * 2 bytes, a
+        // GROUP pairs of panels of 16 weight rows as bf16, row-major (the tiles' first
+        // operand), dequantized together: each activation tile is then read once per group
+        // (a prefill's activations outgrow the caches).
+        let group = 2 * TILE * GROUP;
+        let mut panel_lines = lines(group * k * 2);
+        // SAFETY: the buffer holds `group * k` u16, 64-aligned (rows of k * 2 bytes, a
         // multiple of 64).
         let panel = unsafe {
-            std::slice::from_raw_parts_mut(panel_lines.as_mut_ptr().cast::<u16>(), 2 * TILE * k)
+            std::slice::from_raw_parts_mut(panel_lines.as_mut_ptr().cast::<u16>(), group * k)
         };
         // The four sums' tiles: panel 0 high, panel 0 low, panel 1 high, panel 1 low.
         let mut sums_lines = lines(4 * TILE * TILE * 4);
@@ -270,101 +275,107 @@ mod x86 {
         // SAFETY: the config is valid for palette 1 and the CPU has AMX (`available`).
         unsafe { asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack)) };
         let col = unsafe { column() };
-        let mut row0 = range.start;
-        while row0 < range.end {
-            let pair = range.end - row0 >= 2 * TILE;
-            let rows = if pair { 2 * TILE } else { TILE };
-            for r in 0..rows {
-                // SAFETY: row0 + r < range.end <= w.n (whole tiles of the caller's range).
-                unsafe { dequantize_row(w, ds, ms, row0 + r, &mut panel[r * k..(r + 1) * k]) };
+        let mut g0 = range.start;
+        while g0 < range.end {
+            let g_rows = (range.end - g0).min(group); // whole tiles (the caller's range)
+            for r in 0..g_rows {
+                // SAFETY: g0 + r < range.end <= w.n.
+                unsafe { dequantize_row(w, ds, ms, g0 + r, &mut panel[r * k..(r + 1) * k]) };
             }
-            let (p0, p1) = (panel.as_ptr(), panel.as_ptr().wrapping_add(TILE * k));
             for t in 0..b.div_ceil(TILE) {
                 let tile = t * blocks * TILE * TILE;
-                // SAFETY: every tile load reads 16 rows of 64 bytes inside `panel` (one block
-                // of 16 weight rows) or inside one (tile, block) of the activations; the
-                // stores write `sums` (4 x 16 x 64 bytes).
-                unsafe {
-                    asm!(
-                        "tilezero tmm0",
-                        "tilezero tmm1",
-                        "tilezero tmm2",
-                        "tilezero tmm3",
-                        options(nostack, nomem)
-                    );
-                    for blk in 0..blocks {
-                        let (h, l) = (
-                            a.hi.as_ptr().cast::<u32>().add(tile + blk * TILE * TILE),
-                            a.lo.as_ptr().cast::<u32>().add(tile + blk * TILE * TILE),
+                let mut r0 = 0;
+                while r0 < g_rows {
+                    let pair = g_rows - r0 >= 2 * TILE;
+                    let p0 = panel.as_ptr().wrapping_add(r0 * k);
+                    let p1 = p0.wrapping_add(TILE * k);
+                    // SAFETY: every tile load reads 16 rows of 64 bytes inside `panel` (one
+                    // block of 16 dequantized weight rows) or inside one (tile, block) of the
+                    // activations; the stores write `sums` (4 x 16 x 64 bytes).
+                    unsafe {
+                        asm!(
+                            "tilezero tmm0",
+                            "tilezero tmm1",
+                            "tilezero tmm2",
+                            "tilezero tmm3",
+                            options(nostack, nomem)
                         );
-                        if pair {
-                            asm!(
-                                "tileloadd tmm4, [{w0} + {ws}*1]",
-                                "tileloadd tmm5, [{w1} + {ws}*1]",
-                                "tileloadd tmm6, [{h} + {s}*1]",
-                                "tileloadd tmm7, [{l} + {s}*1]",
-                                "tdpbf16ps tmm0, tmm4, tmm6",
-                                "tdpbf16ps tmm2, tmm5, tmm6",
-                                "tdpbf16ps tmm1, tmm4, tmm7",
-                                "tdpbf16ps tmm3, tmm5, tmm7",
-                                w0 = in(reg) p0.add(blk * BLOCK),
-                                w1 = in(reg) p1.add(blk * BLOCK),
-                                ws = in(reg) k * 2,
-                                h = in(reg) h,
-                                l = in(reg) l,
-                                s = in(reg) 64usize,
-                                options(nostack, readonly),
-                            );
-                        } else {
-                            asm!(
-                                "tileloadd tmm4, [{w0} + {ws}*1]",
-                                "tileloadd tmm6, [{h} + {s}*1]",
-                                "tileloadd tmm7, [{l} + {s}*1]",
-                                "tdpbf16ps tmm0, tmm4, tmm6",
-                                "tdpbf16ps tmm1, tmm4, tmm7",
-                                w0 = in(reg) p0.add(blk * BLOCK),
-                                ws = in(reg) k * 2,
-                                h = in(reg) h,
-                                l = in(reg) l,
-                                s = in(reg) 64usize,
-                                options(nostack, readonly),
-                            );
+                        for blk in 0..blocks {
+                            let at = tile + blk * TILE * TILE;
+                            let h = a.hi.as_ptr().cast::<u32>().add(at);
+                            let l = a.lo.as_ptr().cast::<u32>().add(at);
+                            if pair {
+                                asm!(
+                                    "tileloadd tmm4, [{w0} + {ws}*1]",
+                                    "tileloadd tmm5, [{w1} + {ws}*1]",
+                                    "tileloadd tmm6, [{h} + {s}*1]",
+                                    "tileloadd tmm7, [{l} + {s}*1]",
+                                    "tdpbf16ps tmm0, tmm4, tmm6",
+                                    "tdpbf16ps tmm2, tmm5, tmm6",
+                                    "tdpbf16ps tmm1, tmm4, tmm7",
+                                    "tdpbf16ps tmm3, tmm5, tmm7",
+                                    w0 = in(reg) p0.add(blk * BLOCK),
+                                    w1 = in(reg) p1.add(blk * BLOCK),
+                                    ws = in(reg) k * 2,
+                                    h = in(reg) h,
+                                    l = in(reg) l,
+                                    s = in(reg) 64usize,
+                                    options(nostack, readonly),
+                                );
+                            } else {
+                                asm!(
+                                    "tileloadd tmm4, [{w0} + {ws}*1]",
+                                    "tileloadd tmm6, [{h} + {s}*1]",
+                                    "tileloadd tmm7, [{l} + {s}*1]",
+                                    "tdpbf16ps tmm0, tmm4, tmm6",
+                                    "tdpbf16ps tmm1, tmm4, tmm7",
+                                    w0 = in(reg) p0.add(blk * BLOCK),
+                                    ws = in(reg) k * 2,
+                                    h = in(reg) h,
+                                    l = in(reg) l,
+                                    s = in(reg) 64usize,
+                                    options(nostack, readonly),
+                                );
+                            }
+                        }
+                        asm!(
+                            "tilestored [{o0} + {s}*1], tmm0",
+                            "tilestored [{o1} + {s}*1], tmm1",
+                            "tilestored [{o2} + {s}*1], tmm2",
+                            "tilestored [{o3} + {s}*1], tmm3",
+                            o0 = in(reg) sums,
+                            o1 = in(reg) sums.add(TILE * TILE),
+                            o2 = in(reg) sums.add(2 * TILE * TILE),
+                            o3 = in(reg) sums.add(3 * TILE * TILE),
+                            s = in(reg) 64usize,
+                            options(nostack),
+                        );
+                    }
+                    // sums[2 q + part][r][i]: weight row g0 + r0 + 16 q + r, activation row
+                    // t * 16 + i; the high and low parts add up.
+                    let row0 = g0 + r0;
+                    let panels = if pair { 2 } else { 1 };
+                    for q in 0..panels {
+                        let hi = sums.cast_const().wrapping_add(2 * q * TILE * TILE);
+                        let lo = hi.wrapping_add(TILE * TILE);
+                        for i in 0..(b - t * TILE).min(TILE) {
+                            // SAFETY: activation row t*16+i < b, columns row0 + 16 q +
+                            // (0..16) inside `range` (the caller's contract); the gathers
+                            // read column i of two of the sums' tiles.
+                            unsafe {
+                                let v = _mm512_add_ps(
+                                    _mm512_i32gather_ps::<4>(col, hi.add(i).cast()),
+                                    _mm512_i32gather_ps::<4>(col, lo.add(i).cast()),
+                                );
+                                let dst = out.add((t * TILE + i) * ldo + row0 + q * TILE);
+                                _mm512_storeu_ps(dst, v);
+                            }
                         }
                     }
-                    let o = sums;
-                    asm!(
-                        "tilestored [{o0} + {s}*1], tmm0",
-                        "tilestored [{o1} + {s}*1], tmm1",
-                        "tilestored [{o2} + {s}*1], tmm2",
-                        "tilestored [{o3} + {s}*1], tmm3",
-                        o0 = in(reg) o,
-                        o1 = in(reg) o.add(TILE * TILE),
-                        o2 = in(reg) o.add(2 * TILE * TILE),
-                        o3 = in(reg) o.add(3 * TILE * TILE),
-                        s = in(reg) 64usize,
-                        options(nostack),
-                    );
-                }
-                // sums[2 q + part][r][i]: weight row row0 + 16 q + r, activation row
-                // t * 16 + i; the high and low parts add up.
-                for q in 0..rows / TILE {
-                    let hi = sums.cast_const().wrapping_add(2 * q * TILE * TILE);
-                    let lo = hi.wrapping_add(TILE * TILE);
-                    for i in 0..(b - t * TILE).min(TILE) {
-                        // SAFETY: activation row t*16+i < b, columns row0 + 16 q + (0..16)
-                        // inside `range` (the caller's contract); the gathers read column i
-                        // of two of the sums' tiles.
-                        unsafe {
-                            let v = _mm512_add_ps(
-                                _mm512_i32gather_ps::<4>(col, hi.add(i).cast()),
-                                _mm512_i32gather_ps::<4>(col, lo.add(i).cast()),
-                            );
-                            _mm512_storeu_ps(out.add((t * TILE + i) * ldo + row0 + q * TILE), v);
-                        }
-                    }
+                    r0 += panels * TILE;
                 }
             }
-            row0 += rows;
+            g0 += g_rows;
         }
         // SAFETY: releases this thread's tile state (AMX is in use, see above).
         unsafe { asm!("tilerelease", options(nostack, nomem)) };
