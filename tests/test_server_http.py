@@ -378,7 +378,11 @@ def test_only_the_scheduler_loads_torch(server: Server, client: openai.OpenAI) -
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=server.model, messages=messages, response_format=bad)
     r = client.chat.completions.create(
-        model=server.model, messages=messages, max_tokens=32, tools=[WEATHER], tool_choice="required"
+        model=server.model,
+        messages=messages,
+        max_tokens=32,
+        tools=[WEATHER],
+        tool_choice="required",
     )
     assert r.choices[0].finish_reason in ("tool_calls", "length")
 

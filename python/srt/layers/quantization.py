@@ -211,7 +211,8 @@ class GGUFBlocks(nn.Module):
 
     def multiply(self, x: torch.Tensor, out: torch.Tensor, col: int) -> None:
         """out[:, col:col + rows] = x @ W.T, x float32 [b, k] and out float32 [b, m], both
-        contiguous: the kernels for up to KERNEL_MAX_ROWS rows, else dequantized chunks."""
+        contiguous: the kernels for up to KERNEL_MAX_ROWS rows (for any number of rows of
+        packed weights where the CPU has AMX tiles), else dequantized chunks."""
         if x.shape[0] <= KERNEL_MAX_ROWS or (self.bits and _batch_tiles()):
             if x.shape[0]:
                 self.matmul_into(x.numpy(), out.numpy(), col)
