@@ -97,6 +97,13 @@ fn lines(bytes: usize) -> Vec<Line> {
     vec![Line([0; 16]); bytes.div_ceil(64)]
 }
 
+thread_local! {
+    /// Each thread's weight panels ([`x86::rows`]), kept between calls: zeroing a fresh one
+    /// per call (a few hundred KiB) cost several ms of a decode step. Every value a tile reads
+    /// is written first in that call.
+    static PANELS: std::cell::RefCell<Vec<Line>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 impl AmxActs {
     /// # Panics
     /// If `k` is not a multiple of 32 or `x` holds fewer than `b * k` values.
@@ -105,26 +112,37 @@ impl AmxActs {
             k.is_multiple_of(BLOCK) && x.len() >= b * k,
             "AMX activations: bad shape"
         );
-        // u32 pairs: tiles x k / 2 pairs x 16 rows.
-        let bytes = b.div_ceil(TILE) * (k / 2) * TILE * 4;
-        let mut a = AmxActs {
-            hi: lines(bytes),
-            lo: lines(bytes),
-            k,
-        };
+        // u32 pairs: tiles x k / 2 pairs x 16 rows; 64-byte lines of 16.
+        let tiles = b.div_ceil(TILE);
+        let n = tiles * (k / 2);
+        let (mut hi, mut lo) = (Vec::<Line>::with_capacity(n), Vec::<Line>::with_capacity(n));
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: made only where `available()`: the CPU has AVX-512 BF16; the buffers hold
-        // `bytes` bytes, the layout's size.
+        // SAFETY: made only where `available()`: the CPU has AVX-512 BF16. Both buffers have
+        // room for n lines; the last tile's lines are zeroed when it has padding rows, and
+        // `split` writes every value of the real rows, so all n lines are initialized before
+        // the lengths are set. NOTE: not zeroed up front: that was a few ms of a decode step.
         unsafe {
+            if !b.is_multiple_of(TILE) {
+                let last = (tiles - 1) * (k / 2);
+                for buf in [&mut hi, &mut lo] {
+                    buf.as_mut_ptr().add(last).write_bytes(0, n - last);
+                }
+            }
             x86::split(
                 &x[..b * k],
                 b,
                 k,
-                a.hi.as_mut_ptr().cast(),
-                a.lo.as_mut_ptr().cast(),
-            )
-        };
-        a
+                hi.as_mut_ptr().cast(),
+                lo.as_mut_ptr().cast(),
+            );
+            hi.set_len(n);
+            lo.set_len(n);
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            (hi, lo) = (lines(n * 64), lines(n * 64));
+        }
+        AmxActs { hi, lo, k }
     }
 }
 
@@ -257,17 +275,40 @@ mod x86 {
     ) {
         let k = w.k;
         assert_eq!(a.k, k, "AMX activations made for another k");
-        let blocks = k / BLOCK;
         // GROUP pairs of panels of 16 weight rows as bf16, row-major (the tiles' first
         // operand), dequantized together: each activation tile is then read once per group
         // (a prefill's activations outgrow the caches).
         let group = 2 * TILE * GROUP;
-        let mut panel_lines = lines(group * k * 2);
-        // SAFETY: the buffer holds `group * k` u16, 64-aligned (rows of k * 2 bytes, a
-        // multiple of 64).
-        let panel = unsafe {
-            std::slice::from_raw_parts_mut(panel_lines.as_mut_ptr().cast::<u16>(), group * k)
-        };
+        super::PANELS.with_borrow_mut(|panels| {
+            if panels.len() * 32 < group * k {
+                panels.resize((group * k).div_ceil(32), super::Line([0; 16]));
+            }
+            // SAFETY: the buffer holds at least `group * k` u16, 64-aligned (rows of k * 2
+            // bytes, a multiple of 64); `a`, `out` as the caller's.
+            unsafe {
+                let panel = std::slice::from_raw_parts_mut(panels.as_mut_ptr().cast(), group * k);
+                tiles(w, ds, ms, a, b, range, out, ldo, panel)
+            }
+        });
+    }
+
+    /// [`rows`] with the weight panels' buffer (`2 * 16 * GROUP` rows of `k` bf16).
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx512vl,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tiles<S: Load>(
+        w: &PackedRef<'_>,
+        ds: &[S],
+        ms: &[S],
+        a: &AmxActs,
+        b: usize,
+        range: std::ops::Range<usize>,
+        out: *mut f32,
+        ldo: usize,
+        panel: &mut [u16],
+    ) {
+        let k = w.k;
+        let blocks = k / BLOCK;
+        let group = 2 * TILE * GROUP;
         // The four sums' tiles: panel 0 high, panel 0 low, panel 1 high, panel 1 low.
         let mut sums_lines = lines(4 * TILE * TILE * 4);
         let sums = sums_lines.as_mut_ptr().cast::<f32>();
