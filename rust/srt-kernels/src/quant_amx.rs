@@ -189,7 +189,8 @@ mod x86 {
 
     use super::{lines, AmxActs, BLOCK, GROUP, TILE};
     use crate::quant_packed::x86::Load;
-    use crate::quant_packed::{packed_blocks, packed_row_bytes, PackedRef};
+    use crate::quant_packed::PackedRef;
+    use crate::quant_wide::float::dequantized_blocks;
 
     /// Lane p: 16 p, the u32 offsets of a tile's 16 rows of 16 u32 (one column).
     #[inline(always)]
@@ -431,32 +432,13 @@ mod x86 {
         row: usize,
         dst: &mut [u16],
     ) {
-        let nbp = packed_blocks(w.k);
-        let rb = packed_row_bytes(w.bits, w.k);
-        // SAFETY (the block): `row < w.n` (the caller's), so the row's bytes and scales are in
-        // range; each store writes one block's 64 bytes of `dst` (k values).
+        // SAFETY: `row < w.n` (the caller's); each store writes one block's 64 bytes of
+        // `dst` (k values).
         unsafe {
-            let data = w.data.as_ptr().add(row * rb);
-            let low = _mm_set1_epi8(0x0f);
-            for blk in 0..w.k / BLOCK {
-                let d = _mm512_set1_ps(ds[row * nbp + blk].to_f32());
-                let m = _mm512_set1_ps(ms[row * nbp + blk].to_f32());
-                let (q0, q1) = if w.bits == 4 {
-                    // Element j < 16 in the low nibble of byte j, j + 16 in the high one.
-                    let v = _mm_loadu_si128(data.add(16 * blk).cast());
-                    (
-                        _mm_and_si128(v, low),
-                        _mm_and_si128(_mm_srli_epi16::<4>(v), low),
-                    )
-                } else {
-                    let p = data.add(32 * blk);
-                    (_mm_loadu_si128(p.cast()), _mm_loadu_si128(p.add(16).cast()))
-                };
-                let w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q0)), d, m);
-                let w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q1)), d, m);
+            dequantized_blocks(w, ds, ms, row, |blk, w0, w1| {
                 let bf: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(w1, w0));
                 _mm512_storeu_si512(dst.as_mut_ptr().add(blk * BLOCK).cast(), bf);
-            }
+            })
         }
     }
 }

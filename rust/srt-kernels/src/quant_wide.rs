@@ -304,7 +304,7 @@ pub(crate) unsafe fn rows_float(
 }
 
 #[cfg(target_arch = "x86_64")]
-mod float {
+pub(crate) mod float {
     use std::arch::x86_64::*;
 
     use crate::quant_packed::x86::Load;
@@ -364,28 +364,52 @@ mod float {
         row: usize,
         dst: &mut [f32],
     ) {
+        // SAFETY: the caller's (`row < w.n`); each block's stores stay inside `dst`.
+        unsafe {
+            dequantized_blocks(w, ds, ms, row, |blk, w0, w1| {
+                let out = dst.as_mut_ptr().add(32 * blk);
+                _mm512_storeu_ps(out, w0);
+                _mm512_storeu_ps(out.add(16), w1);
+            })
+        }
+    }
+
+    /// `f(blk, values 0..16, values 16..32)` for every 32-value block of row `row` of `w`,
+    /// dequantized exactly (`d * q + m` in f32; `d * q` is exact).
+    ///
+    /// # Safety
+    /// `row < w.n`, and `w`'s sizes checked; the CPU has AVX-512 F and BW, F16C.
+    #[inline(always)]
+    pub(crate) unsafe fn dequantized_blocks<S: Load>(
+        w: &PackedRef<'_>,
+        ds: &[S],
+        ms: &[S],
+        row: usize,
+        mut f: impl FnMut(usize, __m512, __m512),
+    ) {
         let nbp = packed_blocks(w.k);
         let rb = packed_row_bytes(w.bits, w.k);
-        let data = w.data.as_ptr().add(row * rb);
-        let low = _mm_set1_epi8(0x0f);
-        for blk in 0..w.k / 32 {
-            let d = _mm512_set1_ps(ds[row * nbp + blk].to_f32());
-            let m = _mm512_set1_ps(ms[row * nbp + blk].to_f32());
-            let (q0, q1) = if w.bits == 4 {
-                // Element j < 16 in the low nibble of byte j, j + 16 in the high one.
-                let v = _mm_loadu_si128(data.add(16 * blk).cast());
-                (
-                    _mm_and_si128(v, low),
-                    _mm_and_si128(_mm_srli_epi16::<4>(v), low),
-                )
-            } else {
-                let p = data.add(32 * blk);
-                (_mm_loadu_si128(p.cast()), _mm_loadu_si128(p.add(16).cast()))
-            };
-            let out = dst.as_mut_ptr().add(32 * blk);
-            for (half, q) in [(0, q0), (16, q1)] {
-                let qf = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q));
-                _mm512_storeu_ps(out.add(half), _mm512_fmadd_ps(qf, d, m));
+        // SAFETY (the block): the caller's; the loads read the row's bytes of one block.
+        unsafe {
+            let data = w.data.as_ptr().add(row * rb);
+            let low = _mm_set1_epi8(0x0f);
+            for blk in 0..w.k / 32 {
+                let d = _mm512_set1_ps(ds[row * nbp + blk].to_f32());
+                let m = _mm512_set1_ps(ms[row * nbp + blk].to_f32());
+                let (q0, q1) = if w.bits == 4 {
+                    // Element j < 16 in the low nibble of byte j, j + 16 in the high one.
+                    let v = _mm_loadu_si128(data.add(16 * blk).cast());
+                    (
+                        _mm_and_si128(v, low),
+                        _mm_and_si128(_mm_srli_epi16::<4>(v), low),
+                    )
+                } else {
+                    let p = data.add(32 * blk);
+                    (_mm_loadu_si128(p.cast()), _mm_loadu_si128(p.add(16).cast()))
+                };
+                let w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q0)), d, m);
+                let w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q1)), d, m);
+                f(blk, w0, w1);
             }
         }
     }
