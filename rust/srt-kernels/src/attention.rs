@@ -19,6 +19,9 @@ use crate::math::{dot, exp_nonpositive, sum};
 use crate::pool::pool;
 use crate::KernelError;
 
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
 /// The inputs of one decode attention call; slices are row-major.
 pub struct PagedDecode<'a, E: Elem> {
     /// `[batch, num_heads, head_dim]`
@@ -180,6 +183,13 @@ pub(crate) fn sequence<E: Elem>(
 ) -> Result<(), KernelError> {
     #[cfg(target_arch = "x86_64")]
     {
+        if x86::applies(p.head_dim) {
+            let slots = attending_slots(p, b)?;
+            // SAFETY: `applies` checked the CPU and the head size; `p` is validated and the
+            // slots inside the pool.
+            unsafe { x86::sequence(p, scratch, b, slots, out) };
+            return Ok(());
+        }
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU has AVX2, the only feature `sequence_avx2` is compiled for.
             return unsafe { sequence_avx2(p, scratch, b, out) };
@@ -251,6 +261,29 @@ fn as_f32<'a, E: Elem>(src: &'a [E], buf: &'a mut [f32]) -> &'a [f32] {
     &buf[..src.len()]
 }
 
+/// The KV slots of sequence `b`'s attending positions (the last `window` of it, or all),
+/// checked to lie inside the pool.
+fn attending_slots<'a, E: Elem>(
+    p: &PagedDecode<'a, E>,
+    b: usize,
+) -> Result<&'a [i32], KernelError> {
+    let end = p.lens[b] as usize;
+    let row = p.rows[b] as usize;
+    let first = if p.window > 0 {
+        end.saturating_sub(p.window)
+    } else {
+        0
+    };
+    let slots = &p.table[row * p.table_cols + first..row * p.table_cols + end];
+    let num_slots = p.k.len() / (p.num_kv_heads * p.head_dim);
+    if let Some(&bad) = slots.iter().find(|&&s| s < 0 || s as usize >= num_slots) {
+        return Err(KernelError(format!(
+            "row {row} holds KV slot {bad}, outside the pool's {num_slots} slots"
+        )));
+    }
+    Ok(slots)
+}
+
 /// One sequence's attention; `D` is the head size when it is known at compile time, else 0.
 #[inline(always)]
 fn sequence_body<E: Elem, const D: usize>(
@@ -262,23 +295,9 @@ fn sequence_body<E: Elem, const D: usize>(
     let (hq, hkv) = (p.num_heads, p.num_kv_heads);
     let d = if D == 0 { p.head_dim } else { D };
     let group = hq / hkv;
-    let end = p.lens[b] as usize;
-    let row = p.rows[b] as usize;
-    // The positions that attend: the last `window` of the sequence, or all of it.
-    let first = if p.window > 0 {
-        end.saturating_sub(p.window)
-    } else {
-        0
-    };
-    let slots = &p.table[row * p.table_cols + first..row * p.table_cols + end];
+    let slots = attending_slots(p, b)?;
     let len = slots.len();
     let width = hkv * d; // one slot's row of the pool
-    let num_slots = p.k.len() / width;
-    if let Some(&bad) = slots.iter().find(|&&s| s < 0 || s as usize >= num_slots) {
-        return Err(KernelError(format!(
-            "row {row} holds KV slot {bad}, outside the pool's {num_slots} slots"
-        )));
-    }
     let Scratch {
         q,
         scores,
@@ -531,9 +550,18 @@ mod tests {
     #[test]
     fn matches_the_plain_computation_for_every_head_layout() {
         // MHA, GQA, MQA; head dims that are and are not a multiple of the vector width.
-        for (i, &(hq, hkv, d)) in [(4, 4, 16), (6, 2, 16), (8, 1, 64), (3, 3, 12), (4, 2, 5)]
-            .iter()
-            .enumerate()
+        for (i, &(hq, hkv, d)) in [
+            (4, 4, 16),
+            (6, 2, 16),
+            (8, 1, 64),
+            (9, 3, 64),
+            (4, 2, 128),
+            (2, 1, 256),
+            (3, 3, 12),
+            (4, 2, 5),
+        ]
+        .iter()
+        .enumerate()
         {
             let c = case(9, hq, hkv, d, i as u64);
             let p = params(&c, &c.q, &c.k, &c.v, (hq, hkv, d));

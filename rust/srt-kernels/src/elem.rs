@@ -3,6 +3,8 @@
 
 /// A storage element: converted to f32 on load, rounded back on store.
 pub trait Elem: Copy + Send + Sync + 'static {
+    /// Whether the type is [`Bf16`] (16 bits a value), else f32: how SIMD code loads it.
+    const BF16: bool;
     fn to_f32(self) -> f32;
     fn from_f32(x: f32) -> Self;
     /// The slice itself when the type is f32 (no conversion needed).
@@ -13,6 +15,7 @@ pub trait Elem: Copy + Send + Sync + 'static {
 }
 
 impl Elem for f32 {
+    const BF16: bool = false;
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self
@@ -33,6 +36,7 @@ impl Elem for f32 {
 pub struct Bf16(pub u16);
 
 impl Elem for Bf16 {
+    const BF16: bool = true;
     #[inline(always)]
     fn to_f32(self) -> f32 {
         f32::from_bits(u32::from(self.0) << 16)
