@@ -378,7 +378,7 @@ pub(crate) mod float {
     /// dequantized exactly (`d * q + m` in f32; `d * q` is exact).
     ///
     /// # Safety
-    /// `row < w.n`, and `w`'s sizes checked; the CPU has AVX-512 F and BW, F16C.
+    /// `row < w.n`, and `w`'s sizes checked; the CPU has AVX-512 F, BW and VL, F16C.
     #[inline(always)]
     pub(crate) unsafe fn dequantized_blocks<S: Load>(
         w: &PackedRef<'_>,
@@ -393,9 +393,19 @@ pub(crate) mod float {
         unsafe {
             let data = w.data.as_ptr().add(row * rb);
             let low = _mm_set1_epi8(0x0f);
-            for blk in 0..w.k / 32 {
-                let d = _mm512_set1_ps(ds[row * nbp + blk].to_f32());
-                let m = _mm512_set1_ps(ms[row * nbp + blk].to_f32());
+            let blocks = w.k / 32;
+            // The scales, 16 blocks at a time, converted by vector instructions (F16C for f16
+            // ones) rather than one by one.
+            let (mut dv, mut mv) = ([0f32; 16], [0f32; 16]);
+            for blk in 0..blocks {
+                if blk % 16 == 0 {
+                    let mask = (((1u32 << (blocks - blk).min(16)) - 1) & 0xffff) as __mmask16;
+                    let at = row * nbp + blk;
+                    _mm512_storeu_ps(dv.as_mut_ptr(), S::load16(ds.as_ptr().add(at), mask));
+                    _mm512_storeu_ps(mv.as_mut_ptr(), S::load16(ms.as_ptr().add(at), mask));
+                }
+                let d = _mm512_set1_ps(dv[blk % 16]);
+                let m = _mm512_set1_ps(mv[blk % 16]);
                 let (q0, q1) = if w.bits == 4 {
                     // Element j < 16 in the low nibble of byte j, j + 16 in the high one.
                     let v = _mm_loadu_si128(data.add(16 * blk).cast());
