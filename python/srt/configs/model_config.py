@@ -1,14 +1,16 @@
 """ModelConfig: what the runtime needs to know about a model folder, read once.
 
 Built in the scheduler process (and wherever the context length or EOS ids are needed) from
-config.json / generation_config.json via transformers' config classes: architecture, shapes,
-context length, dtype and EOS token ids. Importing it does not import torch. A multimodal
+config.json / generation_config.json via transformers' config classes, or the snapshot of one
+read before (srt.configs.snapshot: no transformers import): architecture, shapes, context
+length, dtype and EOS token ids. Importing it does not import torch. A multimodal
 checkpoint served as a text model (Gemma 3's) keeps its shapes in `text_config`
 (`text_config` here is that, or the config itself).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import logging
@@ -37,7 +39,29 @@ _CONFIG_CLASSES = {
 
 
 def load_hf_config(model_path: str) -> Any:
-    """The transformers config of a model folder, as `AutoConfig.from_pretrained` gives it."""
+    """The transformers config of a model folder, as `AutoConfig.from_pretrained` gives it:
+    from its snapshot when this config was read before (srt.configs.snapshot), else through
+    transformers, recording the snapshot."""
+    from srt.configs import snapshot
+    from srt.managers.hf_tokenizer import own_process
+
+    real = functools.cache(lambda: _load_with_transformers(model_path))
+    key = snapshot.snapshot_key(model_path, torch_hidden=own_process())
+    snap = snapshot.read(key) if key is not None else None
+    if snap is not None:
+        return snapshot.from_snapshot(snap, real)
+    config = real()
+    # NOTE: keyed again now that transformers is imported and knows whether it sees torch.
+    key = snapshot.snapshot_key(model_path, torch_hidden=own_process())
+    if key is not None:
+        snapshot.write(key, snapshot.capture(config))
+    return config
+
+
+def _load_with_transformers(model_path: str) -> Any:
+    from srt.managers.hf_tokenizer import prepare_transformers
+
+    prepare_transformers()
     config_file = Path(model_path) / "config.json"
     model_type = None
     if config_file.is_file():

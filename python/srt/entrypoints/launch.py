@@ -136,10 +136,11 @@ def node_ranks(server_args: ServerArgs) -> range:
 def run_scheduler_process(*args: Any, **kwargs: Any) -> None:
     """The scheduler child's entry point. NOTE: the scheduler module (and with it torch) is
     imported in the child only: the main process never loads torch (~700 MiB of RSS). The
-    child's transformers runs without its torch side (configs and tokenizers only)."""
-    from srt.managers.hf_tokenizer import transformers_without_torch
+    child's transformers, imported only if it is needed, runs without its torch side (configs
+    and tokenizers only)."""
+    from srt.managers.hf_tokenizer import mark_own_process
 
-    transformers_without_torch()
+    mark_own_process()
     from srt.managers.scheduler import run_scheduler_process as run
 
     run(*args, **kwargs)

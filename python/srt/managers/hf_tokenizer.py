@@ -8,6 +8,10 @@ hides torch while transformers is imported and asks it once whether torch is ava
 it caches the answer no and works from then on as on an install without torch. Only for a
 process that is srt's own: in a user's process (`srt.Engine`) the user may need transformers
 with torch, so the Engine's tokenizer loads plainly (`torch_free=False`).
+
+A scheduler process imports transformers only when it needs it (a config not seen before, the
+first constrained request): `mark_own_process()` at its start says that whatever imports it
+there goes through `prepare_transformers()`, which hides torch in such a process.
 """
 
 from __future__ import annotations
@@ -21,6 +25,26 @@ if TYPE_CHECKING:
 
 # transformers' advisory warnings (its "PyTorch was not found" line under `torch_free`).
 _ADVICE_ENV = "TRANSFORMERS_NO_ADVISORY_WARNINGS"
+
+
+_own_process = False
+
+
+def mark_own_process() -> None:
+    """This process is srt's own (a scheduler): transformers, when imported, goes without
+    torch."""
+    global _own_process
+    _own_process = True
+
+
+def own_process() -> bool:
+    return _own_process
+
+
+def prepare_transformers() -> None:
+    """Call before importing transformers in code that runs in srt's own processes."""
+    if _own_process:
+        transformers_without_torch()
 
 
 def tokenizer_path_of(server_args: ServerArgs) -> str:

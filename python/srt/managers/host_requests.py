@@ -122,6 +122,9 @@ class HostRequests:
         key = params.grammar
         assert key is not None
         if self._grammar is None:
+            from srt.managers.hf_tokenizer import prepare_transformers
+
+            prepare_transformers()
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(self._tokenizer_path)

