@@ -17,7 +17,8 @@ import openai
 import pytest
 from _live import free_port, start_server, subprocess_env, wait_healthy
 
-from srt.entrypoints.router_server import RouterArgs, routing_key
+from srt.entrypoints.router_args import RouterArgs
+from srt.entrypoints.router_server import routing_key
 
 LONG_PREFIX = "You are a careful assistant who answers in full sentences. " * 6
 

@@ -57,7 +57,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def _router(args: argparse.Namespace) -> int:
-    from srt.entrypoints.router_server import args_from_cli, run_router
+    from srt.entrypoints.router_args import args_from_cli
+    from srt.entrypoints.router_server import run_router
 
     try:
         router_args = args_from_cli(args)
@@ -68,7 +69,7 @@ def _router(args: argparse.Namespace) -> int:
 
 
 def _add_router(sub: argparse._SubParsersAction) -> None:
-    from srt.entrypoints.router_server import add_cli_args
+    from srt.entrypoints.router_args import add_cli_args
 
     p = sub.add_parser(
         "router",
