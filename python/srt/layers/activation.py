@@ -35,7 +35,9 @@ class SiluAndMul(nn.Module):
         view = _NATIVE_VIEW.get(x.dtype)
         if view is not None and x.device.type == "cpu" and x.dim() == 2 and x.is_contiguous():
             out = x.new_empty(x.shape[0], d)
-            native_silu_and_mul(x.view(view).numpy(), out.view(view).numpy())
+            native_silu_and_mul(
+                x.view(view).numpy(), out.view(view).numpy(), torch.get_num_threads()
+            )
             return out
         return F.silu(x[..., :d]) * x[..., d:]
 

@@ -66,6 +66,7 @@ class RMSNorm(nn.Module):
             out.view(view).numpy(),
             self.eps,
             self._gemma,
+            torch.get_num_threads(),
         )
         return out if residual is None else (out, residual)
 

@@ -7,8 +7,11 @@
 //! and rounded again; Gemma: `x * rsqrt(..) * (1 + weight)` in f32, rounded once), SiLU in f32.
 //! Sums are taken in a fixed lane order, so results can differ from torch's in the last bit.
 
+use rayon::prelude::*;
+
 use crate::elem::Elem;
 use crate::math::{exp_nonpositive, LANES};
+use crate::pool::pool;
 use crate::KernelError;
 
 /// `out = rmsnorm(x)`, or with `residual`: `residual += x` (rounded to E) then
@@ -30,6 +33,60 @@ pub fn rms_norm<E: Elem>(
             weight.len()
         )));
     }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F, the only feature the copy is compiled for.
+            return unsafe { rms_norm_avx512(x, residual, weight, out, d, eps, gemma) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: as above, AVX2.
+            return unsafe { rms_norm_avx2(x, residual, weight, out, d, eps, gemma) };
+        }
+    }
+    rms_norm_rows(x, residual, weight, out, d, eps, gemma)
+}
+
+/// The same code compiled for wider vectors: no operation changes (no fused multiply-adds,
+/// the partial sums' order fixed by LANES), so every copy gives the same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn rms_norm_avx512<E: Elem>(
+    x: &[E],
+    residual: Option<&mut [E]>,
+    weight: &[E],
+    out: &mut [E],
+    d: usize,
+    eps: f32,
+    gemma: bool,
+) -> Result<(), KernelError> {
+    rms_norm_rows(x, residual, weight, out, d, eps, gemma)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn rms_norm_avx2<E: Elem>(
+    x: &[E],
+    residual: Option<&mut [E]>,
+    weight: &[E],
+    out: &mut [E],
+    d: usize,
+    eps: f32,
+    gemma: bool,
+) -> Result<(), KernelError> {
+    rms_norm_rows(x, residual, weight, out, d, eps, gemma)
+}
+
+#[inline(always)]
+fn rms_norm_rows<E: Elem>(
+    x: &[E],
+    residual: Option<&mut [E]>,
+    weight: &[E],
+    out: &mut [E],
+    d: usize,
+    eps: f32,
+    gemma: bool,
+) -> Result<(), KernelError> {
     let mut row = vec![0f32; d];
     match residual {
         Some(res) => {
@@ -94,6 +151,38 @@ pub fn silu_and_mul<E: Elem>(x: &[E], out: &mut [E], d: usize) -> Result<(), Ker
             out.len()
         )));
     }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F, the only feature the copy is compiled for.
+            unsafe { silu_avx512(x, out, d) };
+            return Ok(());
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: as above, AVX2.
+            unsafe { silu_avx2(x, out, d) };
+            return Ok(());
+        }
+    }
+    silu_rows(x, out, d);
+    Ok(())
+}
+
+/// Wider-vector copies, bit for bit the plain one (as for `rms_norm`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn silu_avx512<E: Elem>(x: &[E], out: &mut [E], d: usize) {
+    silu_rows(x, out, d)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn silu_avx2<E: Elem>(x: &[E], out: &mut [E], d: usize) {
+    silu_rows(x, out, d)
+}
+
+#[inline(always)]
+fn silu_rows<E: Elem>(x: &[E], out: &mut [E], d: usize) {
     for (xr, or) in x.chunks_exact(2 * d).zip(out.chunks_exact_mut(d)) {
         let (gate, up) = xr.split_at(d);
         for ((o, &g), &u) in or.iter_mut().zip(gate).zip(up) {
@@ -109,7 +198,61 @@ pub fn silu_and_mul<E: Elem>(x: &[E], out: &mut [E], d: usize) -> Result<(), Ker
             *o = E::from_f32(E::from_f32(g * sig).to_f32() * u.to_f32());
         }
     }
-    Ok(())
+}
+
+/// Below this many values a call runs on the calling thread (waking the pool costs more).
+const PARALLEL_MIN_VALUES: usize = 64 * 1024;
+
+/// [`rms_norm`] with the rows split over `threads` threads (the kernels' pool) when there are
+/// enough of them; each row's arithmetic is the same, so is the result.
+#[allow(clippy::too_many_arguments)]
+pub fn rms_norm_threads<E: Elem>(
+    x: &[E],
+    residual: Option<&mut [E]>,
+    weight: &[E],
+    out: &mut [E],
+    d: usize,
+    eps: f32,
+    gemma: bool,
+    threads: usize,
+) -> Result<(), KernelError> {
+    let rows = if d == 0 { 0 } else { x.len() / d };
+    if threads <= 1 || rows < 2 || x.len() < PARALLEL_MIN_VALUES || out.len() != x.len() {
+        return rms_norm(x, residual, weight, out, d, eps, gemma);
+    }
+    let per = rows.div_ceil(threads) * d;
+    pool(threads).install(|| match residual {
+        Some(res) if res.len() == x.len() => x
+            .par_chunks(per)
+            .zip(res.par_chunks_mut(per))
+            .zip(out.par_chunks_mut(per))
+            .try_for_each(|((x, r), o)| rms_norm(x, Some(r), weight, o, d, eps, gemma)),
+        Some(res) => rms_norm(x, Some(res), weight, out, d, eps, gemma),
+        None => x
+            .par_chunks(per)
+            .zip(out.par_chunks_mut(per))
+            .try_for_each(|(x, o)| rms_norm(x, None, weight, o, d, eps, gemma)),
+    })
+}
+
+/// [`silu_and_mul`] with the rows split over `threads` threads when there are enough of them
+/// (the same result).
+pub fn silu_and_mul_threads<E: Elem>(
+    x: &[E],
+    out: &mut [E],
+    d: usize,
+    threads: usize,
+) -> Result<(), KernelError> {
+    let rows = if d == 0 { 0 } else { out.len() / d };
+    if threads <= 1 || rows < 2 || out.len() < PARALLEL_MIN_VALUES || x.len() != 2 * out.len() {
+        return silu_and_mul(x, out, d);
+    }
+    let per = rows.div_ceil(threads);
+    pool(threads).install(|| {
+        x.par_chunks(2 * d * per)
+            .zip(out.par_chunks_mut(d * per))
+            .try_for_each(|(x, o)| silu_and_mul(x, o, d))
+    })
 }
 
 #[cfg(test)]
@@ -172,5 +315,28 @@ mod tests {
         silu_and_mul(&xb, &mut ob, d).unwrap();
         assert!((ob[3].to_f32() - out[3]).abs() < 0.02 * (1.0 + out[3].abs()));
         assert!(silu_and_mul(&x, &mut out[..3], d).is_err());
+    }
+
+    #[test]
+    fn threads_do_not_change_the_rows() {
+        let (rows, d) = (300, 256);
+        let x: Vec<f32> = (0..rows * 2 * d)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.07)
+            .collect();
+        let (mut one, mut three) = (vec![0f32; rows * d], vec![0f32; rows * d]);
+        silu_and_mul(&x, &mut one, d).unwrap();
+        silu_and_mul_threads(&x, &mut three, d, 3).unwrap();
+        assert_eq!(one, three);
+        let h = &x[..rows * d];
+        let w: Vec<f32> = (0..d).map(|i| 0.5 + i as f32 * 0.01).collect();
+        let (mut r1, mut r3) = (vec![0.25f32; rows * d], vec![0.25f32; rows * d]);
+        let (mut o1, mut o3) = (vec![0f32; rows * d], vec![0f32; rows * d]);
+        rms_norm(h, Some(&mut r1), &w, &mut o1, d, 1e-6, false).unwrap();
+        rms_norm_threads(h, Some(&mut r3), &w, &mut o3, d, 1e-6, false, 3).unwrap();
+        assert_eq!((&r1, &o1), (&r3, &o3));
+        rms_norm(h, None, &w, &mut o1, d, 1e-6, true).unwrap();
+        rms_norm_threads(h, None, &w, &mut o3, d, 1e-6, true, 3).unwrap();
+        assert_eq!(o1, o3);
+        assert!(silu_and_mul_threads(&x, &mut one[..d], d, 3).is_err());
     }
 }

@@ -29,6 +29,7 @@ fn contiguous<'a, T>(
     s.map_err(|_| value_error(format!("{name} must be C-contiguous")))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn norm_as<T: Element, E: Elem>(
     py: Python<'_>,
     x: &Bound<'_, PyAny>,
@@ -37,6 +38,7 @@ fn norm_as<T: Element, E: Elem>(
     out: &Bound<'_, PyAny>,
     eps: f32,
     gemma: bool,
+    threads: usize,
 ) -> PyResult<()> {
     let x: PyReadonlyArray2<'_, T> = x.extract()?;
     let weight: PyReadonlyArray1<'_, T> = weight.extract()?;
@@ -62,14 +64,16 @@ fn norm_as<T: Element, E: Elem>(
         )),
         None => None,
     };
-    py.detach(|| elementwise::rms_norm(xs, rs, ws, os, d, eps, gemma))
+    py.detach(|| elementwise::rms_norm_threads(xs, rs, ws, os, d, eps, gemma, threads))
         .map_err(value_error)
 }
 
 /// RMSNorm of the rows of `x` (`[T, d]`) into `out`; with `residual`, first `residual += x`
-/// (in place) and the norm of that. float32 or int16 (bf16 bits) arrays, one dtype.
+/// (in place) and the norm of that. float32 or int16 (bf16 bits) arrays, one dtype. `threads`
+/// > 1 splits the rows over that many threads when there are enough.
 #[pyfunction]
-#[pyo3(signature = (x, residual, weight, out, eps, gemma=false))]
+#[pyo3(signature = (x, residual, weight, out, eps, gemma=false, threads=1))]
+#[allow(clippy::too_many_arguments)]
 fn rms_norm(
     py: Python<'_>,
     x: &Bound<'_, PyAny>,
@@ -78,11 +82,12 @@ fn rms_norm(
     out: &Bound<'_, PyAny>,
     eps: f32,
     gemma: bool,
+    threads: usize,
 ) -> PyResult<()> {
     if x.extract::<PyReadonlyArray2<'_, f32>>().is_ok() {
-        norm_as::<f32, f32>(py, x, residual, weight, out, eps, gemma)
+        norm_as::<f32, f32>(py, x, residual, weight, out, eps, gemma, threads)
     } else if x.extract::<PyReadonlyArray2<'_, i16>>().is_ok() {
-        norm_as::<i16, Bf16>(py, x, residual, weight, out, eps, gemma)
+        norm_as::<i16, Bf16>(py, x, residual, weight, out, eps, gemma, threads)
     } else {
         Err(value_error(
             "rms_norm: x must be a 2-D float32 or int16 (bf16) array",
@@ -94,6 +99,7 @@ fn silu_as<T: Element, E: Elem>(
     py: Python<'_>,
     x: &Bound<'_, PyAny>,
     out: &Bound<'_, PyAny>,
+    threads: usize,
 ) -> PyResult<()> {
     let x: PyReadonlyArray2<'_, T> = x.extract()?;
     let mut out: PyReadwriteArray2<'_, T> = out.extract()?;
@@ -108,17 +114,24 @@ fn silu_as<T: Element, E: Elem>(
         out.as_slice_mut()
             .map_err(|_| value_error("out must be C-contiguous"))?,
     );
-    py.detach(|| elementwise::silu_and_mul(xs, os, d))
+    py.detach(|| elementwise::silu_and_mul_threads(xs, os, d, threads))
         .map_err(value_error)
 }
 
-/// `out = silu(x[:, :d]) * x[:, d:]` for `x` `[T, 2d]` (gate then up), float32 or int16 (bf16).
+/// `out = silu(x[:, :d]) * x[:, d:]` for `x` `[T, 2d]` (gate then up), float32 or int16 (bf16);
+/// `threads` as in `rms_norm`.
 #[pyfunction]
-fn silu_and_mul(py: Python<'_>, x: &Bound<'_, PyAny>, out: &Bound<'_, PyAny>) -> PyResult<()> {
+#[pyo3(signature = (x, out, threads=1))]
+fn silu_and_mul(
+    py: Python<'_>,
+    x: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    threads: usize,
+) -> PyResult<()> {
     if x.extract::<PyReadonlyArray2<'_, f32>>().is_ok() {
-        silu_as::<f32, f32>(py, x, out)
+        silu_as::<f32, f32>(py, x, out, threads)
     } else if x.extract::<PyReadonlyArray2<'_, i16>>().is_ok() {
-        silu_as::<i16, Bf16>(py, x, out)
+        silu_as::<i16, Bf16>(py, x, out, threads)
     } else {
         Err(value_error(
             "silu_and_mul: x must be a 2-D float32 or int16 (bf16) array",
