@@ -67,8 +67,14 @@ def measure(args: argparse.Namespace, batch: int, overlap: bool) -> dict[str, fl
     vocab = min(1000, sched.vocab_size)
     for i in range(batch):
         ids = [rng.randrange(3, vocab) for _ in range(args.input_len)]
-        # Default sampling (temperature 1.0, no filters): a sampled, not a greedy, step.
-        params = SamplingParams(max_new_tokens=n_out, min_new_tokens=n_out, ignore_eos=True)
+        # Default: temperature 1.0, no filters (a sampled, not a greedy, step).
+        params = SamplingParams(
+            max_new_tokens=n_out,
+            min_new_tokens=n_out,
+            ignore_eos=True,
+            temperature=args.temperature,
+            top_p=args.top_p,
+        )
         sched.add_request(request(i, ids, params))
 
     def drain() -> None:
@@ -149,6 +155,10 @@ def main() -> None:
     parser.add_argument(
         "--overlap", action="store_true", help="Also time the steps with overlap scheduling."
     )
+    parser.add_argument(
+        "--temperature", type=float, default=1.0, help="Of every request (0: greedy steps)."
+    )
+    parser.add_argument("--top-p", type=float, default=1.0, help="Of every request.")
     parser.add_argument("--cprofile", action="store_true", help="Print a cProfile listing.")
     parser.add_argument("--top", type=int, default=25)
     ServerArgs.add_cli_args(parser)

@@ -363,11 +363,28 @@ def sample_draw(
     min_p: npt.NDArray[np.float32] | None,
     seeds: npt.NDArray[np.int64],
     steps: npt.NDArray[np.int64],
+    threads: int = 1,
 ) -> npt.NDArray[np.int64]:
     """The sampled token of each row of `probs` ([S, V] softmax probabilities): top-k / top-p
     over `sorted` (each row ascending; None when no row filters so; no row keeps more than
     `candidates`), min-p (None: no row), one inverse-CDF draw in id order from the uniform of
-    (seed, step). Bit for bit the torch path of `srt.layers.sampler` on the CPU."""
+    (seed, step). Bit for bit the torch path of `srt.layers.sampler` on the CPU. `threads` > 1
+    splits the rows over that many threads (the same result)."""
+
+def sample_softmax(
+    logits: npt.NDArray[np.float32],
+    temperature: npt.NDArray[np.float32],
+    counts: npt.NDArray[np.float32] | None,
+    rows: npt.NDArray[np.int64],
+    frequency: npt.NDArray[np.float32],
+    presence: npt.NDArray[np.float32] | None,
+    threads: int = 1,
+    out: npt.NDArray[np.float32] | None = None,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """(probs [S, V], argmax [S]): the softmax of each row of `logits` less the frequency /
+    presence penalties (`counts`, the output-token counts table, row `rows[i]` for row i; None:
+    no penalty) over its temperature, and the first maximum of the penalised logits. `threads`
+    as in `sample_draw`; `out` ([S, V] float32) receives the probabilities and is returned."""
 
 def quant_matmul(
     qtype_name: str,
@@ -431,15 +448,17 @@ def rms_norm(
     out: np.ndarray,
     eps: float,
     gemma: bool = False,
+    threads: int = 1,
 ) -> None:
     """RMSNorm of the rows of `x` ([T, d]) into `out`: `weight * round(x / rms(x))`, or Gemma's
     `x / rms(x) * (1 + weight)` (`gemma`), f32 arithmetic. With `residual`, first
     `residual += x` in place and the norm of that sum. float32 or int16 (bf16 bits) arrays of
-    one dtype, C-contiguous; the GIL is released."""
+    one dtype, C-contiguous; the GIL is released. `threads` > 1 splits the rows over that many
+    threads when there are enough (the same result)."""
 
-def silu_and_mul(x: np.ndarray, out: np.ndarray) -> None:
+def silu_and_mul(x: np.ndarray, out: np.ndarray, threads: int = 1) -> None:
     """`out = silu(x[:, :d]) * x[:, d:]` for `x` [T, 2d] (gate then up), float32 or int16
-    (bf16 bits), C-contiguous."""
+    (bf16 bits), C-contiguous; `threads` as in `rms_norm`."""
 
 class NativeDecoder:
     """A Llama-family decoder's whole decode step in one call (srt-kernels' decoder), over the

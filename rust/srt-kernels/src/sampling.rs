@@ -13,7 +13,10 @@
 //! drop. The kept probabilities, in id order, are drawn from by inverse CDF with the row's
 //! uniform: the first id whose cumulative mass exceeds `u * total`.
 
+use rayon::prelude::*;
+
 use crate::math::{exp_nonpositive, max, position, sum};
+use crate::pool::pool;
 use crate::KernelError;
 
 // splitmix64 (Steele, Lea, Flood 2014), as `srt.layers.sampler.splitmix64`.
@@ -50,6 +53,17 @@ pub struct Softmax<'a> {
 /// \[count > 0\]) / temperature), into `probs`, and the first maximum of its penalised logits
 /// (a greedy row's token) into `argmax`.
 pub fn softmax(s: &Softmax<'_>, probs: &mut [f32], argmax: &mut [i64]) -> Result<(), KernelError> {
+    softmax_threads(s, probs, argmax, 1)
+}
+
+/// [`softmax`] with the rows split over `threads` threads (the kernels' pool); each row is
+/// computed alike, so the result is the same.
+pub fn softmax_threads(
+    s: &Softmax<'_>,
+    probs: &mut [f32],
+    argmax: &mut [i64],
+    threads: usize,
+) -> Result<(), KernelError> {
     let (n, v) = (argmax.len(), s.vocab);
     let fail = |m: String| Err(KernelError(m));
     if v == 0 || s.logits.len() != n * v || probs.len() != n * v {
@@ -74,28 +88,67 @@ pub fn softmax(s: &Softmax<'_>, probs: &mut [f32], argmax: &mut [i64]) -> Result
             ));
         }
     }
+    let per = per_task(n, threads);
+    if per >= n {
+        softmax_some(s, probs, argmax, 0);
+    } else {
+        pool(threads).install(|| {
+            probs
+                .par_chunks_mut(per * v)
+                .zip(argmax.par_chunks_mut(per))
+                .enumerate()
+                .for_each(|(c, (p, a))| softmax_some(s, p, a, c * per))
+        });
+    }
+    Ok(())
+}
+
+/// Rows per task for `n` rows on `threads` threads (`n`: one task).
+fn per_task(n: usize, threads: usize) -> usize {
+    if threads <= 1 || n < 2 {
+        n.max(1)
+    } else {
+        n.div_ceil(threads)
+    }
+}
+
+/// Rows `first ..` (as many as `argmax` holds) into `probs` / `argmax`.
+fn softmax_some(s: &Softmax<'_>, probs: &mut [f32], argmax: &mut [i64], first: usize) {
     #[cfg(target_arch = "x86_64")]
     {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F, the only feature the copy is compiled for.
+            unsafe { softmax_avx512(s, probs, argmax, first) };
+            return;
+        }
         if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2, the only feature `softmax_avx2` is compiled for.
-            unsafe { softmax_avx2(s, probs, argmax) };
-            return Ok(());
+            // SAFETY: as above, AVX2.
+            unsafe { softmax_avx2(s, probs, argmax, first) };
+            return;
         }
     }
-    softmax_rows(s, probs, argmax);
-    Ok(())
+    softmax_rows(s, probs, argmax, first);
+}
+
+/// Wider-vector copies: the same operations (no fused multiply-adds, fixed partial sums), so
+/// the same bits as the plain one.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn softmax_avx512(s: &Softmax<'_>, probs: &mut [f32], argmax: &mut [i64], first: usize) {
+    softmax_rows(s, probs, argmax, first)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn softmax_avx2(s: &Softmax<'_>, probs: &mut [f32], argmax: &mut [i64]) {
-    softmax_rows(s, probs, argmax)
+unsafe fn softmax_avx2(s: &Softmax<'_>, probs: &mut [f32], argmax: &mut [i64], first: usize) {
+    softmax_rows(s, probs, argmax, first)
 }
 
 #[inline(always)]
-fn softmax_rows(s: &Softmax<'_>, probs: &mut [f32], argmax: &mut [i64]) {
+fn softmax_rows(s: &Softmax<'_>, probs: &mut [f32], argmax: &mut [i64], first: usize) {
     let v = s.vocab;
-    for (r, (x, best)) in probs.chunks_exact_mut(v).zip(argmax.iter_mut()).enumerate() {
+    for (i, (x, best)) in probs.chunks_exact_mut(v).zip(argmax.iter_mut()).enumerate() {
+        let r = first + i;
         x.copy_from_slice(&s.logits[r * v..(r + 1) * v]);
         if let Some(counts) = s.counts {
             let c = &counts[s.rows[r] as usize * v..][..v];
@@ -172,10 +225,33 @@ impl Draw<'_> {
 
 /// The sampled token of each row into `out` (`[S]`).
 pub fn draw(d: &Draw<'_>, out: &mut [i64]) -> Result<(), KernelError> {
+    draw_threads(d, out, 1)
+}
+
+/// [`draw`] with the rows split over `threads` threads (the same result: a row's draw is its
+/// own).
+pub fn draw_threads(d: &Draw<'_>, out: &mut [i64], threads: usize) -> Result<(), KernelError> {
     d.validate(out.len())?;
+    let n = out.len();
+    let per = per_task(n, threads);
+    if per >= n {
+        draw_rows(d, out, 0);
+    } else {
+        pool(threads).install(|| {
+            out.par_chunks_mut(per)
+                .enumerate()
+                .for_each(|(c, o)| draw_rows(d, o, c * per))
+        });
+    }
+    Ok(())
+}
+
+/// Rows `first ..` (as many as `out` holds).
+fn draw_rows(d: &Draw<'_>, out: &mut [i64], first: usize) {
     let v = d.vocab;
     let mut kept = Vec::with_capacity(v);
-    for (r, o) in out.iter_mut().enumerate() {
+    for (i, o) in out.iter_mut().enumerate() {
+        let r = first + i;
         let probs = &d.probs[r * v..(r + 1) * v];
         let cut = match d.sorted {
             Some(sorted) => top_k_top_p(
@@ -207,7 +283,6 @@ pub fn draw(d: &Draw<'_>, out: &mut [i64]) -> Result<(), KernelError> {
             &mut kept,
         );
     }
-    Ok(())
 }
 
 /// What top-k / top-p keep of a row: every probability above `last`, and of those equal to
@@ -247,11 +322,16 @@ fn top_k_top_p(ascending: &[f32], candidates: usize, top_k: i64, top_p: f32) -> 
     let bound = top_p * acc as f32;
     let mut acc = 0f64;
     let mut kept = 0;
+    // NOTE: `acc as f32 - p` never decreases along the ranks (the rounded running sum does not,
+    // p does not grow, and rounding is monotone), so the first rank that fails ends the kept
+    // ones: the walk stops there instead of at the last candidate.
     for i in 0..cols.min(k) {
         let p = desc(i);
         acc += f64::from(p);
         if acc as f32 - p <= bound {
             kept += 1;
+        } else {
+            break;
         }
     }
     let kept = kept.max(1); // NaN rows only
@@ -403,6 +483,51 @@ mod tests {
             }
         };
         assert!(softmax(&bad, &mut [0f32; 3], &mut [0i64; 1]).is_err());
+    }
+
+    #[test]
+    fn threads_do_not_change_distributions_or_draws() {
+        let (n, v) = (7, 300);
+        let logits: Vec<f32> = (0..n * v)
+            .map(|i| ((i * 7919 % 1009) as f32 - 500.0) * 0.01)
+            .collect();
+        let temperature: Vec<f32> = (0..n).map(|r| 0.5 + r as f32 * 0.1).collect();
+        let counts: Vec<f32> = (0..n * v).map(|i| (i % 3) as f32).collect();
+        let rows: Vec<i64> = (0..n as i64).rev().collect();
+        let s = Softmax {
+            logits: &logits,
+            vocab: v,
+            temperature: &temperature,
+            counts: Some(&counts),
+            rows: &rows,
+            frequency: &[0.1; 7],
+            presence: Some(&[0.2; 7]),
+        };
+        let run = |threads: usize| {
+            let (mut probs, mut argmax) = (vec![0f32; n * v], vec![0i64; n]);
+            softmax_threads(&s, &mut probs, &mut argmax, threads).unwrap();
+            let mut sorted = probs.clone();
+            for row in sorted.chunks_exact_mut(v) {
+                row.sort_by(f32::total_cmp);
+            }
+            let d = Draw {
+                probs: &probs,
+                vocab: v,
+                sorted: Some(&sorted),
+                candidates: v,
+                top_k: &[0, 5, 0, 50, 0, 1, 0],
+                top_p: &[0.9, 1.0, 0.5, 0.95, 1.0, 1.0, 0.7],
+                min_p: Some(&[0.0, 0.0, 0.1, 0.0, 0.05, 0.0, 0.0]),
+                seeds: &[1, 2, 3, 4, 5, 6, 7],
+                steps: &[0, 1, 2, 3, 4, 5, 6],
+            };
+            let mut out = vec![0i64; n];
+            draw_threads(&d, &mut out, threads).unwrap();
+            (probs, argmax, out)
+        };
+        let one = run(1);
+        assert_eq!(one, run(3));
+        assert_eq!(one, run(16));
     }
 
     #[test]
