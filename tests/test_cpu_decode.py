@@ -55,6 +55,13 @@ def default_like(tmp_path_factory: pytest.TempPathFactory) -> ModelRunner:
 
 
 @pytest.fixture(scope="module")
+def default_f32_kv(tmp_path_factory: pytest.TempPathFactory) -> ModelRunner:
+    root = tmp_path_factory.mktemp("cpu_decode_f32_kv")
+    folder = gguf_folder(root, DEFAULT_TYPES, tie_word_embeddings=True)
+    return make_runner(folder, quantization="gguf", kv_cache_dtype="float32")
+
+
+@pytest.fixture(scope="module")
 def mixed(tmp_path_factory: pytest.TempPathFactory) -> ModelRunner:
     return make_runner(
         gguf_folder(tmp_path_factory.mktemp("cpu_decode_mixed"), MIXED_TYPES), quantization="gguf"
@@ -78,7 +85,8 @@ def step_both(
     rows = [r.row for r in reqs]
     got = native.run(ForwardBatch.decode(tokens, out_loc, rows, lens, "cpu"))
     pool = runner.kv_pool
-    written = [b[out_loc].clone().numpy() for b in (*pool.k_buffers, *pool.v_buffers)]
+    # NOTE: .float(): a bf16 pool's values exactly (numpy has no bfloat16).
+    written = [b[out_loc].float().numpy() for b in (*pool.k_buffers, *pool.v_buffers)]
     runner.cpu_decode = None
     try:
         want = runner.forward(ForwardBatch.decode(tokens, out_loc, rows, lens, "cpu"))
@@ -100,7 +108,7 @@ def run_steps(
         got, want, written = step_both(runner, sched, reqs, tokens)
         # The torch forward rewrote the same slots: the native call's K/V match them.
         out_loc = [r.slots[-1] for r in reqs]
-        kv_now = [b[out_loc].numpy() for b in (*pool.k_buffers, *pool.v_buffers)]
+        kv_now = [b[out_loc].float().numpy() for b in (*pool.k_buffers, *pool.v_buffers)]
         if exact:
             assert torch.equal(got, want), f"step {step}: {(got - want).abs().max()}"
             assert all(np.array_equal(a, b) for a, b in zip(written, kv_now, strict=True))
@@ -115,7 +123,16 @@ def run_steps(
 
 def test_default_formats_match_the_torch_forward_bit_for_bit(default_like: ModelRunner) -> None:
     assert default_like.cpu_decode is not None
+    assert default_like.kv_pool.dtype == torch.bfloat16  # --kv-cache-dtype auto with GGUF blocks
     run_steps(default_like, steps=6, exact=True)
+
+
+def test_a_float32_pool_matches_the_torch_forward_bit_for_bit(
+    default_f32_kv: ModelRunner,
+) -> None:
+    assert default_f32_kv.cpu_decode is not None
+    assert default_f32_kv.kv_pool.dtype == torch.float32
+    run_steps(default_f32_kv, steps=6, exact=True, batch=9)
 
 
 @pytest.mark.parametrize("batch", [8, 19])

@@ -42,14 +42,18 @@ logger = logging.getLogger(__name__)
 # 56 / 95 / 186 ms a step at 32 / 64 / 128 sequences, against the torch forward's 92 / 206 /
 # 271 (its GGUF layers multiply dequantized weights above 32 rows).
 MAX_BATCH = 256
+# KV pool dtypes the native step reads, as numpy sees them.
+_POOL_VIEWS = {torch.float32: torch.float32, torch.bfloat16: torch.int16}
 
 
 class CpuDecodeRunner:
     def __init__(self, runner: ModelRunner, model: LlamaForCausalLM) -> None:
         self.max_bs = MAX_BATCH
         self.table = runner.req_to_token_pool.req_to_token.numpy()
+        # NOTE: a bf16 pool crosses as its int16 bits (numpy has no bfloat16).
+        view = _POOL_VIEWS[runner.kv_pool.dtype]
         kv = [
-            (k.numpy(), v.numpy())
+            (k.view(view).numpy(), v.view(view).numpy())
             for k, v in zip(runner.kv_pool.k_buffers, runner.kv_pool.v_buffers, strict=True)
         ]
         spec = _model_spec(model)
@@ -101,8 +105,10 @@ def unsupported(runner: ModelRunner) -> str | None:
         return "tensor / pipeline parallel"
     if not isinstance(model, LlamaForCausalLM):
         return f"{type(model).__name__} is not a Llama-family decoder"
-    if runner.dtype != torch.float32 or runner.kv_pool.dtype != torch.float32:
+    if runner.dtype != torch.float32:
         return f"dtype {runner.dtype} (the native step runs float32 GGUF models)"
+    if runner.kv_pool.dtype not in _POOL_VIEWS:
+        return f"KV cache dtype {runner.kv_pool.dtype}"
     if not any(isinstance(m, GGUFBlocks) for m in model.modules()):
         return "no GGUF weights (the native step runs float32 GGUF models)"
     if not isinstance(runner.attn_backend, TorchNativeAttnBackend):

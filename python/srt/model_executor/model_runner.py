@@ -41,7 +41,7 @@ from srt.model_executor.cpu_decode import CpuDecodeRunner
 from srt.model_executor.cuda_graph_runner import DEFAULT_MAX_BS as CUDA_GRAPH_DEFAULT_MAX_BS
 from srt.model_executor.cuda_graph_runner import CudaGraphRunner
 from srt.model_executor.forward_batch import ForwardBatch, StepInput
-from srt.model_loader.weight_format import resolve_weight_format
+from srt.model_loader.weight_format import WeightFormat, resolve_weight_format
 from srt.model_loader.weights import init_dummy_weights, iterate_weights
 from srt.models.registry import get_model_class
 from srt.server_args import ServerArgs
@@ -55,6 +55,17 @@ CPU_MAX_TOTAL_TOKENS_DEFAULT = 65536
 GPU_RESERVE_BYTES = 1 << 30
 # Extra columns of the request-to-token table beyond the context length (cheap safety margin).
 REQ_TO_TOKEN_SLACK = 4
+
+
+def kv_cache_dtype(flag: str, dtype: torch.dtype, weights: WeightFormat) -> torch.dtype:
+    """The KV pool's dtype for `--kv-cache-dtype` (see server_args): "auto" is bfloat16 for
+    GGUF blocks run in float32 on a CPU (the native step and attention kernels read it), else
+    the model's dtype."""
+    if flag != "auto":
+        return getattr(torch, flag)
+    if weights.gguf_blocks and dtype == torch.float32:
+        return torch.bfloat16
+    return dtype
 
 
 class ModelRunner:
@@ -84,6 +95,7 @@ class ModelRunner:
         model_config.dtype = self.weight_format.dtype
         logger.info("weights: %s", self.weight_format.reason)
         self.dtype: torch.dtype = model_config.torch_dtype
+        self.kv_dtype = kv_cache_dtype(server_args.kv_cache_dtype, self.dtype, self.weight_format)
         self.page_size = server_args.page_size
         self.parallel = get_parallel_state()
         free_before_load = _free_memory_bytes(self.device)
@@ -113,7 +125,7 @@ class ModelRunner:
             self.end_layer - self.start_layer,
             self.num_kv_heads,
             model_config.head_dim,
-            self.dtype,
+            self.kv_dtype,
             self.device,
             start_layer=self.start_layer,
         )
@@ -128,12 +140,13 @@ class ModelRunner:
                 f"{self.start_layer}..{self.end_layer - 1}, {self.num_kv_heads} KV heads)"
             )
         logger.info(
-            "model %s loaded%s: %.1f MiB weights, max_total_num_tokens=%d (KV pool), %d running "
-            "requests max, attention %s, %s",
+            "model %s loaded%s: %.1f MiB weights, max_total_num_tokens=%d (KV pool, %s), %d "
+            "running requests max, attention %s, %s",
             model_config.architecture,
             shard,
             self.weight_bytes / 2**20,
             self.max_total_num_tokens,
+            str(self.kv_dtype).removeprefix("torch."),
             self.max_running_requests,
             type(self.attn_backend).__name__,
             _step_kind(self),
@@ -166,7 +179,7 @@ class ModelRunner:
     def _kv_pool_tokens(self, free_before_load: int) -> int:
         cfg = self.model_config
         per_token = KVPool.bytes_per_token(
-            self.end_layer - self.start_layer, self.num_kv_heads, cfg.head_dim, self.dtype
+            self.end_layer - self.start_layer, self.num_kv_heads, cfg.head_dim, self.kv_dtype
         )
         if self.server_args.max_total_tokens is not None:
             tokens = self.server_args.max_total_tokens

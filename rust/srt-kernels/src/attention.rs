@@ -23,13 +23,14 @@ use crate::KernelError;
 mod x86;
 
 /// The inputs of one decode attention call; slices are row-major.
-pub struct PagedDecode<'a, E: Elem> {
+pub struct PagedDecode<'a, E: Elem, K: Elem = E> {
     /// `[batch, num_heads, head_dim]`
     pub q: &'a [E],
-    /// `[slots, num_kv_heads, head_dim]`, one layer of the pool
-    pub k: &'a [E],
+    /// `[slots, num_kv_heads, head_dim]`, one layer of the pool (its own storage type: a bf16
+    /// pool serves f32 queries)
+    pub k: &'a [K],
     /// `[slots, num_kv_heads, head_dim]`
-    pub v: &'a [E],
+    pub v: &'a [K],
     /// `[table_rows, table_cols]`: the KV slot of each position of each row
     pub table: &'a [i32],
     pub table_cols: usize,
@@ -48,7 +49,7 @@ pub struct PagedDecode<'a, E: Elem> {
     pub softcap: f32,
 }
 
-impl<E: Elem> PagedDecode<'_, E> {
+impl<E: Elem, K: Elem> PagedDecode<'_, E, K> {
     fn batch(&self) -> usize {
         self.rows.len()
     }
@@ -138,8 +139,8 @@ pub(crate) fn check_layout(l: &PoolLayout) -> Result<usize, KernelError> {
 const PARALLEL_MIN_WORK: usize = 32 * 1024;
 
 /// Writes `out` (`[batch, num_heads, head_dim]`, the layout of `q`).
-pub fn paged_decode<E: Elem>(
-    p: &PagedDecode<'_, E>,
+pub fn paged_decode<E: Elem, K: Elem>(
+    p: &PagedDecode<'_, E, K>,
     out: &mut [E],
     threads: usize,
 ) -> Result<(), KernelError> {
@@ -175,8 +176,8 @@ pub(crate) struct Scratch {
 }
 
 /// Sequence `b`'s attention into `out` (its `[num_heads, head_dim]`), `p` validated.
-pub(crate) fn sequence<E: Elem>(
-    p: &PagedDecode<'_, E>,
+pub(crate) fn sequence<E: Elem, K: Elem>(
+    p: &PagedDecode<'_, E, K>,
     scratch: &mut Scratch,
     b: usize,
     out: &mut [E],
@@ -201,18 +202,18 @@ pub(crate) fn sequence<E: Elem>(
 /// The body specialised for the common head sizes (fixed-length loops the compiler unrolls
 /// and vectorises whole), and a generic one for the rest.
 #[inline(always)]
-fn by_head_dim<E: Elem>(
-    p: &PagedDecode<'_, E>,
+fn by_head_dim<E: Elem, K: Elem>(
+    p: &PagedDecode<'_, E, K>,
     scratch: &mut Scratch,
     b: usize,
     out: &mut [E],
 ) -> Result<(), KernelError> {
     match p.head_dim {
-        16 => sequence_body::<E, 16>(p, scratch, b, out),
-        32 => sequence_body::<E, 32>(p, scratch, b, out),
-        64 => sequence_body::<E, 64>(p, scratch, b, out),
-        128 => sequence_body::<E, 128>(p, scratch, b, out),
-        _ => sequence_body::<E, 0>(p, scratch, b, out),
+        16 => sequence_body::<E, K, 16>(p, scratch, b, out),
+        32 => sequence_body::<E, K, 32>(p, scratch, b, out),
+        64 => sequence_body::<E, K, 64>(p, scratch, b, out),
+        128 => sequence_body::<E, K, 128>(p, scratch, b, out),
+        _ => sequence_body::<E, K, 0>(p, scratch, b, out),
     }
 }
 
@@ -220,8 +221,8 @@ fn by_head_dim<E: Elem>(
 /// same as the baseline build's, so both give identical results.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn sequence_avx2<E: Elem>(
-    p: &PagedDecode<'_, E>,
+unsafe fn sequence_avx2<E: Elem, K: Elem>(
+    p: &PagedDecode<'_, E, K>,
     scratch: &mut Scratch,
     b: usize,
     out: &mut [E],
@@ -263,8 +264,8 @@ fn as_f32<'a, E: Elem>(src: &'a [E], buf: &'a mut [f32]) -> &'a [f32] {
 
 /// The KV slots of sequence `b`'s attending positions (the last `window` of it, or all),
 /// checked to lie inside the pool.
-fn attending_slots<'a, E: Elem>(
-    p: &PagedDecode<'a, E>,
+fn attending_slots<'a, E: Elem, K: Elem>(
+    p: &PagedDecode<'a, E, K>,
     b: usize,
 ) -> Result<&'a [i32], KernelError> {
     let end = p.lens[b] as usize;
@@ -286,8 +287,8 @@ fn attending_slots<'a, E: Elem>(
 
 /// One sequence's attention; `D` is the head size when it is known at compile time, else 0.
 #[inline(always)]
-fn sequence_body<E: Elem, const D: usize>(
-    p: &PagedDecode<'_, E>,
+fn sequence_body<E: Elem, K: Elem, const D: usize>(
+    p: &PagedDecode<'_, E, K>,
     scratch: &mut Scratch,
     b: usize,
     out: &mut [E],

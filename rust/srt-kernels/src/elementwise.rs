@@ -216,7 +216,7 @@ pub fn rms_norm_threads<E: Elem>(
     gemma: bool,
     threads: usize,
 ) -> Result<(), KernelError> {
-    let rows = if d == 0 { 0 } else { x.len() / d };
+    let rows = x.len().checked_div(d).unwrap_or(0);
     if threads <= 1 || rows < 2 || x.len() < PARALLEL_MIN_VALUES || out.len() != x.len() {
         return rms_norm(x, residual, weight, out, d, eps, gemma);
     }
@@ -243,7 +243,7 @@ pub fn silu_and_mul_threads<E: Elem>(
     d: usize,
     threads: usize,
 ) -> Result<(), KernelError> {
-    let rows = if d == 0 { 0 } else { out.len() / d };
+    let rows = out.len().checked_div(d).unwrap_or(0);
     if threads <= 1 || rows < 2 || out.len() < PARALLEL_MIN_VALUES || x.len() != 2 * out.len() {
         return silu_and_mul(x, out, d);
     }

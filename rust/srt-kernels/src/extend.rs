@@ -26,12 +26,12 @@ use crate::KernelError;
 const TILE: usize = 16;
 
 /// The inputs of one extend attention call; slices are row-major.
-pub struct PagedExtend<'a, E: Elem> {
+pub struct PagedExtend<'a, E: Elem, K: Elem = E> {
     /// `[tokens, num_heads, head_dim]`: the batch's new tokens, sequence after sequence
     pub q: &'a [E],
-    /// `[slots, num_kv_heads, head_dim]`, one layer of the pool
-    pub k: &'a [E],
-    pub v: &'a [E],
+    /// `[slots, num_kv_heads, head_dim]`, one layer of the pool (its own storage type)
+    pub k: &'a [K],
+    pub v: &'a [K],
     /// `[table_rows, table_cols]`: the KV slot of each position of each row
     pub table: &'a [i32],
     pub table_cols: usize,
@@ -60,7 +60,7 @@ struct Task {
     token: usize,
 }
 
-impl<E: Elem> PagedExtend<'_, E> {
+impl<E: Elem, K: Elem> PagedExtend<'_, E, K> {
     fn validate(&self, out_len: usize) -> Result<Vec<Task>, KernelError> {
         let err = |m: String| Err(KernelError(m));
         let (hq, d) = (self.num_heads, self.head_dim);
@@ -122,8 +122,8 @@ impl<E: Elem> PagedExtend<'_, E> {
 }
 
 /// Writes `out` (`[tokens, num_heads, head_dim]`, the layout of `q`).
-pub fn paged_extend<E: Elem>(
-    p: &PagedExtend<'_, E>,
+pub fn paged_extend<E: Elem, K: Elem>(
+    p: &PagedExtend<'_, E, K>,
     out: &mut [E],
     threads: usize,
 ) -> Result<(), KernelError> {
@@ -159,8 +159,8 @@ struct Scratch {
 
 /// # Safety
 /// As in `paged_extend`.
-unsafe fn task<E: Elem>(
-    p: &PagedExtend<'_, E>,
+unsafe fn task<E: Elem, K: Elem>(
+    p: &PagedExtend<'_, E, K>,
     s: &mut Scratch,
     t: Task,
     out: OutPtr<E>,
@@ -178,8 +178,8 @@ unsafe fn task<E: Elem>(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn task_avx2<E: Elem>(
-    p: &PagedExtend<'_, E>,
+unsafe fn task_avx2<E: Elem, K: Elem>(
+    p: &PagedExtend<'_, E, K>,
     s: &mut Scratch,
     t: Task,
     out: OutPtr<E>,
@@ -189,8 +189,8 @@ unsafe fn task_avx2<E: Elem>(
 }
 
 #[inline(always)]
-unsafe fn task_body<E: Elem>(
-    p: &PagedExtend<'_, E>,
+unsafe fn task_body<E: Elem, K: Elem>(
+    p: &PagedExtend<'_, E, K>,
     scratch: &mut Scratch,
     t: Task,
     out: OutPtr<E>,

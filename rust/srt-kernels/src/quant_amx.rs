@@ -219,7 +219,7 @@ mod x86 {
                         let hv: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(v1, v0));
                         let (h0, h1) = widen(hv);
                         h[i] = hv;
-                        l[i] = std::mem::transmute(_mm512_cvtne2ps_pbh(
+                        l[i] = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(
                             _mm512_sub_ps(v1, h1),
                             _mm512_sub_ps(v0, h0),
                         ));

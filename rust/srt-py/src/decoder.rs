@@ -26,6 +26,7 @@ use numpy::{
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 use srt_kernels::decoder::{Act, Decoder, KvLayer, Layer, Linear, Model, Norm, Part, Rope, Step};
+use srt_kernels::elem::{Bf16, Elem};
 use srt_kernels::quant::QType;
 use srt_kernels::quant_packed::{PackedRef, ScalesRef};
 
@@ -72,14 +73,21 @@ impl Keep {
         })
     }
 
-    fn slice_mut(&mut self, obj: &Bound<'_, PyAny>, what: &str) -> PyResult<(*mut f32, usize)> {
-        let mut arr = obj
-            .extract::<PyReadwriteArrayDyn<'_, f32>>()
-            .map_err(|_| value_error(format!("{what} must be a writable float32 numpy array")))?;
-        let s = arr
-            .as_slice_mut()
-            .map_err(|_| value_error(format!("{what} must be C-contiguous")))?;
-        let out = (s.as_mut_ptr(), s.len());
+    /// A KV pool array: (data pointer, length, whether it holds bf16 bits (int16) rather
+    /// than float32).
+    fn pool(&mut self, obj: &Bound<'_, PyAny>, what: &str) -> PyResult<(usize, usize, bool)> {
+        let contiguous = |_| value_error(format!("{what} must be C-contiguous"));
+        let out = if let Ok(mut arr) = obj.extract::<PyReadwriteArrayDyn<'_, f32>>() {
+            let s = arr.as_slice_mut().map_err(contiguous)?;
+            (s.as_mut_ptr() as usize, s.len(), false)
+        } else if let Ok(mut arr) = obj.extract::<PyReadwriteArrayDyn<'_, i16>>() {
+            let s = arr.as_slice_mut().map_err(contiguous)?;
+            (s.as_mut_ptr() as usize, s.len(), true)
+        } else {
+            return Err(value_error(format!(
+                "{what} must be a writable float32 or int16 (bf16 bits) numpy array"
+            )));
+        };
         self.0.push(obj.clone().unbind());
         Ok(out)
     }
@@ -224,6 +232,8 @@ pub struct NativeDecoder {
     decoder: Decoder<'static>,
     /// Each layer's K and V pool (data pointer, length).
     kv: Vec<[(usize, usize); 2]>,
+    /// Whether the pool holds bf16 (else f32).
+    bf16: bool,
     _keep: Keep,
 }
 
@@ -259,12 +269,18 @@ impl NativeDecoder {
             act,
         };
         let mut pools = Vec::new();
+        let mut types = Vec::new();
         for (i, pair) in kv.try_iter()?.enumerate() {
             let t = pair?;
             let t = t.cast::<PyTuple>()?;
-            let (k, klen) = keep.slice_mut(&t.get_item(0)?, &format!("KV layer {i} k"))?;
-            let (v, vlen) = keep.slice_mut(&t.get_item(1)?, &format!("KV layer {i} v"))?;
-            pools.push([(k as usize, klen), (v as usize, vlen)]);
+            let (k, klen, kb) = keep.pool(&t.get_item(0)?, &format!("KV layer {i} k"))?;
+            let (v, vlen, vb) = keep.pool(&t.get_item(1)?, &format!("KV layer {i} v"))?;
+            pools.push([(k, klen), (v, vlen)]);
+            types.extend([kb, vb]);
+        }
+        let bf16 = types.first().copied().unwrap_or(false);
+        if types.iter().any(|&t| t != bf16) {
+            return Err(value_error("the KV layers must all be float32 or all bf16"));
         }
         if pools.len() != model.layers.len() {
             return Err(value_error(format!(
@@ -277,6 +293,7 @@ impl NativeDecoder {
         Ok(NativeDecoder {
             decoder,
             kv: pools,
+            bf16,
             _keep: keep,
         })
     }
@@ -314,20 +331,32 @@ impl NativeDecoder {
         let out = logits
             .as_slice_mut()
             .map_err(|_| value_error("logits must be C-contiguous"))?;
-        let kv = &self.kv;
         py.detach(|| {
-            let mut layers: Vec<KvLayer<'_>> = kv
-                .iter()
-                .map(|[(k, kl), (v, vl)]| KvLayer {
-                    // SAFETY: the pool arrays are kept alive by `_keep`; this call is the only
-                    // Rust access to them while it runs (the caller's step holds the pool).
-                    k: unsafe { std::slice::from_raw_parts_mut(*k as *mut f32, *kl) },
-                    v: unsafe { std::slice::from_raw_parts_mut(*v as *mut f32, *vl) },
-                })
-                .collect();
-            self.decoder.decode(&step, &mut layers, out, threads)
+            if self.bf16 {
+                self.decoder
+                    .decode(&step, &mut self.layers::<Bf16>(), out, threads)
+            } else {
+                self.decoder
+                    .decode(&step, &mut self.layers::<f32>(), out, threads)
+            }
         })
         .map_err(value_error)
+    }
+}
+
+impl NativeDecoder {
+    /// The pool's layers as `K` (the type `new` found them to hold).
+    fn layers<K: Elem>(&self) -> Vec<KvLayer<'_, K>> {
+        self.kv
+            .iter()
+            .map(|[(k, kl), (v, vl)]| KvLayer {
+                // SAFETY: the pool arrays are kept alive by `_keep` and hold `K` (checked in
+                // `new`); a decode call is the only Rust access to them while it runs (the
+                // caller's step holds the pool).
+                k: unsafe { std::slice::from_raw_parts_mut(*k as *mut K, *kl) },
+                v: unsafe { std::slice::from_raw_parts_mut(*v as *mut K, *vl) },
+            })
+            .collect()
     }
 }
 

@@ -26,18 +26,34 @@ fn as_elems<'a, T: Element, E: Elem>(a: &'a PyReadonlyArray3<'_, T>) -> PyResult
 }
 
 /// q, k, v and out of an attention call as kernel elements.
-type AttnSlices<'a, E> = (&'a [E], &'a [E], &'a [E], &'a mut [E]);
+/// A numpy element type the attention kernels read, and the kernels' element for it (f32 as
+/// itself, int16 as bf16 bits).
+trait Storage: Element {
+    type K: Elem;
+}
+impl Storage for f32 {
+    type K = f32;
+}
+impl Storage for i16 {
+    type K = Bf16;
+}
 
-/// The q, k, v and out arrays of an attention call, as numpy arrays of `T`, shapes checked:
-/// q and out `[tokens, heads, d]`, k and v `[slots, kv_heads, d]`.
-struct AttnArrays<'py, T: Element> {
+/// q, k, v, out as the kernels take them: queries and output of `T`, the pool of `U`.
+type AttnSlices<'a, T, U> = (
+    &'a [<T as Storage>::K],
+    &'a [<U as Storage>::K],
+    &'a [<U as Storage>::K],
+    &'a mut [<T as Storage>::K],
+);
+
+struct AttnArrays<'py, T: Storage, U: Storage> {
     q: PyReadonlyArray3<'py, T>,
-    k: PyReadonlyArray3<'py, T>,
-    v: PyReadonlyArray3<'py, T>,
+    k: PyReadonlyArray3<'py, U>,
+    v: PyReadonlyArray3<'py, U>,
     out: PyReadwriteArray3<'py, T>,
 }
 
-impl<'py, T: Element> AttnArrays<'py, T> {
+impl<'py, T: Storage, U: Storage> AttnArrays<'py, T, U> {
     fn extract(
         name: &str,
         q: &Bound<'py, PyAny>,
@@ -62,24 +78,22 @@ impl<'py, T: Element> AttnArrays<'py, T> {
         Ok(a)
     }
 
-    /// (heads, kv heads, head dim)
     fn heads(&self) -> (usize, usize, usize) {
         (self.q.shape()[1], self.k.shape()[1], self.q.shape()[2])
     }
 
-    /// q, k, v as `E` and out as `E`, mutable.
-    fn slices<E: Elem>(&mut self) -> PyResult<AttnSlices<'_, E>> {
+    fn slices(&mut self) -> PyResult<AttnSlices<'_, T, U>> {
         let (q, k, v) = (
-            as_elems::<T, E>(&self.q)?,
-            as_elems::<T, E>(&self.k)?,
-            as_elems::<T, E>(&self.v)?,
+            as_elems::<T, T::K>(&self.q)?,
+            as_elems::<U, U::K>(&self.k)?,
+            as_elems::<U, U::K>(&self.v)?,
         );
         let o = self
             .out
             .as_slice_mut()
             .map_err(|_| value_error("out must be C-contiguous"))?;
         // SAFETY: as in `as_elems`.
-        let o = unsafe { std::slice::from_raw_parts_mut(o.as_mut_ptr().cast::<E>(), o.len()) };
+        let o = unsafe { std::slice::from_raw_parts_mut(o.as_mut_ptr().cast::<T::K>(), o.len()) };
         Ok((q, k, v, o))
     }
 }
@@ -91,23 +105,47 @@ fn table_slice<'a>(table: &'a PyReadonlyArray2<'_, i32>) -> PyResult<(&'a [i32],
     Ok((t, table.shape()[1]))
 }
 
+/// Which element types an attention call's q and k arrays hold: both float32, both int16
+/// (bf16), or float32 queries over an int16 (bf16) pool.
+enum Types {
+    F32,
+    Bf16,
+    F32OverBf16,
+}
+
+fn types(name: &str, q: &Bound<'_, PyAny>, k: &Bound<'_, PyAny>) -> PyResult<Types> {
+    let f32_ = |a: &Bound<'_, PyAny>| a.extract::<PyReadonlyArray3<'_, f32>>().is_ok();
+    let i16_ = |a: &Bound<'_, PyAny>| a.extract::<PyReadonlyArray3<'_, i16>>().is_ok();
+    match (f32_(q), i16_(q), f32_(k), i16_(k)) {
+        (true, _, true, _) => Ok(Types::F32),
+        (_, true, _, true) => Ok(Types::Bf16),
+        (true, _, _, true) => Ok(Types::F32OverBf16),
+        _ => Err(value_error(format!(
+            "{name}: q and out must be 3-D float32 or int16 (bf16) arrays, k and v the same type \
+             or int16 (bf16) under float32 queries"
+        ))),
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
-fn run<T: Element, E: Elem>(
+fn run<T: Storage, U: Storage>(
     py: Python<'_>,
     q: &Bound<'_, PyAny>,
     k: &Bound<'_, PyAny>,
     v: &Bound<'_, PyAny>,
-    table: &PyReadonlyArray2<'_, i32>,
-    rows: &PyReadonlyArray1<'_, i64>,
-    lens: &PyReadonlyArray1<'_, i64>,
+    (table, rows, lens): (
+        &PyReadonlyArray2<'_, i32>,
+        &PyReadonlyArray1<'_, i64>,
+        &PyReadonlyArray1<'_, i64>,
+    ),
     scale: f32,
     out: &Bound<'_, PyAny>,
     (threads, window, softcap): (usize, usize, f32),
 ) -> PyResult<()> {
-    let mut a = AttnArrays::<T>::extract("paged_decode_attention", q, k, v, out)?;
+    let mut a = AttnArrays::<T, U>::extract("paged_decode_attention", q, k, v, out)?;
     let (num_heads, num_kv_heads, head_dim) = a.heads();
     let (table, table_cols) = table_slice(table)?;
-    let (q, k, v, o) = a.slices::<E>()?;
+    let (q, k, v, o) = a.slices()?;
     let p = PagedDecode {
         q,
         k,
@@ -128,7 +166,7 @@ fn run<T: Element, E: Elem>(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn run_extend<T: Element, E: Elem>(
+fn run_extend<T: Storage, U: Storage>(
     py: Python<'_>,
     q: &Bound<'_, PyAny>,
     k: &Bound<'_, PyAny>,
@@ -143,10 +181,10 @@ fn run_extend<T: Element, E: Elem>(
     out: &Bound<'_, PyAny>,
     (threads, window, softcap): (usize, usize, f32),
 ) -> PyResult<()> {
-    let mut a = AttnArrays::<T>::extract("paged_extend_attention", q, k, v, out)?;
+    let mut a = AttnArrays::<T, U>::extract("paged_extend_attention", q, k, v, out)?;
     let (num_heads, num_kv_heads, head_dim) = a.heads();
     let (table, table_cols) = table_slice(table)?;
-    let (q, k, v, o) = a.slices::<E>()?;
+    let (q, k, v, o) = a.slices()?;
     let p = PagedExtend {
         q,
         k,
@@ -167,12 +205,6 @@ fn run_extend<T: Element, E: Elem>(
         .map_err(value_error)
 }
 
-/// Extend (prefill) attention over one layer of the paged KV pool, every sequence of a batch
-/// in one call: the new tokens of sequence `b` (`extend_lens[b]` rows of `q` `[T, Hq, D]`,
-/// sequence after sequence) sit after `prefix_lens[b]` cached tokens and attend causally to
-/// the keys and values (`[slots, Hkv, D]`, the new tokens' already stored) at
-/// `table[rows[b], :prefix + extend]`. Arrays as in `paged_decode_attention`; `window` and
-/// `softcap` likewise. Raises ValueError on shapes or indices that do not fit.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
 #[pyo3(signature = (q, k, v, table, rows, prefix_lens, extend_lens, scale, out, threads, window=0, softcap=0.0))]
@@ -193,14 +225,10 @@ fn paged_extend_attention(
 ) -> PyResult<()> {
     let opts = (threads, window, softcap);
     let seqs = (&rows, &prefix_lens, &extend_lens);
-    if q.extract::<PyReadonlyArray3<'_, f32>>().is_ok() {
-        run_extend::<f32, f32>(py, q, k, v, &table, seqs, scale, out, opts)
-    } else if q.extract::<PyReadonlyArray3<'_, i16>>().is_ok() {
-        run_extend::<i16, Bf16>(py, q, k, v, &table, seqs, scale, out, opts)
-    } else {
-        Err(value_error(
-            "paged_extend_attention: q must be a 3-D float32 or int16 (bf16) array",
-        ))
+    match types("paged_extend_attention", q, k)? {
+        Types::F32 => run_extend::<f32, f32>(py, q, k, v, &table, seqs, scale, out, opts),
+        Types::Bf16 => run_extend::<i16, i16>(py, q, k, v, &table, seqs, scale, out, opts),
+        Types::F32OverBf16 => run_extend::<f32, i16>(py, q, k, v, &table, seqs, scale, out, opts),
     }
 }
 
@@ -229,14 +257,11 @@ fn paged_decode_attention(
     softcap: f32,
 ) -> PyResult<()> {
     let opts = (threads, window, softcap);
-    if q.extract::<PyReadonlyArray3<'_, f32>>().is_ok() {
-        run::<f32, f32>(py, q, k, v, &table, &rows, &lens, scale, out, opts)
-    } else if q.extract::<PyReadonlyArray3<'_, i16>>().is_ok() {
-        run::<i16, Bf16>(py, q, k, v, &table, &rows, &lens, scale, out, opts)
-    } else {
-        Err(value_error(
-            "paged_decode_attention: q must be a 3-D float32 or int16 (bf16) array",
-        ))
+    let seqs = (&table, &rows, &lens);
+    match types("paged_decode_attention", q, k)? {
+        Types::F32 => run::<f32, f32>(py, q, k, v, seqs, scale, out, opts),
+        Types::Bf16 => run::<i16, i16>(py, q, k, v, seqs, scale, out, opts),
+        Types::F32OverBf16 => run::<f32, i16>(py, q, k, v, seqs, scale, out, opts),
     }
 }
 

@@ -417,11 +417,12 @@ class TorchNativeAttnBackend(AttentionBackend):
         layer: AttentionLayer,
         kernel: Callable[[np.ndarray, np.ndarray, int], None],
     ) -> torch.Tensor:
-        """A native kernel's attention of q [T, Hq, D] (in the pool's dtype): [T, Hq * D]."""
-        view = _NATIVE_DECODE_VIEW[kv_dtype]
+        """A native kernel's attention of q [T, Hq, D]: [T, Hq * D]. float32 queries read a
+        bf16 pool as they are; other mixes take the pool's dtype."""
         dtype = q.dtype
-        if dtype != kv_dtype:
+        if dtype != kv_dtype and not (dtype == torch.float32 and kv_dtype == torch.bfloat16):
             q = q.to(kv_dtype)
+        view = _NATIVE_DECODE_VIEW[q.dtype]
         q = q.contiguous()
         out = torch.empty_like(q)
         kernel(q.view(view).numpy(), out.view(view).numpy(), torch.get_num_threads())

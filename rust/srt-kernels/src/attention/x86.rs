@@ -30,8 +30,8 @@ pub(super) fn applies(head_dim: usize) -> bool {
 ///
 /// # Safety
 /// `applies(p.head_dim)` holds and `p` is validated.
-pub(super) unsafe fn sequence<E: Elem>(
-    p: &PagedDecode<'_, E>,
+pub(super) unsafe fn sequence<E: Elem, K: Elem>(
+    p: &PagedDecode<'_, E, K>,
     scratch: &mut Scratch,
     b: usize,
     slots: &[i32],
@@ -40,15 +40,15 @@ pub(super) unsafe fn sequence<E: Elem>(
     // SAFETY: the caller's guarantee; the arms are the sizes `applies` accepts.
     unsafe {
         match p.head_dim / 16 {
-            1 => body::<E, 1>(p, scratch, b, slots, out),
-            2 => body::<E, 2>(p, scratch, b, slots, out),
-            3 => body::<E, 3>(p, scratch, b, slots, out),
-            4 => body::<E, 4>(p, scratch, b, slots, out),
-            5 => body::<E, 5>(p, scratch, b, slots, out),
-            6 => body::<E, 6>(p, scratch, b, slots, out),
-            7 => body::<E, 7>(p, scratch, b, slots, out),
-            8 => body::<E, 8>(p, scratch, b, slots, out),
-            16 => body::<E, 16>(p, scratch, b, slots, out),
+            1 => body::<E, K, 1>(p, scratch, b, slots, out),
+            2 => body::<E, K, 2>(p, scratch, b, slots, out),
+            3 => body::<E, K, 3>(p, scratch, b, slots, out),
+            4 => body::<E, K, 4>(p, scratch, b, slots, out),
+            5 => body::<E, K, 5>(p, scratch, b, slots, out),
+            6 => body::<E, K, 6>(p, scratch, b, slots, out),
+            7 => body::<E, K, 7>(p, scratch, b, slots, out),
+            8 => body::<E, K, 8>(p, scratch, b, slots, out),
+            16 => body::<E, K, 16>(p, scratch, b, slots, out),
             c => unreachable!("head size {} is not one `applies` accepts", c * 16),
         }
     }
@@ -100,8 +100,9 @@ unsafe fn sums16(v: &[__m512; 16]) -> __m512 {
 }
 
 #[target_feature(enable = "avx512f,fma")]
-unsafe fn body<E: Elem, const C: usize>(
-    p: &PagedDecode<'_, E>,
+#[allow(clippy::needless_range_loop)] // a0, a1 and the loads share the index
+unsafe fn body<E: Elem, K: Elem, const C: usize>(
+    p: &PagedDecode<'_, E, K>,
     scratch: &mut Scratch,
     b: usize,
     slots: &[i32],

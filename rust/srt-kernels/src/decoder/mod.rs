@@ -20,6 +20,7 @@
 use std::sync::Mutex;
 
 use crate::attention::{self, PagedDecode};
+use crate::elem::Elem;
 use crate::elementwise::{rms_norm, silu_and_mul};
 use crate::math::dot;
 use crate::quant;
@@ -86,21 +87,26 @@ pub struct Decoder<'a> {
 
 /// A shared step buffer: members write disjoint rows or columns of it within an operation
 /// and read it in later ones (the team orders the operations).
-#[derive(Clone, Copy)]
-struct Buf(*mut f32, usize);
+struct Buf<T = f32>(*mut T, usize);
 // SAFETY: see `Buf`: concurrent writes are to disjoint elements, reads follow the writes'
 // operation.
-unsafe impl Send for Buf {}
-unsafe impl Sync for Buf {}
+unsafe impl<T> Send for Buf<T> {}
+unsafe impl<T> Sync for Buf<T> {}
+impl<T> Clone for Buf<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Buf<T> {}
 
-impl Buf {
-    fn of(v: &mut [f32]) -> Buf {
+impl<T> Buf<T> {
+    fn of(v: &mut [T]) -> Buf<T> {
         Buf(v.as_mut_ptr(), v.len())
     }
 
     /// # Safety
     /// No one writes the buffer during the current operation.
-    unsafe fn all<'x>(self) -> &'x [f32] {
+    unsafe fn all<'x>(self) -> &'x [T] {
         unsafe { std::slice::from_raw_parts(self.0, self.1) }
     }
 
@@ -109,7 +115,7 @@ impl Buf {
     /// # Safety
     /// No one else reads or writes that row during the current operation.
     #[allow(clippy::mut_from_ref)]
-    unsafe fn row<'x>(self, i: usize, w: usize) -> &'x mut [f32] {
+    unsafe fn row<'x>(self, i: usize, w: usize) -> &'x mut [T] {
         assert!(
             (i + 1) * w <= self.1,
             "row {i} of {w} outside a buffer of {}",
@@ -223,10 +229,10 @@ impl<'a> Decoder<'a> {
 
     /// Runs the step on `threads` threads: `logits` (`[batch, vocab]`) of each sequence's
     /// token, its K and V stored at `out_loc` in `kv` (one entry per layer).
-    pub fn decode(
+    pub fn decode<K: Elem>(
         &self,
         step: &Step<'_>,
-        kv: &mut [KvLayer<'_>],
+        kv: &mut [KvLayer<'_, K>],
         logits: &mut [f32],
         threads: usize,
     ) -> Result<(), KernelError> {
@@ -259,7 +265,7 @@ impl<'a> Decoder<'a> {
             act: Buf::of(&mut act),
             logits: Buf::of(logits),
         };
-        let pools: Vec<(Buf, Buf)> = kv
+        let pools: Vec<(Buf<K>, Buf<K>)> = kv
             .iter_mut()
             .map(|l| (Buf::of(l.k), Buf::of(l.v)))
             .collect();
@@ -274,10 +280,10 @@ impl<'a> Decoder<'a> {
         })
     }
 
-    fn check_step(
+    fn check_step<K: Elem>(
         &self,
         s: &Step<'_>,
-        kv: &[KvLayer<'_>],
+        kv: &[KvLayer<'_, K>],
         logits: usize,
     ) -> Result<(), KernelError> {
         let m = &self.model;
@@ -349,14 +355,14 @@ impl<'a> Decoder<'a> {
         Ok(())
     }
 
-    fn attention_args<'x>(
+    fn attention_args<'x, K: Elem>(
         &self,
-        k: &'x [f32],
-        v: &'x [f32],
+        k: &'x [K],
+        v: &'x [K],
         q: &'x [f32],
         s: &'x Step<'_>,
         l: &Layer<'_>,
-    ) -> PagedDecode<'x, f32> {
+    ) -> PagedDecode<'x, f32, K> {
         let m = &self.model;
         PagedDecode {
             q,
@@ -376,13 +382,13 @@ impl<'a> Decoder<'a> {
     }
 
     /// One member's walk through the step (every member runs the same operations).
-    fn walk(
+    fn walk<K: Elem>(
         &self,
         member: &mut Member<'_>,
         s: &Step<'_>,
         b: usize,
         bufs: &Bufs,
-        pools: &[(Buf, Buf)],
+        pools: &[(Buf<K>, Buf<K>)],
         scratch: &mut Scratch,
     ) {
         let m = &self.model;
@@ -439,8 +445,8 @@ impl<'a> Decoder<'a> {
                     }
                 }
                 let slot = s.out_loc[i] as usize;
-                kp.row(slot, kvw).copy_from_slice(kr);
-                vp.row(slot, kvw).copy_from_slice(vr);
+                store(kp.row(slot, kvw), kr);
+                store(vp.row(slot, kvw), vr);
             });
             member.split(b, |i| unsafe {
                 let p = self.attention_args(kp.all(), vp.all(), bufs.q.all(), s, l);
@@ -603,6 +609,14 @@ fn product(
     });
 }
 
+/// A token's keys or values into the pool's row, rounded to its type.
+#[inline]
+fn store<K: Elem>(dst: &mut [K], src: &[f32]) {
+    for (d, &x) in dst.iter_mut().zip(src) {
+        *d = K::from_f32(x);
+    }
+}
+
 fn dense_dot(a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
@@ -635,6 +649,7 @@ fn gelu_tanh_and_mul(x: &[f32], out: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::elem::Bf16;
 
     struct Rng(u64);
     impl Rng {
@@ -727,11 +742,21 @@ mod tests {
 
     /// Runs one step of 3 sequences (lengths 1, 3, 2; the cache holds zeros before them).
     fn step(dec: &Decoder<'_>, ids: &[i64], threads: usize) -> Result<Vec<f32>, KernelError> {
+        step_with::<f32>(dec, ids, threads).map(|(logits, _)| logits)
+    }
+
+    /// `step` over a pool of `K`; also returns the first layer's keys.
+    fn step_with<K: Elem>(
+        dec: &Decoder<'_>,
+        ids: &[i64],
+        threads: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>), KernelError> {
         let layers = dec.model().layers.len();
-        let mut pools: Vec<(Vec<f32>, Vec<f32>)> = (0..layers)
-            .map(|_| (vec![0.0; 8 * 2 * D], vec![0.0; 8 * 2 * D]))
+        let zero = K::from_f32(0.0);
+        let mut pools: Vec<(Vec<K>, Vec<K>)> = (0..layers)
+            .map(|_| (vec![zero; 8 * 2 * D], vec![zero; 8 * 2 * D]))
             .collect();
-        let mut kv: Vec<KvLayer<'_>> = pools.iter_mut().map(|(k, v)| KvLayer { k, v }).collect();
+        let mut kv: Vec<KvLayer<'_, K>> = pools.iter_mut().map(|(k, v)| KvLayer { k, v }).collect();
         let table: Vec<i32> = (0..3 * 4).map(|i| i % 8).collect();
         let s = Step {
             ids,
@@ -744,7 +769,26 @@ mod tests {
         };
         let mut logits = vec![f32::NAN; ids.len() * V];
         dec.decode(&s, &mut kv, &mut logits, threads)?;
-        Ok(logits)
+        let keys = kv[0].k.iter().map(|x| x.to_f32()).collect();
+        Ok((logits, keys))
+    }
+
+    #[test]
+    fn a_bf16_pool_holds_the_rounded_keys_and_attends_close_to_f32() {
+        let w = weights();
+        let dec = Decoder::new(model(&w, 2)).unwrap();
+        let (want, keys) = step_with::<f32>(&dec, &[3, 7, 39], 2).unwrap();
+        let (got, bf16_keys) = step_with::<Bf16>(&dec, &[3, 7, 39], 2).unwrap();
+        let rounded: Vec<f32> = keys.iter().map(|&x| Bf16::from_f32(x).to_f32()).collect();
+        assert_eq!(bf16_keys, rounded);
+        assert!(keys
+            .iter()
+            .any(|&x| x != 0.0 && Bf16::from_f32(x).to_f32() != x));
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= 0.02 * scale, "{g} vs {w}");
+        }
+        assert_eq!(step_with::<Bf16>(&dec, &[3, 7, 39], 3).unwrap().0, got);
     }
 
     #[test]

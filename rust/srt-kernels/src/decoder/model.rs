@@ -2,6 +2,7 @@
 //! their owner, e.g. numpy arrays), one step's inputs ([`Step`]) and the KV pool it writes
 //! ([`KvLayer`]); each weight form checks its own shape.
 
+use crate::elem::Elem;
 use crate::quant::{self, QType};
 use crate::quant_packed::PackedRef;
 use crate::KernelError;
@@ -176,8 +177,9 @@ pub struct Step<'a> {
     pub lens: &'a [i64],
 }
 
-/// One layer's KV pool, `[slots, kv_heads, head_dim]` each.
-pub struct KvLayer<'a> {
-    pub k: &'a mut [f32],
-    pub v: &'a mut [f32],
+/// One layer's KV pool, `[slots, kv_heads, head_dim]` each, f32 or bf16 ([`Elem`]): the
+/// step's keys and values are rounded to it when stored.
+pub struct KvLayer<'a, K: Elem = f32> {
+    pub k: &'a mut [K],
+    pub v: &'a mut [K],
 }
