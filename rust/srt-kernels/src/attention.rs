@@ -20,7 +20,7 @@ use crate::pool::pool;
 use crate::KernelError;
 
 #[cfg(target_arch = "x86_64")]
-mod x86;
+pub(crate) mod x86;
 
 /// The inputs of one decode attention call; slices are row-major.
 pub struct PagedDecode<'a, E: Elem, K: Elem = E> {

@@ -22,6 +22,9 @@ use crate::math::{dot, exp_nonpositive, sum};
 use crate::pool::pool;
 use crate::KernelError;
 
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
 /// New tokens of a sequence per task.
 const TILE: usize = 16;
 
@@ -167,6 +170,13 @@ unsafe fn task<E: Elem, K: Elem>(
 ) -> Result<(), KernelError> {
     #[cfg(target_arch = "x86_64")]
     {
+        if x86::applies(p.head_dim) {
+            let (slots, lo) = task_slots(p, &t)?;
+            // SAFETY: `applies` checked the CPU and the head size; the slots are inside the
+            // pool; the rest is the caller's contract.
+            unsafe { x86::task(p, s, t, slots, lo, out.0) };
+            return Ok(());
+        }
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU has AVX2, the only feature `task_avx2` is compiled for.
             return unsafe { task_avx2(p, s, t, out) };
@@ -198,23 +208,10 @@ unsafe fn task_body<E: Elem, K: Elem>(
     let (hq, hkv, d) = (p.num_heads, p.num_kv_heads, p.head_dim);
     let group = hq / hkv;
     let prefix = p.prefix_lens[t.seq] as usize;
-    let row = p.rows[t.seq] as usize;
-    // Positions of the tile's queries, and the keys any of them sees.
-    let (q_first, q_last) = (prefix + t.first, prefix + t.first + t.count - 1);
-    let lo = if p.window > 0 {
-        (q_first + 1).saturating_sub(p.window)
-    } else {
-        0
-    };
-    let slots = &p.table[row * p.table_cols + lo..row * p.table_cols + q_last + 1];
+    let q_first = prefix + t.first;
+    let (slots, lo) = task_slots(p, &t)?;
     let len = slots.len();
     let width = hkv * d;
-    let num_slots = p.k.len() / width;
-    if let Some(&bad) = slots.iter().find(|&&s| s < 0 || s as usize >= num_slots) {
-        return Err(KernelError(format!(
-            "row {row} holds KV slot {bad}, outside the pool's {num_slots} slots"
-        )));
-    }
     // Query rows: (token i of the tile, query head g of the group) -> row i * group + g.
     let rows = t.count * group;
     let Scratch {
@@ -296,6 +293,30 @@ unsafe fn task_body<E: Elem, K: Elem>(
     Ok(())
 }
 
+/// The KV slots of the keys task `t`'s queries see (any of them), checked to lie inside the
+/// pool, and the position of the first.
+fn task_slots<'a, E: Elem, K: Elem>(
+    p: &PagedExtend<'a, E, K>,
+    t: &Task,
+) -> Result<(&'a [i32], usize), KernelError> {
+    let prefix = p.prefix_lens[t.seq] as usize;
+    let row = p.rows[t.seq] as usize;
+    let (q_first, q_last) = (prefix + t.first, prefix + t.first + t.count - 1);
+    let lo = if p.window > 0 {
+        (q_first + 1).saturating_sub(p.window)
+    } else {
+        0
+    };
+    let slots = &p.table[row * p.table_cols + lo..row * p.table_cols + q_last + 1];
+    let num_slots = p.k.len() / (p.num_kv_heads * p.head_dim);
+    if let Some(&bad) = slots.iter().find(|&&s| s < 0 || s as usize >= num_slots) {
+        return Err(KernelError(format!(
+            "row {row} holds KV slot {bad}, outside the pool's {num_slots} slots"
+        )));
+    }
+    Ok((slots, lo))
+}
+
 /// `src` as f32: itself when it is f32, else converted into `buf`.
 #[inline(always)]
 fn to_f32<'a, E: Elem>(src: &'a [E], buf: &'a mut [f32]) -> &'a [f32] {
@@ -311,6 +332,7 @@ fn to_f32<'a, E: Elem>(src: &'a [E], buf: &'a mut [f32]) -> &'a [f32] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::elem::Bf16;
 
     fn lcg(s: &mut u64) -> f32 {
         *s = s
@@ -367,7 +389,15 @@ mod tests {
 
     #[test]
     fn matches_the_plain_computation() {
-        let (hq, hkv, d, cols) = (6, 2, 16, 64);
+        // Head sizes that take the vector path where the CPU has one (16, 64) and one that
+        // does not (12).
+        for d in [16, 64, 12] {
+            matches_the_plain_computation_for(d);
+        }
+    }
+
+    fn matches_the_plain_computation_for(d: usize) {
+        let (hq, hkv, cols) = (6, 2, 64);
         let mut seed = 11u64;
         // Three sequences: no prefix, a prefix, a long tail cut into tiles.
         let (prefix, ext) = ([0i64, 5, 3], [7i64, 4, 37]);
@@ -404,9 +434,41 @@ mod tests {
                 for (i, (a, b)) in out.iter().zip(&want).enumerate() {
                     assert!(
                         (a - b).abs() < 1e-5,
-                        "w={window} cap={softcap} t={threads} [{i}]: {a} vs {b}"
+                        "d={d} w={window} cap={softcap} t={threads} [{i}]: {a} vs {b}"
                     );
                 }
+            }
+            // The same pool in bf16 under f32 queries: the plain computation over the rounded
+            // keys and values.
+            let round = |x: &[f32]| -> Vec<Bf16> { x.iter().map(|&v| Bf16::from_f32(v)).collect() };
+            let (kb, vb) = (round(&k), round(&v));
+            let widen = |x: &[Bf16]| -> Vec<f32> { x.iter().map(|v| v.to_f32()).collect() };
+            let (kr, vr) = (widen(&kb), widen(&vb));
+            let want = reference(&PagedExtend {
+                k: &kr,
+                v: &vr,
+                ..PagedExtend { ..p }
+            });
+            let mixed = PagedExtend {
+                q: &q,
+                k: &kb,
+                v: &vb,
+                table: &table,
+                table_cols: cols,
+                rows: &[2, 0, 1],
+                prefix_lens: &prefix,
+                extend_lens: &ext,
+                num_heads: hq,
+                num_kv_heads: hkv,
+                head_dim: d,
+                scale: 0.3,
+                window,
+                softcap,
+            };
+            let mut out = vec![f32::NAN; q.len()];
+            paged_extend(&mixed, &mut out, 2).unwrap();
+            for (a, b) in out.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-5, "bf16 pool d={d}: {a} vs {b}");
             }
         }
     }

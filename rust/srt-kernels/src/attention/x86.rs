@@ -18,7 +18,7 @@ use crate::elem::Elem;
 use crate::math::{exp_nonpositive, max, sum};
 
 /// Whether [`sequence`] runs heads of `head_dim` on this CPU.
-pub(super) fn applies(head_dim: usize) -> bool {
+pub(crate) fn applies(head_dim: usize) -> bool {
     head_dim.is_multiple_of(16)
         && matches!(head_dim / 16, 1..=8 | 16)
         && std::arch::is_x86_feature_detected!("avx512f")
@@ -56,7 +56,7 @@ pub(super) unsafe fn sequence<E: Elem, K: Elem>(
 
 /// The 16 values at `ptr` as f32.
 #[inline(always)]
-unsafe fn load<E: Elem>(ptr: *const E) -> __m512 {
+pub(crate) unsafe fn load<E: Elem>(ptr: *const E) -> __m512 {
     // SAFETY: the caller's: 16 values readable at `ptr`, AVX-512F present.
     unsafe {
         if E::BF16 {
@@ -70,7 +70,7 @@ unsafe fn load<E: Elem>(ptr: *const E) -> __m512 {
 
 /// The lane sums of 16 vectors: element t of the result is the sum of `v[t]`'s 16 lanes.
 #[inline(always)]
-unsafe fn sums16(v: &[__m512; 16]) -> __m512 {
+pub(crate) unsafe fn sums16(v: &[__m512; 16]) -> __m512 {
     // SAFETY: register operations only; AVX-512F present (the caller's).
     unsafe {
         // Within each 128-bit lane L, of v[2k] = a and v[2k + 1] = c:
