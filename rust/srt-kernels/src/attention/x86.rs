@@ -70,7 +70,7 @@ pub(crate) unsafe fn load<E: Elem>(ptr: *const E) -> __m512 {
 
 /// The lane sums of 16 vectors: element t of the result is the sum of `v[t]`'s 16 lanes.
 #[inline(always)]
-pub(crate) unsafe fn sums16(v: &[__m512; 16]) -> __m512 {
+unsafe fn sums16(v: &[__m512; 16]) -> __m512 {
     // SAFETY: register operations only; AVX-512F present (the caller's).
     unsafe {
         // Within each 128-bit lane L, of v[2k] = a and v[2k + 1] = c:
