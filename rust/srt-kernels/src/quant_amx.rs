@@ -186,14 +186,6 @@ mod x86 {
     use crate::quant_packed::PackedRef;
     use crate::quant_wide::float::dequantized_blocks;
 
-    /// Lane p: 16 p, the u32 offsets of a tile's 16 rows of 16 u32 (one column).
-    #[inline(always)]
-    unsafe fn column() -> __m512i {
-        _mm512_setr_epi32(
-            0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 208, 224, 240,
-        )
-    }
-
     /// `hi = bf16(x)`, `lo = bf16(x - hi)` (round to nearest even) of every value, into the
     /// layout of [`AmxActs`]: the pair `2p, 2p + 1` of row `i`'s block `blk` at u32
     /// `((i / 16 * blocks + blk) * 16 + p) * 16 + i % 16`. Per (tile, block), the 16 rows'
@@ -225,18 +217,30 @@ mod x86 {
                         ));
                     }
                     let at = (t * blocks + blk) * TILE * TILE;
-                    store_transposed(&mut h, hi.add(at));
-                    store_transposed(&mut l, lo.add(at));
+                    store_transposed(&h, hi.add(at));
+                    store_transposed(&l, lo.add(at));
                 }
             }
         }
     }
 
     /// Stores the 16 x 16 u32 matrix whose row i is `m[i]` transposed: line p (16 u32 at
-    /// `dst + 16 p`) holds element p of every row. `m` is clobbered.
+    /// `dst + 16 p`, 64-aligned) holds element p of every row.
     #[inline(always)]
-    unsafe fn store_transposed(m: &mut [__m512i; TILE], dst: *mut u32) {
+    unsafe fn store_transposed(m: &[__m512i; TILE], dst: *mut u32) {
         // SAFETY: register operations, then 16 stores of 64 bytes at dst (the caller's).
+        unsafe {
+            for (p, r) in transpose16(m).into_iter().enumerate() {
+                _mm512_store_si512(dst.add(p * TILE).cast(), r);
+            }
+        }
+    }
+
+    /// The transpose of the 16 x 16 (32-bit) matrix whose row i is `m[i]`: row p of the
+    /// result holds element p of every row.
+    #[inline(always)]
+    unsafe fn transpose16(m: &[__m512i; TILE]) -> [__m512i; TILE] {
+        // SAFETY: register operations only (AVX-512F, the callers').
         unsafe {
             // Within 128-bit lanes: 2 x 2 blocks of u32, then of u64.
             let mut t = [_mm512_setzero_si512(); TILE];
@@ -244,31 +248,29 @@ mod x86 {
                 t[i] = _mm512_unpacklo_epi32(m[i], m[i + 1]);
                 t[i + 1] = _mm512_unpackhi_epi32(m[i], m[i + 1]);
             }
+            let mut u = [_mm512_setzero_si512(); TILE];
             for i in (0..TILE).step_by(4) {
-                m[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-                m[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-                m[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-                m[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+                u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+                u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+                u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+                u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
             }
-            // Now m[4a + c] holds, in its 128-bit lane L, elements 4L + c of rows 4a .. 4a + 4.
-            // Across lanes: gather lane L of the four m[4a + c] (a = 0..4) into one vector.
+            // Now u[4a + c] holds, in its 128-bit lane L, elements 4L + c of rows 4a .. 4a + 4.
+            // Across lanes: gather lane L of the four u[4a + c] (a = 0..4) into one vector.
+            let mut out = [_mm512_setzero_si512(); TILE];
             for c in 0..4 {
-                let (a0, a1, a2, a3) = (m[c], m[4 + c], m[8 + c], m[12 + c]);
+                let (a0, a1, a2, a3) = (u[c], u[4 + c], u[8 + c], u[12 + c]);
                 let lo01 = _mm512_shuffle_i32x4::<0b01_00_01_00>(a0, a1); // a0.L0 a0.L1 a1.L0 a1.L1
                 let hi01 = _mm512_shuffle_i32x4::<0b11_10_11_10>(a0, a1); // a0.L2 a0.L3 a1.L2 a1.L3
                 let lo23 = _mm512_shuffle_i32x4::<0b01_00_01_00>(a2, a3);
                 let hi23 = _mm512_shuffle_i32x4::<0b11_10_11_10>(a2, a3);
                 // Lane L of (a0, a1, a2, a3), for L = 0 .. 4: elements 4L + c of rows 0 .. 16.
-                let rows = [
-                    _mm512_shuffle_i32x4::<0b10_00_10_00>(lo01, lo23),
-                    _mm512_shuffle_i32x4::<0b11_01_11_01>(lo01, lo23),
-                    _mm512_shuffle_i32x4::<0b10_00_10_00>(hi01, hi23),
-                    _mm512_shuffle_i32x4::<0b11_01_11_01>(hi01, hi23),
-                ];
-                for (lane, r) in rows.into_iter().enumerate() {
-                    _mm512_store_si512(dst.add((4 * lane + c) * TILE).cast(), r);
-                }
+                out[c] = _mm512_shuffle_i32x4::<0b10_00_10_00>(lo01, lo23);
+                out[4 + c] = _mm512_shuffle_i32x4::<0b11_01_11_01>(lo01, lo23);
+                out[8 + c] = _mm512_shuffle_i32x4::<0b10_00_10_00>(hi01, hi23);
+                out[12 + c] = _mm512_shuffle_i32x4::<0b11_01_11_01>(hi01, hi23);
             }
+            out
         }
     }
 
@@ -360,7 +362,6 @@ mod x86 {
         let cfg = TileConfig::new();
         // SAFETY: the config is valid for palette 1 and the CPU has AMX (`available`).
         unsafe { asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack)) };
-        let col = unsafe { column() };
         let mut g0 = range.start;
         while g0 < range.end {
             let g_rows = (range.end - g0).min(group); // whole tiles (the caller's range)
@@ -444,17 +445,22 @@ mod x86 {
                     for q in 0..panels {
                         let hi = sums.cast_const().wrapping_add(2 * q * TILE * TILE);
                         let lo = hi.wrapping_add(TILE * TILE);
-                        for i in 0..(b - t * TILE).min(TILE) {
-                            // SAFETY: activation row t*16+i < b, columns row0 + 16 q +
-                            // (0..16) inside `range` (the caller's contract); the gathers
-                            // read column i of two of the sums' tiles.
-                            unsafe {
-                                let v = _mm512_add_ps(
-                                    _mm512_i32gather_ps::<4>(col, hi.add(i).cast()),
-                                    _mm512_i32gather_ps::<4>(col, lo.add(i).cast()),
-                                );
+                        // SAFETY: the loads read the two tiles just stored (16 rows of 16
+                        // f32 each); activation row t*16+i < b, columns row0 + 16 q +
+                        // (0..16) inside `range` (the caller's contract).
+                        unsafe {
+                            // Row r: weight row r's sums over the 16 activation rows; the
+                            // transpose gives activation row i's sums over the weight rows.
+                            let rows: [__m512i; TILE] = std::array::from_fn(|r| {
+                                _mm512_castps_si512(_mm512_add_ps(
+                                    _mm512_load_ps(hi.add(r * TILE)),
+                                    _mm512_load_ps(lo.add(r * TILE)),
+                                ))
+                            });
+                            let cols = transpose16(&rows);
+                            for (i, v) in cols.iter().enumerate().take((b - t * TILE).min(TILE)) {
                                 let dst = out.add((t * TILE + i) * ldo + row0 + q * TILE);
-                                _mm512_storeu_ps(dst, v);
+                                _mm512_storeu_ps(dst, _mm512_castsi512_ps(*v));
                             }
                         }
                     }
