@@ -74,8 +74,25 @@ fn detect() -> bool {
 /// Rows of a tile (activation rows and weight rows alike), and f32 values of a block.
 const TILE: usize = 16;
 const BLOCK: usize = 32;
-/// Pairs of weight tiles dequantized together (128 weight rows).
+/// Pairs of weight tiles dequantized together (128 weight rows) for a few activation rows.
 const GROUP: usize = 4;
+/// Above this many activation rows (a prefill's), the group grows to about `PANEL_BYTES` of
+/// bf16 weights: the activations, too big for the caches then, are read once per group, so
+/// 128-row groups read a 1184-row prefill's ~17x per gate/up product (~130 MB a layer from
+/// memory).
+const WIDE_ROWS: usize = 64;
+const PANEL_BYTES: usize = 512 * 1024;
+
+/// The weight rows dequantized together for `b` activation rows of length `k`: whole pairs of
+/// tiles.
+fn group_rows(b: usize, k: usize) -> usize {
+    let pairs = if b > WIDE_ROWS {
+        (PANEL_BYTES / (2 * TILE * 2 * k)).clamp(GROUP, 32)
+    } else {
+        GROUP
+    };
+    2 * TILE * pairs
+}
 
 /// The activations of a product as the tiles take them (their second operand): per tile of 16
 /// rows and per block of 32 values, 16 pairs of values by 16 rows (bf16 pairs as u32), for
@@ -181,7 +198,7 @@ mod x86 {
     use std::arch::asm;
     use std::arch::x86_64::*;
 
-    use super::{lines, AmxActs, BLOCK, GROUP, TILE};
+    use super::{group_rows, lines, AmxActs, BLOCK, TILE};
     use crate::quant_packed::x86::Load;
     use crate::quant_packed::PackedRef;
     use crate::quant_wide::float::dequantized_blocks;
@@ -322,10 +339,10 @@ mod x86 {
     ) {
         let k = w.k;
         assert_eq!(a.k, k, "AMX activations made for another k");
-        // GROUP pairs of panels of 16 weight rows as bf16, row-major (the tiles' first
-        // operand), dequantized together: each activation tile is then read once per group
-        // (a prefill's activations outgrow the caches).
-        let group = 2 * TILE * GROUP;
+        // Pairs of panels of 16 weight rows as bf16, row-major (the tiles' first operand),
+        // dequantized together: each activation tile is then read once per group (a
+        // prefill's activations outgrow the caches).
+        let group = group_rows(b, k);
         super::PANELS.with_borrow_mut(|panels| {
             if panels.len() * 32 < group * k {
                 panels.resize((group * k).div_ceil(32), super::Line([0; 16]));
@@ -339,7 +356,7 @@ mod x86 {
         });
     }
 
-    /// [`rows`] with the weight panels' buffer (`2 * 16 * GROUP` rows of `k` bf16).
+    /// [`rows`] with the weight panels' buffer (`group_rows(b, k)` rows of `k` bf16).
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx512vl,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn tiles<S: Load>(
@@ -355,7 +372,7 @@ mod x86 {
     ) {
         let k = w.k;
         let blocks = k / BLOCK;
-        let group = 2 * TILE * GROUP;
+        let group = group_rows(b, k);
         // The four sums' tiles: panel 0 high, panel 0 low, panel 1 high, panel 1 low.
         let mut sums_lines = lines(4 * TILE * TILE * 4);
         let sums = sums_lines.as_mut_ptr().cast::<f32>();
@@ -516,6 +533,9 @@ mod tests {
             (QType::Q8_0, 37, 64, 16),
             (QType::Q4_1, 16, 576, 5),
             (QType::Q8_0, 64, 160, 33),
+            // A prefill's rows: wider weight groups (`group_rows`).
+            (QType::Q4_1, 160, 96, 70),
+            (QType::Q8_0, 1088, 64, 67),
         ] {
             let raw = random_blocks(qt, n, k, n as u64 * 7 + b as u64);
             let packed = pack(qt, &raw, n, k).unwrap();
