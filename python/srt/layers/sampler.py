@@ -347,6 +347,8 @@ def _sorted_rows(probs: np.ndarray, threads: int, out: np.ndarray) -> np.ndarray
         out.sort(axis=-1)
         return out
     if _sort_pool is None or _sort_pool._max_workers != threads:
+        if _sort_pool is not None:
+            _sort_pool.shutdown(wait=False)
         _sort_pool = ThreadPoolExecutor(threads, thread_name_prefix="srt-sort")
     step = -(-n // threads)
     parts = [out[i : i + step] for i in range(0, n, step)]
