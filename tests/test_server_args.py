@@ -60,7 +60,12 @@ def test_flags_parse_to_typed_fields() -> None:
 
 @pytest.mark.parametrize(
     "flags",
-    [["--schedule-policy", "nope"], ["--port", "abc"], ["--dtype", "int3"]],
+    [
+        ["--schedule-policy", "nope"],
+        ["--port", "abc"],
+        ["--dtype", "int3"],
+        ["--kv-cache-dtype", "fp8"],
+    ],
 )
 def test_bad_flag_values_are_rejected_by_argparse(flags: list[str]) -> None:
     with pytest.raises(SystemExit):
@@ -78,6 +83,7 @@ def test_bad_flag_values_are_rejected_by_argparse(flags: list[str]) -> None:
         ({"context_length": 1}, "--context-length"),
         ({"mem_fraction_static": 1.5}, "--mem-fraction-static"),
         ({"schedule_policy": "x"}, "--schedule-policy"),
+        ({"kv_cache_dtype": "float16"}, "--kv-cache-dtype"),
     ],
 )
 def test_validation_errors_name_the_flag(kwargs: dict, needle: str) -> None:

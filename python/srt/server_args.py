@@ -88,7 +88,8 @@ class ServerArgs:
         "auto",
         "KV cache dtype: auto is bfloat16 on a CPU running GGUF blocks (--quantization gguf: "
         "their kernels keep ~16 bits of the activations; half the cache's memory and of "
-        "attention's reads), else --dtype; float32; bfloat16.",
+        "attention's reads), else --dtype; float32; bfloat16 (another dtype than the model's "
+        "on a CPU only).",
         KV_CACHE_DTYPE_CHOICES,
     )
     device: str = _f("auto", "Device: auto (cuda when available, else cpu), cpu or cuda.")

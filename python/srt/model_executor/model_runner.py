@@ -96,6 +96,11 @@ class ModelRunner:
         logger.info("weights: %s", self.weight_format.reason)
         self.dtype: torch.dtype = model_config.torch_dtype
         self.kv_dtype = kv_cache_dtype(server_args.kv_cache_dtype, self.dtype, self.weight_format)
+        if self.kv_dtype != self.dtype and self.device.type != "cpu":
+            raise ValueError(
+                f"--kv-cache-dtype {server_args.kv_cache_dtype} differs from the model's dtype "
+                f"({self.dtype}): a KV cache of another dtype runs on a CPU only"
+            )
         self.page_size = server_args.page_size
         self.parallel = get_parallel_state()
         free_before_load = _free_memory_bytes(self.device)
