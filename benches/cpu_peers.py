@@ -31,6 +31,9 @@ first send to last response), median TTFT, and the RSS of the whole server after
 (the server process and every descendant, summed). HF runs one `generate` per batch size (1, 16
 and 32 prompts, the workloads' prompts) after a warmup of the same batch.
 
+`--repeat N` runs the systems N times in turn and prints each figure's median: on a shared VM
+whose speed drifts, one run's ratio can move by +-15%.
+
 Prints a markdown table per (system, workload), srt's ratios against the goals of issue 16, and
 whether srt's main (HTTP) and detokenizer processes have torch loaded (libtorch in their
 /proc/PID/maps). Every server runs in its own process group and is killed with it on exit,
@@ -39,6 +42,7 @@ error or Ctrl-C.
     python benches/cpu_peers.py                                 # everything (builds once)
     python benches/cpu_peers.py --quick                         # smoke test: small workloads
     python benches/cpu_peers.py --systems srt llama-server --srt-args="--quantization gguf"
+    python benches/cpu_peers.py --systems srt llama-server hf --repeat 3   # medians of 3 runs
 """
 
 from __future__ import annotations
@@ -546,6 +550,39 @@ def bench_hf(
 # --- report --------------------------------------------------------------------------------
 
 
+def median_rows(runs: list[list[Row]]) -> list[Row]:
+    """Per (system, workload), the median of each figure over the runs (rows in the first
+    run's order)."""
+    if len(runs) == 1:
+        return runs[0]
+
+    def med(values: list[float | None]) -> float | None:
+        known = [v for v in values if v is not None]
+        return statistics.median(known) if known else None
+
+    out = []
+    for first in runs[0]:
+        same = [
+            r
+            for run in runs
+            for r in run
+            if (r.system, r.workload) == (first.system, first.workload)
+        ]
+        out.append(
+            Row(
+                first.system,
+                first.workload,
+                statistics.median(r.tok_s for r in same),
+                med([r.ttft_ms for r in same]),
+                med([r.rss_mib for r in same]),
+                med([r.start_s for r in same]),
+                statistics.median(r.tokens_per_req for r in same),
+                first.token_source,
+            )
+        )
+    return out
+
+
 def fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
@@ -642,6 +679,14 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="16 tokens, 2 single requests, 1 round.")
     p.add_argument("--prepare-only", action="store_true", help="Build the peers and exit.")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="Run the systems this many times, in turn (srt, peers, srt, peers, ...); the "
+        "tables show each figure's median and the record keeps every run (a shared VM's speed "
+        "drifts by tens of percent within minutes).",
+    )
     p.add_argument("--output-file", default=None, help="Append one JSON record.")
     args = p.parse_args()
     if args.quick:
@@ -685,15 +730,23 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, terminate)
     signal.signal(signal.SIGHUP, terminate)
-    rows: list[Row] = []
+    runs: list[list[Row]] = []
     notes: list[str] = []
-    for system in systems:
-        if system == "hf":
-            rows += bench_hf(gguf, workloads, prompts, n, threads)
-            continue
-        server_rows, note = bench_server(servers[system], workloads, prompts, n)
-        rows += server_rows
-        notes += [note] if note else []
+    for i in range(max(1, args.repeat)):
+        if args.repeat > 1:
+            print(f"\n--- run {i + 1} of {args.repeat} ---", flush=True)
+        rows: list[Row] = []
+        for system in systems:
+            if system == "hf":
+                rows += bench_hf(gguf, workloads, prompts, n, threads)
+                continue
+            server_rows, note = bench_server(servers[system], workloads, prompts, n)
+            rows += server_rows
+            notes += [note] if note else []
+        runs.append(rows)
+    rows = median_rows(runs)
+    if len(runs) > 1:
+        print(f"\nmedians of {len(runs)} runs:")
     print_tables(rows, n, threads, args.srt_args)
     for note in notes:
         print("\n" + note)
@@ -703,6 +756,7 @@ def main() -> int:
             "tool": "cpu_peers",
             "args": vars(args),
             "rows": [vars(r) for r in rows],
+            "runs": [[vars(r) for r in run] for run in runs],
             "notes": notes,
         }
         with open(args.output_file, "a", encoding="utf-8") as f:
