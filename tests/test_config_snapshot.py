@@ -13,17 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_model_families import LONGROPE
 
 from srt.configs.model_config import load_hf_config
 from srt.configs.snapshot import SnapshotConfig
 from srt.testing.tiny_model import ALL_ARCHS, make_tiny_model
-
-LONGROPE = {
-    "rope_type": "longrope",
-    "short_factor": [1.0 + 0.1 * i for i in range(8)],
-    "long_factor": [2.0 + 0.5 * i for i in range(8)],
-    "original_max_position_embeddings": 24,
-}
 
 
 @pytest.fixture(scope="module")

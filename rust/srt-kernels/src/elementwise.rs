@@ -10,7 +10,7 @@
 use rayon::prelude::*;
 
 use crate::elem::Elem;
-use crate::math::{exp_nonpositive, LANES};
+use crate::math::{exp_nonpositive, widest, LANES};
 use crate::pool::pool;
 use crate::KernelError;
 
@@ -33,25 +33,10 @@ pub fn rms_norm<E: Elem>(
             weight.len()
         )));
     }
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F, the only feature the copy is compiled for.
-            return unsafe { rms_norm_avx512(x, residual, weight, out, d, eps, gemma) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: as above, AVX2.
-            return unsafe { rms_norm_avx2(x, residual, weight, out, d, eps, gemma) };
-        }
-    }
-    rms_norm_rows(x, residual, weight, out, d, eps, gemma)
+    rms_norm_widest(x, residual, weight, out, d, eps, gemma)
 }
 
-/// The same code compiled for wider vectors: no operation changes (no fused multiply-adds,
-/// the partial sums' order fixed by LANES), so every copy gives the same bits.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn rms_norm_avx512<E: Elem>(
+widest!(fn rms_norm_widest<E: Elem>(
     x: &[E],
     residual: Option<&mut [E]>,
     weight: &[E],
@@ -59,23 +44,7 @@ unsafe fn rms_norm_avx512<E: Elem>(
     d: usize,
     eps: f32,
     gemma: bool,
-) -> Result<(), KernelError> {
-    rms_norm_rows(x, residual, weight, out, d, eps, gemma)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn rms_norm_avx2<E: Elem>(
-    x: &[E],
-    residual: Option<&mut [E]>,
-    weight: &[E],
-    out: &mut [E],
-    d: usize,
-    eps: f32,
-    gemma: bool,
-) -> Result<(), KernelError> {
-    rms_norm_rows(x, residual, weight, out, d, eps, gemma)
-}
+) -> Result<(), KernelError> => rms_norm_rows);
 
 #[inline(always)]
 fn rms_norm_rows<E: Elem>(
@@ -151,35 +120,11 @@ pub fn silu_and_mul<E: Elem>(x: &[E], out: &mut [E], d: usize) -> Result<(), Ker
             out.len()
         )));
     }
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F, the only feature the copy is compiled for.
-            unsafe { silu_avx512(x, out, d) };
-            return Ok(());
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: as above, AVX2.
-            unsafe { silu_avx2(x, out, d) };
-            return Ok(());
-        }
-    }
-    silu_rows(x, out, d);
+    silu_widest(x, out, d);
     Ok(())
 }
 
-/// Wider-vector copies, bit for bit the plain one (as for `rms_norm`).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn silu_avx512<E: Elem>(x: &[E], out: &mut [E], d: usize) {
-    silu_rows(x, out, d)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn silu_avx2<E: Elem>(x: &[E], out: &mut [E], d: usize) {
-    silu_rows(x, out, d)
-}
+widest!(fn silu_widest<E: Elem>(x: &[E], out: &mut [E], d: usize) -> () => silu_rows);
 
 #[inline(always)]
 fn silu_rows<E: Elem>(x: &[E], out: &mut [E], d: usize) {

@@ -387,6 +387,45 @@ mod tests {
         out
     }
 
+    /// `p` over another pool (of another element type).
+    fn over_pool<'a, K: Elem>(
+        p: &PagedExtend<'a, f32>,
+        k: &'a [K],
+        v: &'a [K],
+    ) -> PagedExtend<'a, f32, K> {
+        let PagedExtend {
+            q,
+            table,
+            table_cols,
+            rows,
+            prefix_lens,
+            extend_lens,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            scale,
+            window,
+            softcap,
+            ..
+        } = *p;
+        PagedExtend {
+            q,
+            k,
+            v,
+            table,
+            table_cols,
+            rows,
+            prefix_lens,
+            extend_lens,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            scale,
+            window,
+            softcap,
+        }
+    }
+
     #[test]
     fn matches_the_plain_computation() {
         // Head sizes that take the vector path where the CPU has one (16, 64) and one that
@@ -449,22 +488,7 @@ mod tests {
                 v: &vr,
                 ..PagedExtend { ..p }
             });
-            let mixed = PagedExtend {
-                q: &q,
-                k: &kb,
-                v: &vb,
-                table: &table,
-                table_cols: cols,
-                rows: &[2, 0, 1],
-                prefix_lens: &prefix,
-                extend_lens: &ext,
-                num_heads: hq,
-                num_kv_heads: hkv,
-                head_dim: d,
-                scale: 0.3,
-                window,
-                softcap,
-            };
+            let mixed = over_pool(&p, &kb, &vb);
             let mut out = vec![f32::NAN; q.len()];
             paged_extend(&mixed, &mut out, 2).unwrap();
             for (a, b) in out.iter().zip(&want) {

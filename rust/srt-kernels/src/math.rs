@@ -4,6 +4,40 @@
 /// Lanes of the partial sums (one AVX2 register of f32).
 pub const LANES: usize = 8;
 
+/// `widest!(fn name<E: Bound>(args...) -> R => body)` defines `name`, which runs `body` (an
+/// `#[inline(always)]` function of the same arguments) compiled for AVX-512F or AVX2 where the
+/// CPU has them, else as the baseline build. The copies run the same operations (Rust fuses no
+/// multiply-adds, and the helpers here fix their partial sums' order), so every copy gives the
+/// same bits; only the vector width changes.
+macro_rules! widest {
+    ($vis:vis fn $name:ident $(<$g:ident: $bound:path>)? ($($a:ident: $t:ty),* $(,)?) -> $r:ty => $body:ident) => {
+        #[inline]
+        $vis fn $name $(<$g: $bound>)? ($($a: $t),*) -> $r {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                unsafe fn avx512 $(<$g: $bound>)? ($($a: $t),*) -> $r {
+                    $body($($a),*)
+                }
+                #[target_feature(enable = "avx2")]
+                unsafe fn avx2 $(<$g: $bound>)? ($($a: $t),*) -> $r {
+                    $body($($a),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has AVX-512F, the only feature the copy is compiled for.
+                    return unsafe { avx512($($a),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: as above, AVX2.
+                    return unsafe { avx2($($a),*) };
+                }
+            }
+            $body($($a),*)
+        }
+    };
+}
+pub(crate) use widest;
+
 /// The sum of `a` over LANES partial sums (vectorised), then across them.
 #[inline(always)]
 pub fn sum(a: &[f32]) -> f32 {

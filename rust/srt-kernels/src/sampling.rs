@@ -15,7 +15,7 @@
 
 use rayon::prelude::*;
 
-use crate::math::{exp_nonpositive, max, position, sum};
+use crate::math::{exp_nonpositive, max, position, sum, widest};
 use crate::pool::pool;
 use crate::KernelError;
 
@@ -112,38 +112,14 @@ fn per_task(n: usize, threads: usize) -> usize {
     }
 }
 
+widest!(fn softmax_some(
+    s: &Softmax<'_>,
+    probs: &mut [f32],
+    argmax: &mut [i64],
+    first: usize,
+) -> () => softmax_rows);
+
 /// Rows `first ..` (as many as `argmax` holds) into `probs` / `argmax`.
-fn softmax_some(s: &Softmax<'_>, probs: &mut [f32], argmax: &mut [i64], first: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F, the only feature the copy is compiled for.
-            unsafe { softmax_avx512(s, probs, argmax, first) };
-            return;
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: as above, AVX2.
-            unsafe { softmax_avx2(s, probs, argmax, first) };
-            return;
-        }
-    }
-    softmax_rows(s, probs, argmax, first);
-}
-
-/// Wider-vector copies: the same operations (no fused multiply-adds, fixed partial sums), so
-/// the same bits as the plain one.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn softmax_avx512(s: &Softmax<'_>, probs: &mut [f32], argmax: &mut [i64], first: usize) {
-    softmax_rows(s, probs, argmax, first)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn softmax_avx2(s: &Softmax<'_>, probs: &mut [f32], argmax: &mut [i64], first: usize) {
-    softmax_rows(s, probs, argmax, first)
-}
-
 #[inline(always)]
 fn softmax_rows(s: &Softmax<'_>, probs: &mut [f32], argmax: &mut [i64], first: usize) {
     let v = s.vocab;
