@@ -21,6 +21,7 @@
 #   onebatch  python -m srt.bench one-batch, Llama-3.1-8B shape, bs 1 8 32 128, in 512, out 256
 #   offline   python -m srt.bench offline, 1000 x 256 in / 256 out, all at once
 #   offline_nooverlap  the same with --disable-overlap-schedule
+#   offline_bs512  the same with 1024 running requests and decode CUDA graphs up to 512
 #   serving   python -m srt serve + python -m srt.bench serving, same dataset, rate inf
 set -uo pipefail
 GPU_DIR=$(realpath "${GPU_DIR:-.carry}")
@@ -123,6 +124,10 @@ stage_offline_nooverlap() {
     OFFLINE_EXTRA="${OFFLINE_EXTRA:-} --disable-overlap-schedule" stage_offline
 }
 
+stage_offline_bs512() {
+    OFFLINE_EXTRA="${OFFLINE_EXTRA:-} --max-running-requests 1024 --cuda-graph-max-bs 512" stage_offline
+}
+
 stage_serving() {
     model
     $PY -m srt serve $COMMON --port 30000 ${SERVING_EXTRA:-} >"$LOGS/server.log" 2>&1 &
@@ -144,7 +149,7 @@ stage_serving() {
 setup
 export GPU_DIR OUT LOGS SRC SITE MODEL PY COMMON T0
 export -f stamp jit_built model stage_env stage_tests stage_families stage_profile stage_onebatch stage_offline \
-    stage_offline_nooverlap stage_serving
+    stage_offline_nooverlap stage_offline_bs512 stage_serving
 for stage in "$@"; do
     name=${stage%%:*}
     limit=${stage#*:}

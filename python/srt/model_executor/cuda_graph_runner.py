@@ -16,8 +16,11 @@ copied in and the backend replans on the host.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -75,7 +78,7 @@ class CudaGraphRunner:
         # activations in the pool (7.8 GiB by the graph of batch 352 when capturing up to 512).
         self.stream = torch.cuda.Stream(self.device)
         t0 = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), _no_gc_cycles():
             for bs in reversed(self.batch_sizes):  # largest first: the pool fits the rest
                 self._capture(bs)
         torch.cuda.synchronize(self.device)
@@ -178,6 +181,22 @@ class CudaGraphRunner:
         self.graphs[pbs].replay()
         assert self.logits is not None
         return self.logits[:bs]
+
+
+@contextmanager
+def _no_gc_cycles() -> Iterator[None]:
+    """No cyclic garbage collection inside: a collection during a capture could free an
+    earlier runner's graphs or pool blocks, which CUDA forbids while a stream captures (the
+    capture fails with cudaErrorStreamCaptureInvalidated, as it did on the H100 with a test's
+    runners). Garbage from before is collected first."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _ranges(sizes: list[int]) -> str:
