@@ -461,9 +461,9 @@ def silu_and_mul(x: np.ndarray, out: np.ndarray, threads: int = 1) -> None:
     (bf16 bits), C-contiguous; `threads` as in `rms_norm`."""
 
 class NativeDecoder:
-    """A Llama-family decoder's whole decode step in one call (srt-kernels' decoder), over the
+    """A Llama-family decoder's whole step in one call (srt-kernels' decoder), over the
     model's numpy arrays and its KV pool (kept referenced, read and written in place). The
-    spec format is described in `srt.model_executor.cpu_decode` and the binding's docs.
+    spec format is described in `srt.model_executor.cpu_step` and the binding's docs.
     ValueError when a shape does not fit."""
 
     def __init__(
@@ -485,3 +485,21 @@ class NativeDecoder:
         """Logits [batch, vocab] of one token per sequence (ids, positions, KV slots
         `out_loc`), attending through `table[rows[i], :lens[i]]`; the K/V of the tokens go to
         their slots. The GIL is released; ValueError on inputs that do not fit."""
+    def extend(
+        self,
+        ids: npt.NDArray[np.int64],
+        positions: npt.NDArray[np.int64],
+        out_loc: npt.NDArray[np.int64],
+        table: npt.NDArray[np.int32],
+        rows: npt.NDArray[np.int64],
+        prefix_lens: npt.NDArray[np.int64],
+        extend_lens: npt.NDArray[np.int64],
+        logit_rows: npt.NDArray[np.int64],
+        logits: npt.NDArray[np.float32],
+        threads: int,
+    ) -> None:
+        """A prefill (extend) step: sequence i computes `extend_lens[i]` tokens (ids,
+        positions, KV slots `out_loc`, sequence after sequence) after `prefix_lens[i]` already
+        in the pool, attending causally through `table[rows[i]]`; logits
+        [len(logit_rows), vocab] of the tokens at `logit_rows`. The GIL is released;
+        ValueError on inputs that do not fit."""

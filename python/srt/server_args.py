@@ -134,8 +134,8 @@ class ServerArgs:
     )
     disable_native_decode: bool = _f(
         False,
-        "CPU, GGUF models: run decode steps through the torch forward instead of srt-kernels' "
-        "one-call decode step.",
+        "CPU, GGUF models: run prefill and decode steps through the torch forward instead of "
+        "srt-kernels' one-call step.",
     )
     cuda_graph_max_bs: int | None = _f(
         None,

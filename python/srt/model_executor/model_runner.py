@@ -37,7 +37,7 @@ from srt.distributed.parallel_state import (
 from srt.layers.attention import create_attention_backend
 from srt.layers.quantization import gguf_bytes
 from srt.mem_cache.memory_pool import KVPool, ReqToTokenPool
-from srt.model_executor.cpu_decode import CpuDecodeRunner
+from srt.model_executor.cpu_step import CpuStepRunner
 from srt.model_executor.cuda_graph_runner import DEFAULT_MAX_BS as CUDA_GRAPH_DEFAULT_MAX_BS
 from srt.model_executor.cuda_graph_runner import CudaGraphRunner
 from srt.model_executor.forward_batch import ForwardBatch, StepInput
@@ -136,7 +136,7 @@ class ModelRunner:
         )
         self.attn_backend.bind_pools(self.req_to_token_pool, self.kv_pool)
         self.cuda_graph_runner = CudaGraphRunner.maybe_create(self)
-        self.cpu_decode = CpuDecodeRunner.maybe_create(self)
+        self.cpu_step = CpuStepRunner.maybe_create(self)
         shard = ""
         if self.parallel.world_size > 1:
             shard = (
@@ -259,8 +259,8 @@ class ModelRunner:
             return self._run_pipeline(batch, step)
         if self.cuda_graph_runner is not None and self.cuda_graph_runner.can_run(batch):
             return self.cuda_graph_runner.replay(batch)
-        if self.cpu_decode is not None and self.cpu_decode.can_run(batch):
-            return self.cpu_decode.run(batch)
+        if self.cpu_step is not None and self.cpu_step.can_run(batch):
+            return self.cpu_step.run(batch)
         self.attn_backend.init_forward_metadata(batch)
         hidden_states = self.model(batch.input_ids, batch.positions, batch)
         return self.model.compute_logits(hidden_states, batch)
@@ -315,8 +315,8 @@ class ModelRunner:
 def _step_kind(runner: ModelRunner) -> str:
     if runner.cuda_graph_runner is not None:
         return "CUDA graphs"
-    if runner.cpu_decode is not None:
-        return f"native decode step up to batch {runner.cpu_decode.max_bs}"
+    if runner.cpu_step is not None:
+        return f"native steps (prefill, decode up to batch {runner.cpu_step.max_bs})"
     return "no CUDA graphs" if runner.device.type == "cuda" else "torch decode step"
 
 

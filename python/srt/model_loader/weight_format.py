@@ -12,7 +12,7 @@ dense weights and activations, whether to load the GGUF blocks, and why, for the
 - `auto`: `none`, except for a GGUF model on a CPU under `--dtype auto`: there the blocks, with
   fp32 activations. A decode step streams every weight from memory once, and the blocks are
   1/5 of fp32's bytes and 2/5 of bf16's; with the whole step in one native call
-  (`model_executor/cpu_decode.py`) they beat bf16 weights even on CPUs that multiply bf16
+  (`model_executor/cpu_step.py`) they beat bf16 weights even on CPUs that multiply bf16
   natively (AMX): the default model decodes one user 4-5x faster and 32 users about as fast
   (benches/RESULTS.md "the native decode step"). An explicit `--dtype` asks for full
   precision: dense.

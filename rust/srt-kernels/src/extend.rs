@@ -55,7 +55,7 @@ pub struct PagedExtend<'a, E: Elem, K: Elem = E> {
 /// One task: KV head `head` of sequence `seq`, its new tokens `first..first + count` (within
 /// the sequence), which are rows `token..` of `q` and `out`.
 #[derive(Clone, Copy)]
-struct Task {
+pub(crate) struct Task {
     seq: usize,
     head: usize,
     first: usize,
@@ -64,7 +64,8 @@ struct Task {
 }
 
 impl<E: Elem, K: Elem> PagedExtend<'_, E, K> {
-    fn validate(&self, out_len: usize) -> Result<Vec<Task>, KernelError> {
+    /// The call's tasks, once its inputs are checked (`out_len`: the output's length).
+    pub(crate) fn validate(&self, out_len: usize) -> Result<Vec<Task>, KernelError> {
         let err = |m: String| Err(KernelError(m));
         let (hq, d) = (self.num_heads, self.head_dim);
         let table_rows = check_layout(&PoolLayout {
@@ -145,14 +146,14 @@ pub fn paged_extend<E: Elem, K: Elem>(
 }
 
 #[derive(Clone, Copy)]
-struct OutPtr<E>(*mut E);
+pub(crate) struct OutPtr<E>(pub(crate) *mut E);
 // SAFETY: tasks write disjoint elements (see `paged_extend`).
 unsafe impl<E> Send for OutPtr<E> {}
 unsafe impl<E> Sync for OutPtr<E> {}
 
 /// Per-thread buffers, reused across tasks.
 #[derive(Default)]
-struct Scratch {
+pub(crate) struct Scratch {
     q: Vec<f32>,
     scores: Vec<f32>,
     acc: Vec<f32>,
@@ -160,9 +161,12 @@ struct Scratch {
     inv: Vec<f32>,
 }
 
+/// Runs one task of `p.validate`'s.
+///
 /// # Safety
-/// As in `paged_extend`.
-unsafe fn task<E: Elem, K: Elem>(
+/// `out` points at an output of the length `validate` was given, which no one else writes
+/// at this task's elements meanwhile.
+pub(crate) unsafe fn task<E: Elem, K: Elem>(
     p: &PagedExtend<'_, E, K>,
     s: &mut Scratch,
     t: Task,

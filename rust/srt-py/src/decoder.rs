@@ -25,7 +25,9 @@ use numpy::{
 };
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
-use srt_kernels::decoder::{Act, Decoder, KvLayer, Layer, Linear, Model, Norm, Part, Rope, Step};
+use srt_kernels::decoder::{
+    Act, Decoder, KvLayer, Layer, Linear, Model, Norm, Part, Rope, Seqs, Step,
+};
 use srt_kernels::elem::{Bf16, Elem};
 use srt_kernels::quant::QType;
 use srt_kernels::quant_packed::{PackedRef, ScalesRef};
@@ -313,20 +315,100 @@ impl NativeDecoder {
         table: PyReadonlyArray2<'_, i32>,
         rows: PyReadonlyArray1<'_, i64>,
         lens: PyReadonlyArray1<'_, i64>,
-        mut logits: PyReadwriteArray2<'_, f32>,
+        logits: PyReadwriteArray2<'_, f32>,
         threads: usize,
     ) -> PyResult<()> {
-        let table_cols = table.shape()[1];
-        let step = Step {
+        let seqs = Seqs::Decode {
+            lens: contiguous(lens.as_slice(), "lens")?,
+        };
+        let tokens = Tokens::of(&ids, &positions, &out_loc, &table, &rows)?;
+        self.forward(py, tokens, seqs, None, logits, threads)
+    }
+
+    /// One extend (prefill) step: sequence i computes `extend_lens[i]` tokens after
+    /// `prefix_lens[i]` already in the pool (`ids`, `positions`, `out_loc` int64, sequence
+    /// after sequence), attending causally through `table` at `rows`; `logits` float32
+    /// `[len(logit_rows), vocab]` of the tokens at `logit_rows` (int64 indices into `ids`).
+    /// ValueError on inputs that do not fit.
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (
+        ids, positions, out_loc, table, rows, prefix_lens, extend_lens, logit_rows, logits,
+        threads
+    ))]
+    fn extend(
+        &self,
+        py: Python<'_>,
+        ids: PyReadonlyArray1<'_, i64>,
+        positions: PyReadonlyArray1<'_, i64>,
+        out_loc: PyReadonlyArray1<'_, i64>,
+        table: PyReadonlyArray2<'_, i32>,
+        rows: PyReadonlyArray1<'_, i64>,
+        prefix_lens: PyReadonlyArray1<'_, i64>,
+        extend_lens: PyReadonlyArray1<'_, i64>,
+        logit_rows: PyReadonlyArray1<'_, i64>,
+        logits: PyReadwriteArray2<'_, f32>,
+        threads: usize,
+    ) -> PyResult<()> {
+        let seqs = Seqs::Extend {
+            prefix_lens: contiguous(prefix_lens.as_slice(), "prefix_lens")?,
+            extend_lens: contiguous(extend_lens.as_slice(), "extend_lens")?,
+        };
+        let picked = Some(contiguous(logit_rows.as_slice(), "logit_rows")?);
+        let tokens = Tokens::of(&ids, &positions, &out_loc, &table, &rows)?;
+        self.forward(py, tokens, seqs, picked, logits, threads)
+    }
+}
+
+/// A step's token and table arrays, as slices.
+struct Tokens<'a> {
+    ids: &'a [i64],
+    positions: &'a [i64],
+    out_loc: &'a [i64],
+    table: &'a [i32],
+    table_cols: usize,
+    rows: &'a [i64],
+}
+
+impl<'a> Tokens<'a> {
+    fn of(
+        ids: &'a PyReadonlyArray1<'_, i64>,
+        positions: &'a PyReadonlyArray1<'_, i64>,
+        out_loc: &'a PyReadonlyArray1<'_, i64>,
+        table: &'a PyReadonlyArray2<'_, i32>,
+        rows: &'a PyReadonlyArray1<'_, i64>,
+    ) -> PyResult<Tokens<'a>> {
+        Ok(Tokens {
             ids: contiguous(ids.as_slice(), "ids")?,
             positions: contiguous(positions.as_slice(), "positions")?,
             out_loc: contiguous(out_loc.as_slice(), "out_loc")?,
             table: table
                 .as_slice()
                 .map_err(|_| value_error("table must be C-contiguous"))?,
-            table_cols,
+            table_cols: table.shape()[1],
             rows: contiguous(rows.as_slice(), "rows")?,
-            lens: contiguous(lens.as_slice(), "lens")?,
+        })
+    }
+}
+
+impl NativeDecoder {
+    fn forward(
+        &self,
+        py: Python<'_>,
+        t: Tokens<'_>,
+        seqs: Seqs<'_>,
+        logit_rows: Option<&[i64]>,
+        mut logits: PyReadwriteArray2<'_, f32>,
+        threads: usize,
+    ) -> PyResult<()> {
+        let step = Step {
+            ids: t.ids,
+            positions: t.positions,
+            out_loc: t.out_loc,
+            table: t.table,
+            table_cols: t.table_cols,
+            rows: t.rows,
+            seqs,
+            logit_rows,
         };
         let out = logits
             .as_slice_mut()
@@ -334,17 +416,15 @@ impl NativeDecoder {
         py.detach(|| {
             if self.bf16 {
                 self.decoder
-                    .decode(&step, &mut self.layers::<Bf16>(), out, threads)
+                    .forward(&step, &mut self.layers::<Bf16>(), out, threads)
             } else {
                 self.decoder
-                    .decode(&step, &mut self.layers::<f32>(), out, threads)
+                    .forward(&step, &mut self.layers::<f32>(), out, threads)
             }
         })
         .map_err(value_error)
     }
-}
 
-impl NativeDecoder {
     /// The pool's layers as `K` (the type `new` found them to hold).
     fn layers<K: Elem>(&self) -> Vec<KvLayer<'_, K>> {
         self.kv

@@ -22,6 +22,7 @@ use std::sync::Mutex;
 use crate::attention::{self, PagedDecode};
 use crate::elem::Elem;
 use crate::elementwise::{rms_norm, silu_and_mul};
+use crate::extend::{self, PagedExtend};
 use crate::math::dot;
 use crate::quant;
 use crate::quant_packed::{self, Acts};
@@ -31,7 +32,7 @@ use crate::KernelError;
 
 mod model;
 
-pub use model::{Act, KvLayer, Layer, Linear, Model, Norm, Part, Rope, Step};
+pub use model::{Act, KvLayer, Layer, Linear, Model, Norm, Part, Rope, Seqs, Step};
 
 /// A chunk of a product: rows `start..end` of part `part`, whose outputs start at `col`.
 #[derive(Clone, Copy)]
@@ -129,7 +130,15 @@ impl<T> Buf<T> {
 #[derive(Default)]
 struct Scratch {
     attn: attention::Scratch,
+    extend: extend::Scratch,
     row: Vec<f32>,
+}
+
+/// What checking a step found: its extend attention's tasks (the same in every layer), and
+/// how many logit rows it computes.
+struct StepPlan {
+    tasks: Vec<extend::Task>,
+    logit_rows: usize,
 }
 
 impl<'a> Decoder<'a> {
@@ -227,9 +236,10 @@ impl<'a> Decoder<'a> {
         &self.model
     }
 
-    /// Runs the step on `threads` threads: `logits` (`[batch, vocab]`) of each sequence's
-    /// token, its K and V stored at `out_loc` in `kv` (one entry per layer).
-    pub fn decode<K: Elem>(
+    /// Runs the step on `threads` threads: `logits` (`[logit rows, vocab]`, see
+    /// [`Step::logit_rows`]), and every token's K and V stored at `out_loc` in `kv` (one entry
+    /// per layer). A decode step and an extend (prefill) step differ only in their attention.
+    pub fn forward<K: Elem>(
         &self,
         step: &Step<'_>,
         kv: &mut [KvLayer<'_, K>],
@@ -238,18 +248,26 @@ impl<'a> Decoder<'a> {
     ) -> Result<(), KernelError> {
         let m = &self.model;
         let b = step.ids.len();
-        self.check_step(step, kv, logits.len())?;
+        let (h, d) = (m.hidden, m.head_dim);
+        let (q, kvw) = (m.heads * d, m.kv_heads * d);
+        let mut qs = vec![0f32; b * q];
+        let plan = self.check_step(step, kv, logits.len(), &qs)?;
         if b == 0 {
             return Ok(());
         }
-        let (h, d) = (m.hidden, m.head_dim);
-        let (q, kvw) = (m.heads * d, m.kv_heads * d);
         let mut res = vec![0f32; b * h];
         let mut x = vec![0f32; b * h];
         let mut hn = vec![0f32; b * h];
         let mut tmp = vec![0f32; b * h];
+        let mut sel = vec![
+            0f32;
+            if step.logit_rows.is_some() {
+                plan.logit_rows * h
+            } else {
+                0
+            }
+        ];
         let mut qkv = vec![0f32; b * (q + 2 * kvw)];
-        let mut qs = vec![0f32; b * q];
         let mut attn = vec![0f32; b * q];
         let mut gu = vec![0f32; b * 2 * m.intermediate];
         let mut act = vec![0f32; b * m.intermediate];
@@ -258,6 +276,7 @@ impl<'a> Decoder<'a> {
             x: Buf::of(&mut x),
             h: Buf::of(&mut hn),
             tmp: Buf::of(&mut tmp),
+            sel: Buf::of(&mut sel),
             qkv: Buf::of(&mut qkv),
             q: Buf::of(&mut qs),
             attn: Buf::of(&mut attn),
@@ -271,41 +290,75 @@ impl<'a> Decoder<'a> {
             .collect();
         let threads = threads.max(1);
         let scratch: Vec<Mutex<Scratch>> = (0..threads).map(|_| Mutex::default()).collect();
-        let max_ops = 4 + 11 * m.layers.len();
+        let max_ops = 5 + 11 * m.layers.len();
         team::run(threads, max_ops, |member| {
             let mut s = scratch[member.index()]
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            self.walk(member, step, b, &bufs, &pools, &mut s);
+            self.walk(member, step, b, &plan, &bufs, &pools, &mut s);
         })
     }
 
+    /// Checks the step's inputs against the model and the pool (`q`: a query buffer of the
+    /// step's size, for the attention's own checks).
     fn check_step<K: Elem>(
         &self,
         s: &Step<'_>,
         kv: &[KvLayer<'_, K>],
         logits: usize,
-    ) -> Result<(), KernelError> {
+        q: &[f32],
+    ) -> Result<StepPlan, KernelError> {
         let m = &self.model;
         let b = s.ids.len();
-        if [
-            s.positions.len(),
-            s.out_loc.len(),
-            s.rows.len(),
-            s.lens.len(),
-        ] != [b; 4]
-        {
+        if [s.positions.len(), s.out_loc.len()] != [b; 2] {
             return fail(format!(
-                "{b} ids, {} positions, {} KV slots, {} rows, {} lengths",
+                "{b} ids, {} positions, {} KV slots",
                 s.positions.len(),
                 s.out_loc.len(),
-                s.rows.len(),
-                s.lens.len()
             ));
         }
-        if logits != b * m.vocab {
+        match s.seqs {
+            Seqs::Decode { lens } => {
+                if [s.rows.len(), lens.len()] != [b; 2] {
+                    return fail(format!(
+                        "a decode step of {b} tokens has {} rows and {} lengths",
+                        s.rows.len(),
+                        lens.len()
+                    ));
+                }
+            }
+            Seqs::Extend {
+                prefix_lens,
+                extend_lens,
+            } => {
+                let total: i64 = extend_lens.iter().sum();
+                if total != b as i64 || extend_lens.iter().any(|&n| n < 0) {
+                    return fail(format!(
+                        "extend lengths {extend_lens:?} do not add up to the step's {b} tokens"
+                    ));
+                }
+                if [prefix_lens.len(), extend_lens.len()] != [s.rows.len(); 2] {
+                    return fail(format!(
+                        "{} rows, {} prefix lengths, {} extend lengths",
+                        s.rows.len(),
+                        prefix_lens.len(),
+                        extend_lens.len()
+                    ));
+                }
+            }
+        }
+        let logit_rows = match s.logit_rows {
+            None => b,
+            Some(rows) => {
+                if let Some(&r) = rows.iter().find(|&&r| r < 0 || r as usize >= b) {
+                    return fail(format!("logit row {r} is outside the step's {b} tokens"));
+                }
+                rows.len()
+            }
+        };
+        if logits != logit_rows * m.vocab {
             return fail(format!(
-                "logits hold {logits} values, not {b} x {}",
+                "logits hold {logits} values, not {logit_rows} x {}",
                 m.vocab
             ));
         }
@@ -346,21 +399,32 @@ impl<'a> Decoder<'a> {
         if let Some(&loc) = s.out_loc.iter().find(|&&l| l < 0 || l as usize >= slots) {
             return fail(format!("KV slot {loc} is outside the pool's {slots} slots"));
         }
+        let mut tasks = Vec::new();
         if b > 0 && !kv.is_empty() {
             // The table, rows and lengths as the attention reads them (the same every layer).
-            let dummy = vec![0f32; b * m.heads * m.head_dim];
-            self.attention_args(&kv[0].k[..], &kv[0].v[..], &dummy, s, &m.layers[0])
-                .validate(dummy.len())?;
+            let (k, v, l) = (&kv[0].k[..], &kv[0].v[..], &m.layers[0]);
+            match s.seqs {
+                Seqs::Decode { lens } => self.decode_args(k, v, q, s, lens, l).validate(q.len())?,
+                Seqs::Extend {
+                    prefix_lens,
+                    extend_lens,
+                } => {
+                    tasks = self
+                        .extend_args(k, v, q, s, prefix_lens, extend_lens, l)
+                        .validate(q.len())?
+                }
+            }
         }
-        Ok(())
+        Ok(StepPlan { tasks, logit_rows })
     }
 
-    fn attention_args<'x, K: Elem>(
+    fn decode_args<'x, K: Elem>(
         &self,
         k: &'x [K],
         v: &'x [K],
         q: &'x [f32],
         s: &'x Step<'_>,
+        lens: &'x [i64],
         l: &Layer<'_>,
     ) -> PagedDecode<'x, f32, K> {
         let m = &self.model;
@@ -371,7 +435,37 @@ impl<'a> Decoder<'a> {
             table: s.table,
             table_cols: s.table_cols,
             rows: s.rows,
-            lens: s.lens,
+            lens,
+            num_heads: m.heads,
+            num_kv_heads: m.kv_heads,
+            head_dim: m.head_dim,
+            scale: l.scale,
+            window: l.window,
+            softcap: l.softcap,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn extend_args<'x, K: Elem>(
+        &self,
+        k: &'x [K],
+        v: &'x [K],
+        q: &'x [f32],
+        s: &'x Step<'_>,
+        prefix_lens: &'x [i64],
+        extend_lens: &'x [i64],
+        l: &Layer<'_>,
+    ) -> PagedExtend<'x, f32, K> {
+        let m = &self.model;
+        PagedExtend {
+            q,
+            k,
+            v,
+            table: s.table,
+            table_cols: s.table_cols,
+            rows: s.rows,
+            prefix_lens,
+            extend_lens,
             num_heads: m.heads,
             num_kv_heads: m.kv_heads,
             head_dim: m.head_dim,
@@ -382,11 +476,13 @@ impl<'a> Decoder<'a> {
     }
 
     /// One member's walk through the step (every member runs the same operations).
+    #[allow(clippy::too_many_arguments)]
     fn walk<K: Elem>(
         &self,
         member: &mut Member<'_>,
         s: &Step<'_>,
         b: usize,
+        plan: &StepPlan,
         bufs: &Bufs,
         pools: &[(Buf<K>, Buf<K>)],
         scratch: &mut Scratch,
@@ -407,7 +503,7 @@ impl<'a> Decoder<'a> {
                 r.iter_mut().for_each(|v| *v *= scale);
             }
         });
-        for (li, (l, plan)) in m.layers.iter().zip(&self.layers).enumerate() {
+        for (li, (l, chunks)) in m.layers.iter().zip(&self.layers).enumerate() {
             member.split(b, |i| unsafe {
                 let (x, r, o) = (bufs.x.row(i, h), bufs.res.row(i, h), bufs.h.row(i, h));
                 let res = if li == 0 {
@@ -420,7 +516,7 @@ impl<'a> Decoder<'a> {
             product(
                 member,
                 &l.qkv,
-                &plan.qkv,
+                &chunks.qkv,
                 unsafe { bufs.h.all() },
                 b,
                 bufs.qkv,
@@ -448,14 +544,36 @@ impl<'a> Decoder<'a> {
                 store(kp.row(slot, kvw), kr);
                 store(vp.row(slot, kvw), vr);
             });
-            member.split(b, |i| unsafe {
-                let p = self.attention_args(kp.all(), vp.all(), bufs.q.all(), s, l);
-                if let Err(e) = attention::sequence(&p, &mut scratch.attn, i, bufs.attn.row(i, qw))
-                {
-                    member_error(e);
-                }
-            });
-            product(member, &l.o, &plan.o, unsafe { bufs.attn.all() }, b, bufs.x);
+            match s.seqs {
+                Seqs::Decode { lens } => member.split(b, |i| unsafe {
+                    let p = self.decode_args(kp.all(), vp.all(), bufs.q.all(), s, lens, l);
+                    if let Err(e) =
+                        attention::sequence(&p, &mut scratch.attn, i, bufs.attn.row(i, qw))
+                    {
+                        member_error(e);
+                    }
+                }),
+                Seqs::Extend {
+                    prefix_lens,
+                    extend_lens,
+                } => member.split(plan.tasks.len(), |t| unsafe {
+                    let (k, v, q) = (kp.all(), vp.all(), bufs.q.all());
+                    let p = self.extend_args(k, v, q, s, prefix_lens, extend_lens, l);
+                    // NOTE: each task writes its own tokens' heads of `attn`.
+                    let out = extend::OutPtr(bufs.attn.0);
+                    if let Err(e) = extend::task(&p, &mut scratch.extend, plan.tasks[t], out) {
+                        member_error(e);
+                    }
+                }),
+            }
+            product(
+                member,
+                &l.o,
+                &chunks.o,
+                unsafe { bufs.attn.all() },
+                b,
+                bufs.x,
+            );
             member.split(b, |i| unsafe {
                 let (x, r, o) = (bufs.x.row(i, h), bufs.res.row(i, h), bufs.h.row(i, h));
                 let res = match &l.ff_norms {
@@ -470,7 +588,7 @@ impl<'a> Decoder<'a> {
             product(
                 member,
                 &l.gate_up,
-                &plan.gate_up,
+                &chunks.gate_up,
                 unsafe { bufs.h.all() },
                 b,
                 bufs.gu,
@@ -485,7 +603,7 @@ impl<'a> Decoder<'a> {
             product(
                 member,
                 &l.down,
-                &plan.down,
+                &chunks.down,
                 unsafe { bufs.act.all() },
                 b,
                 bufs.x,
@@ -507,17 +625,28 @@ impl<'a> Decoder<'a> {
             }
             .unwrap_or_else(member_error);
         });
+        let (normed, nl) = match s.logit_rows {
+            None => (bufs.h, b),
+            Some(rows) => {
+                member.split(rows.len(), |j| unsafe {
+                    bufs.sel
+                        .row(j, h)
+                        .copy_from_slice(bufs.h.row(rows[j] as usize, h));
+                });
+                (bufs.sel, rows.len())
+            }
+        };
         product(
             member,
             &m.lm_head,
             &self.lm_head,
-            unsafe { bufs.h.all() },
-            b,
+            unsafe { normed.all() },
+            nl,
             bufs.logits,
         );
         let cap = m.final_softcap;
         if cap > 0.0 {
-            member.split(b, |i| unsafe {
+            member.split(nl, |i| unsafe {
                 for v in bufs.logits.row(i, m.vocab) {
                     *v = (*v / cap).tanh() * cap;
                 }
@@ -532,6 +661,8 @@ struct Bufs {
     x: Buf,
     h: Buf,
     tmp: Buf,
+    /// the logit rows' final hidden states, when a step computes some tokens' logits only
+    sel: Buf,
     qkv: Buf,
     q: Buf,
     attn: Buf,
@@ -765,10 +896,11 @@ mod tests {
             table: &table,
             table_cols: 4,
             rows: &[0, 1, 2],
-            lens: &[1, 3, 2],
+            seqs: Seqs::Decode { lens: &[1, 3, 2] },
+            logit_rows: None,
         };
         let mut logits = vec![f32::NAN; ids.len() * V];
-        dec.decode(&s, &mut kv, &mut logits, threads)?;
+        dec.forward(&s, &mut kv, &mut logits, threads)?;
         let keys = kv[0].k.iter().map(|x| x.to_f32()).collect();
         Ok((logits, keys))
     }
@@ -802,6 +934,120 @@ mod tests {
         }
     }
 
+    /// A pool of 16 slots in f32, one per layer.
+    fn pool(layers: usize) -> Vec<(Vec<f32>, Vec<f32>)> {
+        (0..layers)
+            .map(|_| (vec![0.0; 16 * 2 * D], vec![0.0; 16 * 2 * D]))
+            .collect()
+    }
+
+    /// An extend step over `pools`: sequences in table rows 0 (slots 0..8) and 1 (8..16),
+    /// of `prefix` tokens already stored and `ids` new ones each.
+    fn extend(
+        dec: &Decoder<'_>,
+        pools: &mut [(Vec<f32>, Vec<f32>)],
+        seqs: &[(i64, &[i64])],
+        logit_rows: Option<&[i64]>,
+    ) -> Result<Vec<f32>, KernelError> {
+        let table: Vec<i32> = (0..16).collect();
+        let (mut ids, mut positions, mut out_loc) = (vec![], vec![], vec![]);
+        for (row, &(prefix, toks)) in seqs.iter().enumerate() {
+            for (j, &t) in toks.iter().enumerate() {
+                ids.push(t);
+                positions.push(prefix + j as i64);
+                out_loc.push(8 * row as i64 + prefix + j as i64);
+            }
+        }
+        let rows: Vec<i64> = (0..seqs.len() as i64).collect();
+        let prefix_lens: Vec<i64> = seqs.iter().map(|s| s.0).collect();
+        let extend_lens: Vec<i64> = seqs.iter().map(|s| s.1.len() as i64).collect();
+        let s = Step {
+            ids: &ids,
+            positions: &positions,
+            out_loc: &out_loc,
+            table: &table,
+            table_cols: 8,
+            rows: &rows,
+            seqs: Seqs::Extend {
+                prefix_lens: &prefix_lens,
+                extend_lens: &extend_lens,
+            },
+            logit_rows,
+        };
+        let mut kv: Vec<KvLayer<'_, f32>> =
+            pools.iter_mut().map(|(k, v)| KvLayer { k, v }).collect();
+        let mut logits = vec![f32::NAN; logit_rows.map_or(ids.len(), |r| r.len()) * V];
+        dec.forward(&s, &mut kv, &mut logits, 2)?;
+        Ok(logits)
+    }
+
+    fn assert_close(got: &[f32], want: &[f32]) {
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() <= 1e-5 * scale, "{g} vs {w}");
+        }
+    }
+
+    #[test]
+    fn an_extend_step_matches_decoding_its_tokens_one_by_one() {
+        let w = weights();
+        let dec = Decoder::new(model(&w, 2)).unwrap();
+        let (a, b): (&[i64], &[i64]) = (&[3, 7, 39, 5], &[11, 2]);
+        let mut pools = pool(2);
+        let all = extend(&dec, &mut pools, &[(0, a), (0, b)], None).unwrap();
+        assert!(all.iter().all(|v| v.is_finite()));
+        // The same tokens one decode step at a time, both sequences side by side.
+        let mut one = pool(2);
+        let table: Vec<i32> = (0..16).collect();
+        for t in 0..a.len() {
+            let (ids, mut positions, mut out_loc, mut rows, mut lens) = (
+                vec![a[t]],
+                vec![t as i64],
+                vec![t as i64],
+                vec![0],
+                vec![t as i64 + 1],
+            );
+            let mut ids = ids;
+            if t < b.len() {
+                ids.push(b[t]);
+                positions.push(t as i64);
+                out_loc.push(8 + t as i64);
+                rows.push(1);
+                lens.push(t as i64 + 1);
+            }
+            let s = Step {
+                ids: &ids,
+                positions: &positions,
+                out_loc: &out_loc,
+                table: &table,
+                table_cols: 8,
+                rows: &rows,
+                seqs: Seqs::Decode { lens: &lens },
+                logit_rows: None,
+            };
+            let mut kv: Vec<KvLayer<'_, f32>> =
+                one.iter_mut().map(|(k, v)| KvLayer { k, v }).collect();
+            let mut logits = vec![f32::NAN; ids.len() * V];
+            dec.forward(&s, &mut kv, &mut logits, 2).unwrap();
+            assert_close(&logits[..V], &all[t * V..][..V]);
+            if t < b.len() {
+                assert_close(&logits[V..], &all[(a.len() + t) * V..][..V]);
+            }
+        }
+        assert_close(&one[1].0, &pools[1].0);
+        // The prompt's second half on top of its first, as chunked prefill runs it.
+        let mut chunked = pool(2);
+        extend(&dec, &mut chunked, &[(0, &a[..2])], None).unwrap();
+        let rest = extend(&dec, &mut chunked, &[(2, &a[2..])], None).unwrap();
+        assert_close(&rest, &all[2 * V..4 * V]);
+        // Some tokens' logits only, in any order, repeats allowed.
+        let picked = extend(&dec, &mut pool(2), &[(0, a), (0, b)], Some(&[5, 3, 5])).unwrap();
+        for (j, r) in [5, 3, 5].into_iter().enumerate() {
+            assert_eq!(&picked[j * V..][..V], &all[r * V..][..V]);
+        }
+    }
+
     #[test]
     fn bad_models_and_steps_are_errors() {
         let w = weights();
@@ -819,5 +1065,10 @@ mod tests {
         let e = step(&dec, &[3, 7, V as i64], 2).unwrap_err();
         assert!(e.0.contains("vocabulary"), "{e}");
         assert!(step(&dec, &[3, 7], 2).is_err()); // 2 ids for 3 positions
+        let mut pools = pool(1);
+        let e = extend(&dec, &mut pools, &[(0, &[3, 7])], Some(&[2])).unwrap_err();
+        assert!(e.0.contains("logit row 2"), "{e}");
+        let e = extend(&dec, &mut pools, &[(7, &[3, 7])], None).unwrap_err();
+        assert!(e.0.contains("columns"), "{e}");
     }
 }

@@ -162,19 +162,34 @@ pub struct Model<'a> {
     pub act: Act,
 }
 
-/// The step's inputs: one token per sequence.
+/// The step's inputs. Tokens (`ids`, `positions`, `out_loc`) come sequence by sequence.
 pub struct Step<'a> {
     pub ids: &'a [i64],
     pub positions: &'a [i64],
     /// each token's KV slot
     pub out_loc: &'a [i64],
-    /// `[table_rows, table_cols]`: the request-to-token table
+    /// `[table_rows, table_cols]`: the request-to-token table, holding this step's slots
     pub table: &'a [i32],
     pub table_cols: usize,
     /// each sequence's table row
     pub rows: &'a [i64],
-    /// each sequence's length, this token included
-    pub lens: &'a [i64],
+    pub seqs: Seqs<'a>,
+    /// The tokens whose logits the step computes, in the order of its output rows; `None`:
+    /// every token's.
+    pub logit_rows: Option<&'a [i64]>,
+}
+
+/// How the step's tokens belong to its sequences.
+#[derive(Clone, Copy)]
+pub enum Seqs<'a> {
+    /// One token per sequence; each sequence's length, this token included.
+    Decode { lens: &'a [i64] },
+    /// Sequence `i` computes `extend_lens[i]` tokens after `prefix_lens[i]` already in the
+    /// pool (a prompt, or its next chunk), each attending causally.
+    Extend {
+        prefix_lens: &'a [i64],
+        extend_lens: &'a [i64],
+    },
 }
 
 /// One layer's KV pool, `[slots, kv_heads, head_dim]` each, f32 or bf16 ([`Elem`]): the

@@ -1,20 +1,22 @@
-"""CpuDecodeRunner: decode steps of a CPU model as one native call, in the scheduler process.
+"""CpuStepRunner: decode and prefill steps of a CPU model as one native call each, in the
+scheduler process.
 
-The CPU's counterpart of the CudaGraphRunner. A decode step of the torch forward is a few
-hundred small operations; for the models srt runs on a CPU each one's Python and dispatch cost
-exceeds its arithmetic, and its kernel either runs on one core or wakes a thread pool for
-microseconds of work. srt-kernels' decoder (`srt._native.NativeDecoder`) runs the whole step
-(embedding, layers, final norm, logits) in one call, on a team of threads that walks the
-step's operations together, with the same kernels the layers call one by one. For the GGUF
-formats its logits are bit for bit those of the torch forward.
+The CPU's counterpart of the CudaGraphRunner. A step of the torch forward is a few hundred
+small operations; for the models srt runs on a CPU each one's Python and dispatch cost exceeds
+its arithmetic, and its kernel either runs on one core or wakes a thread pool for microseconds
+of work. srt-kernels' decoder (`srt._native.NativeDecoder`) runs the whole step (embedding,
+layers, final norm, logits) in one call, on a team of threads that walks the step's operations
+together, with the same kernels the layers call one by one. For the GGUF formats its logits are
+bit for bit those of the torch forward, in decode and in prefill.
 
 Built by the ModelRunner once the KV pool is bound (`maybe_create`): it reads the model's
 modules once (numpy views of the weights and of the KV pool, shared, not copied), then
 `can_run(batch)` / `run(batch)` stand in for the forward of a decode batch of up to
-`MAX_BATCH` sequences. It applies to the Llama-family decoder (`models/llama.py`) with GGUF
-weights (`--quantization gguf`, or `auto` where it picks them) in float32, on one process; other
-models and setups keep the torch forward and the log says why. `--disable-native-decode`
-turns it off.
+`MAX_BATCH` sequences, or of any extend (prefill) batch, which computes the logits of each
+sequence's last token and of the batch's `extra_logit_indices` only. It applies to the
+Llama-family decoder (`models/llama.py`) with GGUF weights (`--quantization gguf`, or `auto`
+where it picks them) in float32, on one process; other models and setups keep the torch
+forward and the log says why. `--disable-native-decode` turns it off.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ MAX_BATCH = 256
 _POOL_VIEWS = {torch.float32: torch.float32, torch.bfloat16: torch.int16}
 
 
-class CpuDecodeRunner:
+class CpuStepRunner:
     def __init__(self, runner: ModelRunner, model: LlamaForCausalLM) -> None:
         self.max_bs = MAX_BATCH
         self.table = runner.req_to_token_pool.req_to_token.numpy()
@@ -62,40 +64,70 @@ class CpuDecodeRunner:
         self.vocab = int(spec["vocab"])
 
     @classmethod
-    def maybe_create(cls, runner: ModelRunner) -> CpuDecodeRunner | None:
+    def maybe_create(cls, runner: ModelRunner) -> CpuStepRunner | None:
         reason = unsupported(runner)
         if reason is not None:
             if runner.device.type == "cpu":
-                logger.info("native decode step off: %s", reason)
+                logger.info("native CPU step off: %s", reason)
             return None
         assert isinstance(runner.model, LlamaForCausalLM)
         return cls(runner, runner.model)
 
     def can_run(self, batch: ForwardBatch) -> bool:
-        return batch.is_decode and 0 < batch.batch_size <= self.max_bs
+        return 0 < batch.batch_size and (not batch.is_decode or batch.batch_size <= self.max_bs)
 
     def run(self, batch: ForwardBatch) -> torch.Tensor:
-        """fp32 logits [B, vocab] of the batch's tokens; their K/V go to the pool."""
+        """fp32 logits of the batch as the torch forward returns them (each sequence's last
+        token, then an extend batch's `extra_logit_indices`); the tokens' K/V go to the pool."""
         b = batch.batch_size
-        logits = torch.empty((b, self.vocab), dtype=torch.float32)
-        lens = batch.seq_lens_cpu
-        if lens is None:
-            lens = batch.seq_lens.numpy()
-        self.decoder.decode(
-            batch.input_ids.numpy(),
-            batch.positions.numpy(),
-            batch.out_cache_loc.numpy(),
+        ids = batch.input_ids.numpy()
+        positions = batch.positions.numpy()
+        out_loc = batch.out_cache_loc.numpy()
+        rows = batch.req_pool_indices.numpy()
+        threads = torch.get_num_threads()
+        if batch.is_decode:
+            logits = torch.empty((b, self.vocab), dtype=torch.float32)
+            lens = batch.seq_lens_cpu
+            if lens is None:
+                lens = batch.seq_lens.numpy()
+            self.decoder.decode(
+                ids,
+                positions,
+                out_loc,
+                self.table,
+                rows,
+                np.ascontiguousarray(lens, dtype=np.int64),
+                logits.numpy(),
+                threads,
+            )
+            return logits
+        prefix = batch.extend_prefix_lens_cpu
+        extend = batch.extend_seq_lens_cpu
+        if prefix is None or extend is None:
+            assert batch.extend_prefix_lens is not None and batch.extend_seq_lens is not None
+            prefix, extend = batch.extend_prefix_lens.numpy(), batch.extend_seq_lens.numpy()
+        extend = np.ascontiguousarray(extend, dtype=np.int64)
+        picked = np.cumsum(extend) - 1
+        if batch.extra_logit_indices is not None:
+            picked = np.concatenate((picked, batch.extra_logit_indices.numpy()))
+        logits = torch.empty((len(picked), self.vocab), dtype=torch.float32)
+        self.decoder.extend(
+            ids,
+            positions,
+            out_loc,
             self.table,
-            batch.req_pool_indices.numpy(),
-            np.ascontiguousarray(lens, dtype=np.int64),
+            rows,
+            np.ascontiguousarray(prefix, dtype=np.int64),
+            extend,
+            picked,
             logits.numpy(),
-            torch.get_num_threads(),
+            threads,
         )
         return logits
 
 
 def unsupported(runner: ModelRunner) -> str | None:
-    """Why the native decode step does not apply to this runner's model, or None."""
+    """Why the native step does not apply to this runner's model, or None."""
     model = runner.model
     if runner.server_args.disable_native_decode:
         return "--disable-native-decode"

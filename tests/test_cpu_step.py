@@ -1,19 +1,20 @@
-"""The native decode step on CPU (`CpuDecodeRunner`, srt-kernels' decoder) against the torch
-forward of the same model, step by step.
+"""The native step on CPU (`CpuStepRunner`, srt-kernels' decoder) against the torch forward of
+the same model, step by step: a prompt in two chunks (the second with extra logit rows, as
+prompt logprobs ask), then decode steps.
 
-Each decode step runs twice on one runner: the native call, then the torch forward (whose K/V
-writes to the same slots stand for the next step), so both always see the same cache. For a
-model of packed GGUF weights the two agree to the bit. Dense parts and the ops the torch path
-computes with torch (q/k norms, GELU, soft-caps) differ by float rounding, which the next
-packed product can amplify: its input is rounded to int8 per 32 values, and a last-bit change
-can move a value across a rounding boundary (one int8 step: ~0.4% of the block's largest
-value). Hence the looser tolerance there (`INT8_TOL`); a wrong weight or a wrong op moves
-logits by O(1).
+Each step runs twice on one runner: the native call, then the torch forward (whose K/V writes
+to the same slots stand for the next step), so both always see the same cache. For a model of
+packed GGUF weights the two agree to the bit. Dense parts and the ops the torch path computes
+with torch (q/k norms, GELU, soft-caps) differ by float rounding, which the next packed product
+can amplify: its input is rounded to int8 per 32 values, and a last-bit change can move a value
+across a rounding boundary (one int8 step: ~0.4% of the block's largest value). Hence the
+looser tolerance there (`INT8_TOL`); a wrong weight or a wrong op moves logits by O(1).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from test_model_runner import Sched, prompt  # noqa: E402
 
 from srt.layers.linear import Linear, RowParallelLinear
 from srt.layers.quantization import GGUFLinear, GGUFWeight
-from srt.model_executor.cpu_decode import MAX_BATCH, CpuDecodeRunner
+from srt.model_executor.cpu_step import MAX_BATCH, CpuStepRunner
 from srt.model_executor.forward_batch import ForwardBatch
 from srt.model_executor.model_runner import ModelRunner
 from srt.model_loader.gguf import ensure_hf_folder
@@ -49,14 +50,14 @@ def gguf_folder(root: Path, types: dict[str, str], **kwargs: object) -> str:
 
 @pytest.fixture(scope="module")
 def default_like(tmp_path_factory: pytest.TempPathFactory) -> ModelRunner:
-    root = tmp_path_factory.mktemp("cpu_decode_default")
+    root = tmp_path_factory.mktemp("cpu_step_default")
     folder = gguf_folder(root, DEFAULT_TYPES, tie_word_embeddings=True)
     return make_runner(folder, quantization="gguf")
 
 
 @pytest.fixture(scope="module")
 def default_f32_kv(tmp_path_factory: pytest.TempPathFactory) -> ModelRunner:
-    root = tmp_path_factory.mktemp("cpu_decode_f32_kv")
+    root = tmp_path_factory.mktemp("cpu_step_f32_kv")
     folder = gguf_folder(root, DEFAULT_TYPES, tie_word_embeddings=True)
     return make_runner(folder, quantization="gguf", kv_cache_dtype="float32")
 
@@ -64,17 +65,33 @@ def default_f32_kv(tmp_path_factory: pytest.TempPathFactory) -> ModelRunner:
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory: pytest.TempPathFactory) -> ModelRunner:
     return make_runner(
-        gguf_folder(tmp_path_factory.mktemp("cpu_decode_mixed"), MIXED_TYPES), quantization="gguf"
+        gguf_folder(tmp_path_factory.mktemp("cpu_step_mixed"), MIXED_TYPES), quantization="gguf"
     )
+
+
+def both(
+    runner: ModelRunner, make: Callable[[], ForwardBatch], out_loc: list[int]
+) -> tuple[torch.Tensor, torch.Tensor, list[np.ndarray]]:
+    """One step through the native call, then the torch forward (`make` builds its batch):
+    (native logits, torch logits, each layer's K and V rows the native call wrote)."""
+    native = runner.cpu_step
+    assert native is not None
+    got = native.run(make())
+    pool = runner.kv_pool
+    # NOTE: .float(): a bf16 pool's values exactly (numpy has no bfloat16).
+    written = [b[out_loc].float().numpy() for b in (*pool.k_buffers, *pool.v_buffers)]
+    runner.cpu_step = None
+    try:
+        want = runner.forward(make())
+    finally:
+        runner.cpu_step = native
+    return got, want, written
 
 
 def step_both(
     runner: ModelRunner, sched: Sched, reqs: list, tokens: list[int]
 ) -> tuple[torch.Tensor, torch.Tensor, list[np.ndarray]]:
-    """One decode step through the native call, then the torch forward: (native logits, torch
-    logits, each layer's K and V rows the native call wrote)."""
-    native = runner.cpu_decode
-    assert native is not None
+    """One decode step, as `both`."""
     out_loc = sched._alloc(len(reqs))
     runner.req_to_token_pool.write_runs(
         [r.row for r in reqs], [len(r.slots) for r in reqs], out_loc
@@ -83,46 +100,75 @@ def step_both(
         r.slots.append(s)
     lens = [len(r.slots) for r in reqs]
     rows = [r.row for r in reqs]
-    got = native.run(ForwardBatch.decode(tokens, out_loc, rows, lens, "cpu"))
-    pool = runner.kv_pool
-    # NOTE: .float(): a bf16 pool's values exactly (numpy has no bfloat16).
-    written = [b[out_loc].float().numpy() for b in (*pool.k_buffers, *pool.v_buffers)]
-    runner.cpu_decode = None
-    try:
-        want = runner.forward(ForwardBatch.decode(tokens, out_loc, rows, lens, "cpu"))
-    finally:
-        runner.cpu_decode = native
-    return got, want, written
+    return both(runner, lambda: ForwardBatch.decode(tokens, out_loc, rows, lens, "cpu"), out_loc)
+
+
+def extend_both(
+    runner: ModelRunner, sched: Sched, reqs: list, new_ids: list[list[int]], extra: list[int]
+) -> tuple[torch.Tensor, torch.Tensor, list[np.ndarray]]:
+    """One extend step of `new_ids` on top of what each request holds, with the logits of the
+    tokens at `extra` too (prompt logprobs), as `both`."""
+    prefix = [len(r.slots) for r in reqs]
+    lens = [len(ids) for ids in new_ids]
+    out_loc = sched._alloc(sum(lens))
+    runner.req_to_token_pool.write_runs([r.row for r in reqs], prefix, out_loc, lens)
+    start = 0
+    for r, n in zip(reqs, lens, strict=True):
+        r.slots += out_loc[start : start + n]
+        start += n
+    flat = [t for ids in new_ids for t in ids]
+    rows = [r.row for r in reqs]
+
+    def make() -> ForwardBatch:
+        batch = ForwardBatch.extend(flat, out_loc, rows, prefix, lens, "cpu")
+        batch.extra_logit_indices = torch.tensor(extra, dtype=torch.int64)
+        return batch
+
+    return both(runner, make, out_loc)
 
 
 def run_steps(
     runner: ModelRunner, steps: int, exact: bool, atol: float = 0.0, batch: int = 3
 ) -> None:
+    """Prompts in two chunks (the second with extra logit rows), then decode steps: each
+    step's logits and K/V from the native call against the torch forward's."""
     sched = Sched(runner)
     reqs = [sched.new_req() for _ in range(batch)]
     lens = (5, 9, 3)
-    logits = sched.extend(reqs, [prompt(lens[i % 3] + i // 3, i + 1) for i in range(batch)])
-    tokens = logits.argmax(-1).tolist()
+    prompts = [prompt(lens[i % 3] + i // 3, i + 1) for i in range(batch)]
+    first = [p[: len(p) // 2] for p in prompts]
+    rest = [p[len(p) // 2 :] for p in prompts]
     pool = runner.kv_pool
-    for step in range(steps):
-        got, want, written = step_both(runner, sched, reqs, tokens)
+
+    def check(what: str, got: torch.Tensor, want: torch.Tensor, written: list) -> None:
         # The torch forward rewrote the same slots: the native call's K/V match them.
-        out_loc = [r.slots[-1] for r in reqs]
+        out_loc = slots[-1]
         kv_now = [b[out_loc].float().numpy() for b in (*pool.k_buffers, *pool.v_buffers)]
         if exact:
-            assert torch.equal(got, want), f"step {step}: {(got - want).abs().max()}"
+            assert torch.equal(got, want), f"{what}: {(got - want).abs().max()}"
             assert all(np.array_equal(a, b) for a, b in zip(written, kv_now, strict=True))
         else:
-            torch.testing.assert_close(
-                got, want, rtol=0, atol=atol, msg=lambda m, s=step: f"step {s}: {m}"
-            )
+            torch.testing.assert_close(got, want, rtol=0, atol=atol, msg=lambda m: f"{what}: {m}")
             for a, b in zip(written, kv_now, strict=True):
                 np.testing.assert_allclose(a, b, rtol=0, atol=atol)
+
+    slots: list[list[int]] = []
+    for what, chunk, extra in (("prefill", first, [0]), ("second chunk", rest, [0, 2, 1])):
+        before = [len(r.slots) for r in reqs]
+        got, want, written = extend_both(runner, sched, reqs, chunk, extra)
+        slots.append([s for r, n in zip(reqs, before, strict=True) for s in r.slots[n:]])
+        assert got.shape == (batch + len(extra), got.shape[1])
+        check(what, got, want, written)
+    tokens = want[:batch].argmax(-1).tolist()
+    for step in range(steps):
+        got, want, written = step_both(runner, sched, reqs, tokens)
+        slots.append([r.slots[-1] for r in reqs])
+        check(f"step {step}", got, want, written)
         tokens = want.argmax(-1).tolist()
 
 
 def test_default_formats_match_the_torch_forward_bit_for_bit(default_like: ModelRunner) -> None:
-    assert default_like.cpu_decode is not None
+    assert default_like.cpu_step is not None
     assert default_like.kv_pool.dtype == torch.bfloat16  # --kv-cache-dtype auto with GGUF blocks
     run_steps(default_like, steps=6, exact=True)
 
@@ -130,7 +176,7 @@ def test_default_formats_match_the_torch_forward_bit_for_bit(default_like: Model
 def test_a_float32_pool_matches_the_torch_forward_bit_for_bit(
     default_f32_kv: ModelRunner,
 ) -> None:
-    assert default_f32_kv.cpu_decode is not None
+    assert default_f32_kv.cpu_step is not None
     assert default_f32_kv.kv_pool.dtype == torch.float32
     run_steps(default_f32_kv, steps=6, exact=True, batch=9)
 
@@ -144,7 +190,7 @@ def test_batches_match_the_torch_forward_bit_for_bit(default_like: ModelRunner, 
 
 def test_every_gguf_format_and_dense_parts(mixed: ModelRunner) -> None:
     """Q4_0, Q4_1, Q8_0, Q4_K (packed), Q6_K (blocks) and an F32 layer in one model."""
-    assert mixed.cpu_decode is not None
+    assert mixed.cpu_step is not None
     run_steps(mixed, steps=6, exact=False, atol=INT8_TOL)
 
 
@@ -155,7 +201,7 @@ def test_thread_counts_give_the_same_logits(default_like: ModelRunner) -> None:
     out_loc = sched._alloc(4)
     default_like.req_to_token_pool.write_runs([r.row for r in reqs], [4] * 4, out_loc)
     batch = ForwardBatch.decode([7, 8, 9, 10], out_loc, [r.row for r in reqs], [5] * 4, "cpu")
-    native = default_like.cpu_decode
+    native = default_like.cpu_step
     assert native is not None
     results = []
     for threads in (1, 2, 3):
@@ -175,7 +221,7 @@ def test_thread_counts_give_the_same_logits(default_like: ModelRunner) -> None:
 
 
 def test_bad_inputs_are_errors_and_the_runner_keeps_working(default_like: ModelRunner) -> None:
-    native = default_like.cpu_decode
+    native = default_like.cpu_step
     assert native is not None
     sched = Sched(default_like)
     req = sched.new_req()
@@ -212,7 +258,7 @@ def test_bad_inputs_are_errors_and_the_runner_keeps_working(default_like: ModelR
 
 
 def test_large_batches_take_the_torch_forward(default_like: ModelRunner) -> None:
-    native = default_like.cpu_decode
+    native = default_like.cpu_step
     assert native is not None
     n = MAX_BATCH + 1
     big = ForwardBatch.decode([1] * n, list(range(n)), list(range(n)), [1] * n, "cpu")
@@ -243,15 +289,15 @@ def test_families_match_the_torch_forward(arch: str, tmp_path: Path) -> None:
     lm_head."""
     path = make_tiny_model(tmp_path / arch, arch, sliding_window=4)
     runner = make_runner(path)
-    assert runner.cpu_decode is None  # no GGUF weights: the torch forward
+    assert runner.cpu_step is None  # no GGUF weights: the torch forward
     to_q8_blocks(runner.model)
-    runner.cpu_decode = CpuDecodeRunner.maybe_create(runner)
-    assert runner.cpu_decode is not None
+    runner.cpu_step = CpuStepRunner.maybe_create(runner)
+    assert runner.cpu_step is not None
     run_steps(runner, steps=8, exact=False, atol=INT8_TOL)
 
 
 def test_unsupported_models_say_why(tmp_path: Path) -> None:
-    from srt.model_executor.cpu_decode import unsupported
+    from srt.model_executor.cpu_step import unsupported
 
     runner = make_runner(make_tiny_model(tmp_path / "moe", "mixtral"))
     to_q8_blocks(runner.model)
