@@ -18,7 +18,7 @@ from srt._native import (
     CommitResult,
     Step,
 )
-from srt.model_executor.forward_batch import StepInput
+from srt.model_executor.step_input import StepInput
 
 ROWS = 8
 COLS = 512

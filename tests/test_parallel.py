@@ -19,7 +19,7 @@ import torch
 from _live import alive, child_pids, free_port, start_server, subprocess_env
 from transformers import AutoModelForCausalLM, GenerationConfig
 
-from srt.model_executor.forward_batch import StepInput
+from srt.model_executor.step_input import StepInput
 from srt.testing.tiny_model import make_tiny_model
 
 # Prompts of different lengths, so a step's micro-batches differ in size.

@@ -24,7 +24,8 @@ from srt.layers.sampler import SamplingState, _inverse_cdf, seeded_uniforms, spl
 from srt.managers.admission import Admission, Admitted
 from srt.managers.host_requests import HostRequests
 from srt.managers.io_struct import GenerateReq
-from srt.model_executor.forward_batch import ForwardBatch, StepInput
+from srt.model_executor.forward_batch import ForwardBatch
+from srt.model_executor.step_input import StepInput
 from srt.sampling_params import SamplingParams as SP
 
 

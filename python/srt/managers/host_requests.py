@@ -25,8 +25,8 @@ import numpy as np
 
 from srt._native import USER_FLAG_SHIFT
 from srt.managers.io_struct import FinishReason, LogprobDelta
-from srt.model_executor.forward_batch import StepInput
-from srt.model_executor.step_worker import Logprobs, StepJob, StepOutput
+from srt.model_executor.step_input import StepInput
+from srt.model_executor.step_job import Logprobs, StepJob, StepOutput
 
 logger = logging.getLogger(__name__)
 

@@ -50,9 +50,10 @@ from srt.managers.io_struct import (
     encode,
 )
 from srt.managers.scheduler_output import Outbox, finish_reason
-from srt.model_executor.forward_batch import StepInput
 from srt.model_executor.model_runner import ModelRunner, RankFailure
-from srt.model_executor.step_worker import PendingStep, StepOutput, StepWorker
+from srt.model_executor.step_input import StepInput
+from srt.model_executor.step_job import PendingStep, StepOutput
+from srt.model_executor.step_worker import StepWorker
 from srt.server_args import PortArgs, ServerArgs
 
 logger = logging.getLogger(__name__)

@@ -40,7 +40,8 @@ from srt.mem_cache.memory_pool import KVPool, ReqToTokenPool
 from srt.model_executor.cpu_step import CpuStepRunner
 from srt.model_executor.cuda_graph_runner import DEFAULT_MAX_BS as CUDA_GRAPH_DEFAULT_MAX_BS
 from srt.model_executor.cuda_graph_runner import CudaGraphRunner
-from srt.model_executor.forward_batch import ForwardBatch, StepInput
+from srt.model_executor.forward_batch import ForwardBatch
+from srt.model_executor.step_input import StepInput
 from srt.model_loader.weight_format import WeightFormat, resolve_weight_format
 from srt.model_loader.weights import init_dummy_weights, iterate_weights
 from srt.models.registry import get_model_class

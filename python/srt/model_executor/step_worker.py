@@ -20,66 +20,18 @@ runs before an earlier one. Without overlap `submit` runs the step inline.
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from srt.layers.logprobs import token_logprobs
 from srt.layers.sampler import SamplingState
-from srt.model_executor.forward_batch import ForwardBatch, StepInput, to_device
+from srt.model_executor.forward_batch import ForwardBatch, to_device
+from srt.model_executor.step_job import Logprobs, PendingStep, StepJob, StepOutput, submit
 
 if TYPE_CHECKING:
     from srt.model_executor.model_runner import ModelRunner
-
-# (logprob of each target, top values, top ids) per row, as lists.
-Logprobs = tuple[list[float], list[list[float]], list[list[int]]]
-
-
-@dataclass
-class StepJob:
-    step: StepInput
-    # Sample indices (into the step's S sampling rows) whose grammar masks their logits, and
-    # the host bitmask rows for them (xgrammar's int32 layout).
-    grammar_samples: np.ndarray | None = None
-    grammar_bitmask: torch.Tensor | None = None
-    # Sample indices whose output logprobs are wanted, with their top-k counts.
-    logprob_samples: np.ndarray | None = None
-    logprob_tops: list[int] = field(default_factory=list)
-    # Prompt logprobs: the target token of each extra logit row, with its top-k count.
-    prompt_targets: np.ndarray | None = None
-    prompt_tops: list[int] = field(default_factory=list)
-    # Test-only fault injection: the step raises this message inside the worker.
-    fail: str | None = None
-
-
-@dataclass
-class StepOutput:
-    ids: np.ndarray  # [S] int64, the sampled token of each sampling row
-    logprobs: Logprobs | None = None
-    prompt_logprobs: Logprobs | None = None
-
-
-class PendingStep:
-    """A submitted step; `result()` waits for it (and raises what the step raised)."""
-
-    def __init__(
-        self, future: Future | None = None, done: Any = None, error: Exception | None = None
-    ) -> None:
-        self._future = future
-        self._done = done
-        self._error = error
-
-    def result(self) -> StepOutput:
-        if self._error is not None:
-            raise self._error
-        done = self._future.result() if self._future is not None else self._done
-        ids, event, logprobs, prompt_logprobs = done
-        if event is not None:
-            event.synchronize()
-        return StepOutput(ids.numpy(), logprobs, prompt_logprobs)
 
 
 class StepWorker:
@@ -118,12 +70,7 @@ class StepWorker:
             torch.cuda.set_device(cuda_index)
 
     def submit(self, job: StepJob) -> PendingStep:
-        if self._executor is not None:
-            return PendingStep(future=self._executor.submit(self._execute, job))
-        try:
-            return PendingStep(done=self._execute(job))
-        except Exception as e:  # raised by result(), as from the worker thread
-            return PendingStep(error=e)
+        return submit(self._executor, self._execute, job, _finish)
 
     def close(self) -> None:
         if self._executor is not None:
@@ -189,3 +136,10 @@ class StepWorker:
             event.record()
             return host, event, logprobs, prompt_logprobs
         return ids, None, logprobs, prompt_logprobs
+
+
+def _finish(done: tuple[torch.Tensor, Any, Logprobs | None, Logprobs | None]) -> StepOutput:
+    ids, event, logprobs, prompt_logprobs = done
+    if event is not None:
+        event.synchronize()
+    return StepOutput(ids.numpy(), logprobs, prompt_logprobs)
