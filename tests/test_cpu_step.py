@@ -206,11 +206,11 @@ def test_thread_counts_give_the_same_logits(default_like: ModelRunner) -> None:
     results = []
     for threads in (1, 2, 3):
         logits = torch.empty((4, native.vocab))
-        native.decoder.decode(
+        native.step.decoder.decode(
             batch.input_ids.numpy(),
             batch.positions.numpy(),
             batch.out_cache_loc.numpy(),
-            native.table,
+            native.step.table,
             batch.req_pool_indices.numpy(),
             batch.seq_lens.numpy(),
             logits.numpy(),
@@ -232,11 +232,11 @@ def test_bad_inputs_are_errors_and_the_runner_keeps_working(default_like: ModelR
 
     def call(ids: list[int], positions: list[int], out: list[int], lens: list[int]) -> None:
         arr = lambda v: np.asarray(v, dtype=np.int64)  # noqa: E731
-        native.decoder.decode(
+        native.step.decoder.decode(
             arr(ids),
             arr(positions),
             arr(out),
-            native.table,
+            native.step.table,
             arr([req.row]),
             arr(lens),
             logits.numpy(),

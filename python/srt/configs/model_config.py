@@ -14,6 +14,7 @@ import functools
 import importlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -83,10 +84,21 @@ def _load_with_transformers(model_path: str) -> Any:
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
+# Device nodes of the GPU drivers torch's CUDA (or ROCm) build can use: NVIDIA, WSL's
+# paravirtualized GPU, AMD's KFD.
+_GPU_NODES = ("/dev/nvidia0", "/proc/driver/nvidia", "/dev/dxg", "/dev/kfd")
+
+
 def resolve_device(device: str) -> str:
-    """ "auto" -> "cuda" when available, else "cpu"; anything else is returned as is."""
+    """ "auto" -> "cuda" when available, else "cpu"; anything else is returned as is. A
+    machine without any GPU driver's device node, or with CUDA_VISIBLE_DEVICES empty, is a
+    CPU one without asking torch (whose import costs seconds and half a GB)."""
     if device != "auto":
         return device
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1") or not any(
+        os.path.exists(p) for p in _GPU_NODES
+    ):
+        return "cpu"
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"

@@ -29,7 +29,6 @@ themselves may differ in the last bits with batch size (kernel choice), which no
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -48,6 +47,7 @@ from srt._native import (
     sample_draw,
     sample_softmax,
 )
+from srt.layers.host_sampler import sorted_rows
 from srt.model_executor.forward_batch import to_device
 
 if TYPE_CHECKING:
@@ -251,7 +251,7 @@ class SamplingState:
         )
         ascending, candidates = None, V
         if flags & FLAG_TOP_K_P:
-            ascending = _sorted_rows(probs, threads, self._scratch(1, n))
+            ascending = sorted_rows(probs, threads, self._scratch(1, n))
             candidates = V if top_k_max is None else min(top_k_max, V)
         ids = sample_draw(
             probs,
@@ -329,32 +329,6 @@ class SamplingState:
         if out is None:
             return logits, False
         return out, True
-
-
-_sort_pool: ThreadPoolExecutor | None = None
-
-
-def _sorted_rows(probs: np.ndarray, threads: int, out: np.ndarray) -> np.ndarray:
-    """Each row of `probs` in ascending order, into `out` (of its shape), the rows split over
-    `threads` threads.
-
-    NOTE: numpy's SIMD sort beats any other CPU sort here, and releases the GIL while it runs,
-    so threads of this process sort the rows' parts side by side."""
-    global _sort_pool
-    n = probs.shape[0]
-    np.copyto(out, probs)
-    if threads <= 1 or n < 2:
-        out.sort(axis=-1)
-        return out
-    if _sort_pool is None or _sort_pool._max_workers != threads:
-        if _sort_pool is not None:
-            _sort_pool.shutdown(wait=False)
-        _sort_pool = ThreadPoolExecutor(threads, thread_name_prefix="srt-sort")
-    step = -(-n // threads)
-    parts = [out[i : i + step] for i in range(0, n, step)]
-    for done in _sort_pool.map(lambda part: part.sort(axis=-1), parts):
-        del done
-    return out
 
 
 def _first_argmax(logits: torch.Tensor) -> torch.Tensor:

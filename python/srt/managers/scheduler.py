@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 import numpy as np
-import torch
 import zmq
 
 from srt._native import BatchScheduler
@@ -50,10 +49,9 @@ from srt.managers.io_struct import (
     encode,
 )
 from srt.managers.scheduler_output import Outbox, finish_reason
-from srt.model_executor.model_runner import ModelRunner, RankFailure
+from srt.model_executor.executor import create_executor
 from srt.model_executor.step_input import StepInput
-from srt.model_executor.step_job import PendingStep, StepOutput
-from srt.model_executor.step_worker import StepWorker
+from srt.model_executor.step_job import PendingStep, RankFailure, StepOutput
 from srt.server_args import PortArgs, ServerArgs
 
 logger = logging.getLogger(__name__)
@@ -91,13 +89,17 @@ class Scheduler:
             dtype=server_args.dtype,
             device=server_args.device,
         )
-        self.runner = ModelRunner(self.model_config, server_args)
-        self.device = self.runner.device
-        self.context_len = self.model_config.context_len
         self.vocab_size = self.model_config.vocab_size
+        tokenizer_path = server_args.tokenizer_path or server_args.model_path
+        self.host = HostRequests(tokenizer_path, self.vocab_size, self.model_config.eos_token_ids)
+        executor = create_executor(self.model_config, server_args, self.host.apply_bitmask)
+        self.runner = executor.runner
+        self.worker = executor.worker
+        self.device = executor.device
+        self.overlap = executor.overlap
+        self.context_len = self.model_config.context_len
         self.pool_size = self.runner.max_total_num_tokens
         self.max_running = self.runner.max_running_requests
-        tokenizer_path = server_args.tokenizer_path or server_args.model_path
         chunk = server_args.chunked_prefill_size
         self.core = BatchScheduler(
             pool_size=self.pool_size,
@@ -111,13 +113,6 @@ class Scheduler:
             context_len=self.context_len,
             clip_max_new_tokens=CLIP_MAX_NEW_TOKENS,
             tokenizer_path=tokenizer_path,
-        )
-        self.overlap = not server_args.disable_overlap_schedule and (
-            self.device.type != "cpu" or server_args.enable_overlap_on_cpu
-        )
-        self.host = HostRequests(tokenizer_path, self.vocab_size, self.model_config.eos_token_ids)
-        self.worker = StepWorker(
-            self.runner, self.vocab_size, self.overlap, grammar_apply=self.host.apply_bitmask
         )
         self.outbox = Outbox()
         self.in_flight: deque[Launched] = deque()
@@ -173,7 +168,7 @@ class Scheduler:
             "vocab_size": self.vocab_size,
             "model_path": self.server_args.model_path,
             "architecture": self.model_config.architecture,
-            "device": str(self.device),
+            "device": self.device,
             "dtype": str(self.runner.dtype).removeprefix("torch."),
             "tp_size": self.server_args.tp_size,
             "pp_size": self.server_args.pp_size,
@@ -511,6 +506,8 @@ def run_scheduler_process(
         dtype=server_args.dtype,
         device=server_args.device,
     )
+    from srt.model_executor.model_runner import ModelRunner
+
     runner = ModelRunner(model_config, server_args)
     info = {"rank": rank, "device": str(runner.device), "layers": list(runner.model.layer_range)}
     ready_conn.send_bytes(encode(ProcessReady(name=f"rank{rank}", ok=True, info=info)))
@@ -523,6 +520,8 @@ def init_rank(server_args: ServerArgs, port_args: PortArgs, dp_rank: int, rank: 
     server args with that device."""
     if server_args.world_size == 1 and server_args.dp_size == 1:
         return server_args
+    import torch
+
     from srt.configs.model_config import resolve_device
     from srt.distributed.parallel_state import init_parallel
 

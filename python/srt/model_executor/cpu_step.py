@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from srt._native import NativeDecoder
 from srt.layers.activation import GeluAndMul, SiluAndMul
 from srt.layers.attention.torch_native import TorchNativeAttnBackend
 from srt.layers.norm import GemmaRMSNorm, RMSNorm
 from srt.layers.quantization import GGUFBlocks
 from srt.model_executor.forward_batch import ForwardBatch
+from srt.model_executor.native_step import NativeStep
 from srt.models.llama import LlamaForCausalLM, LlamaMLP
 
 if TYPE_CHECKING:
@@ -51,17 +51,14 @@ _POOL_VIEWS = {torch.float32: torch.float32, torch.bfloat16: torch.int16}
 class CpuStepRunner:
     def __init__(self, runner: ModelRunner, model: LlamaForCausalLM) -> None:
         self.max_bs = MAX_BATCH
-        self.table = runner.req_to_token_pool.req_to_token.numpy()
         # NOTE: a bf16 pool crosses as its int16 bits (numpy has no bfloat16).
         view = _POOL_VIEWS[runner.kv_pool.dtype]
         kv = [
             (k.view(view).numpy(), v.view(view).numpy())
             for k, v in zip(runner.kv_pool.k_buffers, runner.kv_pool.v_buffers, strict=True)
         ]
-        spec = _model_spec(model)
-        # NOTE: the decoder keeps the spec's arrays alive (and the pool's) as long as it lives.
-        self.decoder = NativeDecoder(spec, kv)
-        self.vocab = int(spec["vocab"])
+        self.step = NativeStep(model_spec(model), kv, runner.req_to_token_pool.req_to_token.numpy())
+        self.vocab = self.step.vocab
 
     @classmethod
     def maybe_create(cls, runner: ModelRunner) -> CpuStepRunner | None:
@@ -79,51 +76,27 @@ class CpuStepRunner:
     def run(self, batch: ForwardBatch) -> torch.Tensor:
         """fp32 logits of the batch as the torch forward returns them (each sequence's last
         token, then an extend batch's `extra_logit_indices`); the tokens' K/V go to the pool."""
-        b = batch.batch_size
-        ids = batch.input_ids.numpy()
-        positions = batch.positions.numpy()
-        out_loc = batch.out_cache_loc.numpy()
-        rows = batch.req_pool_indices.numpy()
-        threads = torch.get_num_threads()
-        if batch.is_decode:
-            logits = torch.empty((b, self.vocab), dtype=torch.float32)
-            lens = batch.seq_lens_cpu
-            if lens is None:
-                lens = batch.seq_lens.numpy()
-            self.decoder.decode(
-                ids,
-                positions,
-                out_loc,
-                self.table,
-                rows,
-                np.ascontiguousarray(lens, dtype=np.int64),
-                logits.numpy(),
-                threads,
-            )
-            return logits
-        prefix = batch.extend_prefix_lens_cpu
-        extend = batch.extend_seq_lens_cpu
-        if prefix is None or extend is None:
+        seq_lens = batch.seq_lens_cpu
+        if seq_lens is None:
+            seq_lens = batch.seq_lens.numpy()
+        prefix, extend = batch.extend_prefix_lens_cpu, batch.extend_seq_lens_cpu
+        if not batch.is_decode and (prefix is None or extend is None):
             assert batch.extend_prefix_lens is not None and batch.extend_seq_lens is not None
             prefix, extend = batch.extend_prefix_lens.numpy(), batch.extend_seq_lens.numpy()
-        extend = np.ascontiguousarray(extend, dtype=np.int64)
-        picked = np.cumsum(extend) - 1
-        if batch.extra_logit_indices is not None:
-            picked = np.concatenate((picked, batch.extra_logit_indices.numpy()))
-        logits = torch.empty((len(picked), self.vocab), dtype=torch.float32)
-        self.decoder.extend(
-            ids,
-            positions,
-            out_loc,
-            self.table,
-            rows,
-            np.ascontiguousarray(prefix, dtype=np.int64),
+        extra = batch.extra_logit_indices
+        logits = self.step.forward(
+            batch.is_decode,
+            batch.input_ids.numpy(),
+            batch.positions.numpy(),
+            batch.out_cache_loc.numpy(),
+            batch.req_pool_indices.numpy(),
+            seq_lens,
+            prefix,
             extend,
-            picked,
-            logits.numpy(),
-            threads,
+            None if extra is None else extra.numpy(),
+            torch.get_num_threads(),
         )
-        return logits
+        return torch.from_numpy(logits)
 
 
 def unsupported(runner: ModelRunner) -> str | None:
@@ -198,7 +171,9 @@ def _norm(norm: RMSNorm | None) -> tuple | None:
     return (_arr(norm.weight), float(norm.eps), isinstance(norm, GemmaRMSNorm))
 
 
-def _model_spec(model: LlamaForCausalLM) -> dict[str, Any]:
+def model_spec(model: LlamaForCausalLM) -> dict[str, Any]:
+    """The decoder's spec of `model` (srt-py's decoder.rs documents the format): numpy views
+    of its weights, and its options."""
     inner = model.model
     opts = model.options
     first = inner.layers[0]

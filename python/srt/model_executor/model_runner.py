@@ -18,10 +18,10 @@ the logits to rank 0.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -36,12 +36,14 @@ from srt.distributed.parallel_state import (
 )
 from srt.layers.attention import create_attention_backend
 from srt.layers.quantization import gguf_bytes
+from srt.mem_cache.host_pool import cpu_pool_tokens, host_memory_available
 from srt.mem_cache.memory_pool import KVPool, ReqToTokenPool
 from srt.model_executor.cpu_step import CpuStepRunner
 from srt.model_executor.cuda_graph_runner import DEFAULT_MAX_BS as CUDA_GRAPH_DEFAULT_MAX_BS
 from srt.model_executor.cuda_graph_runner import CudaGraphRunner
 from srt.model_executor.forward_batch import ForwardBatch
 from srt.model_executor.step_input import StepInput
+from srt.model_executor.step_job import RankFailure
 from srt.model_loader.weight_format import WeightFormat, resolve_weight_format
 from srt.model_loader.weights import init_dummy_weights, iterate_weights
 from srt.models.registry import get_model_class
@@ -50,8 +52,6 @@ from srt.server_args import ServerArgs
 logger = logging.getLogger(__name__)
 
 GPU_MEM_FRACTION_DEFAULT = 0.88
-CPU_MEM_FRACTION_DEFAULT = 0.3
-CPU_MAX_TOTAL_TOKENS_DEFAULT = 65536
 # GPU memory kept out of the KV pool for activations, the allocator's slack and the CUDA context.
 GPU_RESERVE_BYTES = 1 << 30
 # Extra columns of the request-to-token table beyond the context length (cheap safety margin).
@@ -199,9 +199,10 @@ class ModelRunner:
             )
             tokens = int(budget // per_token)
         else:
-            fraction = self.server_args.mem_fraction_static or CPU_MEM_FRACTION_DEFAULT
-            budget = free_before_load * fraction - self.weight_bytes
-            tokens = min(int(budget // per_token), CPU_MAX_TOTAL_TOKENS_DEFAULT)
+            args = self.server_args
+            tokens = cpu_pool_tokens(
+                None, args.mem_fraction_static, free_before_load, self.weight_bytes, per_token
+            )
         tokens -= tokens % self.page_size
         if tokens < self.page_size:
             raise RuntimeError(
@@ -231,6 +232,29 @@ class ModelRunner:
                 raise RankFailure(f"parallel step failed on rank 0: {e}") from e
         assert logits is not None
         return logits
+
+    def native_meta(self) -> dict:
+        """What a NativeRunner needs besides the native step's spec (see native_bundle)."""
+        return {
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "kv_dtype": str(self.kv_dtype).removeprefix("torch."),
+            "weight_bytes": int(self.weight_bytes),
+            "num_layers": self.end_layer - self.start_layer,
+            "num_kv_heads": int(self.num_kv_heads),
+            "head_dim": int(self.model_config.head_dim),
+        }
+
+    @property
+    def table_rows(self) -> int:
+        return self.req_to_token_pool.size
+
+    @property
+    def threads(self) -> int:
+        return torch.get_num_threads()
+
+    def forward_host(self, step: StepInput) -> np.ndarray:
+        """`forward` of a step on a CPU runner, as numpy (the host step worker's view)."""
+        return self.forward(ForwardBatch.from_step(step, self.device)).numpy()
 
     @torch.inference_mode()
     def worker_loop(self) -> None:
@@ -321,10 +345,6 @@ def _step_kind(runner: ModelRunner) -> str:
     return "no CUDA graphs" if runner.device.type == "cuda" else "torch decode step"
 
 
-class RankFailure(RuntimeError):
-    """A step of a multi-rank replica failed: the ranks are out of step, the replica is lost."""
-
-
 @contextmanager
 def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
     previous = torch.get_default_dtype()
@@ -339,11 +359,4 @@ def _free_memory_bytes(device: torch.device) -> int:
     """Free memory of the device: CUDA free memory, or the host's MemAvailable."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    return host_memory_available()

@@ -76,3 +76,7 @@ def submit(
         return PendingStep(done=run(job), finish=finish)
     except Exception as e:  # raised by result(), as from the worker thread
         return PendingStep(error=e)
+
+
+class RankFailure(RuntimeError):
+    """A step of a multi-rank replica failed: the ranks are out of step, the replica is lost."""
