@@ -10,7 +10,7 @@ the finishes when tokens are committed. Python keeps only what must be Python, k
 same integer id: grammar matchers, logprob accumulators and stop regexes (`host_requests`).
 
 Each iteration: receive requests -> plan step N + 1 (`core.schedule()`) -> submit it to the
-`StepWorker` -> process step N: wait for its sampled ids, `core.commit` them, apply the host
+step worker (`model_executor.executor`: the runner and worker this rank gets) -> process step N: wait for its sampled ids, `core.commit` them, apply the host
 decisions, send the outputs (`scheduler_output.Outbox`). With overlap scheduling (on by default
 on GPU; `--enable-overlap-on-cpu`) step N + 1 is planned and submitted while step N runs, so its
 finish checks land one step late: a request that stops at step N has had one more token
@@ -520,19 +520,22 @@ def init_rank(server_args: ServerArgs, port_args: PortArgs, dp_rank: int, rank: 
     server args with that device."""
     if server_args.world_size == 1 and server_args.dp_size == 1:
         return server_args
-    import torch
-
     from srt.configs.model_config import resolve_device
-    from srt.distributed.parallel_state import init_parallel
 
     device = resolve_device(server_args.device)
     if device.startswith("cuda"):
+        import torch
+
         per_node = server_args.world_size // server_args.nnodes
         gpu = server_args.base_gpu_id + dp_rank * per_node + rank % per_node
         torch.cuda.set_device(gpu)
         device = f"cuda:{gpu}"
         server_args = server_args.replace(device=device)
     if server_args.world_size > 1:
+        import torch
+
+        from srt.distributed.parallel_state import init_parallel
+
         init_parallel(
             server_args.tp_size,
             server_args.pp_size,
