@@ -91,13 +91,16 @@ def measure(args: argparse.Namespace, batch: int, overlap: bool) -> dict[str, fl
         drain()
 
     runner = sched.runner
-    forward = runner.forward
+    # NOTE: the torch-free NativeRunner (a CPU model with a native bundle) has forward_host
+    # alone; the ModelRunner's forward_host calls its forward.
+    name = "forward" if hasattr(runner, "forward") else "forward_host"
+    forward = getattr(runner, name)
     in_forward = [0.0]
 
-    def timed_forward(fb: Any) -> torch.Tensor:
+    def timed_forward(fb: Any) -> Any:
         t = time.perf_counter()
         out = forward(fb)
-        if out.is_cuda:
+        if getattr(out, "is_cuda", False):
             torch.cuda.synchronize()
         in_forward[0] += time.perf_counter() - t
         return out
@@ -105,7 +108,7 @@ def measure(args: argparse.Namespace, batch: int, overlap: bool) -> dict[str, fl
     # NOTE: with overlap the forward runs on the step worker, where a sync would stop the very
     # overlap being timed; only the step time is reported then.
     if not overlap:
-        runner.forward = timed_forward  # type: ignore[method-assign]
+        setattr(runner, name, timed_forward)
     prof = cProfile.Profile() if args.cprofile else None
     t0 = time.perf_counter()
     if prof is not None:
@@ -127,7 +130,7 @@ def measure(args: argparse.Namespace, batch: int, overlap: bool) -> dict[str, fl
     # patched forward (and, on CUDA, the graph runner) hold the runner in reference cycles,
     # and torch's allocator keeps freed blocks from mem_get_info.
     if not overlap:
-        del runner.forward  # the instance attribute: the class's method again
+        delattr(runner, name)  # the instance attribute: the class's method again
     del runner, sched
     gc.collect()
     if torch.cuda.is_available():
