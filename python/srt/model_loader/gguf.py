@@ -25,11 +25,14 @@ import hashlib
 import importlib.util
 import json
 import logging
+import logging.handlers
+import multiprocessing
 import os
 import re
 import shutil
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -234,7 +237,41 @@ class _Steps:
 
 
 def _convert(gguf_path: Path, out: Path) -> None:
-    """Writes the HF folder for `gguf_path` into the (empty) folder `out`."""
+    """Writes the HF folder for `gguf_path` into the (empty) folder `out`, in a process of its
+    own: the conversion needs torch and transformers' model classes (over 1 GB), and the
+    caller is the server's main process, which otherwise never imports torch. The child's log
+    records are handled here, by this process's loggers; its exception is raised here."""
+    ctx = multiprocessing.get_context("spawn")
+    records = ctx.Queue()
+    listener = logging.handlers.QueueListener(records, _Relay())
+    listener.start()
+    try:
+        with ProcessPoolExecutor(
+            1,
+            mp_context=ctx,
+            initializer=_child_logging,
+            initargs=(records, logger.getEffectiveLevel()),
+        ) as pool:
+            pool.submit(_convert_here, gguf_path, out).result()
+    finally:
+        listener.stop()
+
+
+class _Relay(logging.Handler):
+    """A record from the conversion's process, to the logger of its name here."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger(record.name).handle(record)
+
+
+def _child_logging(records: Any, level: int) -> None:
+    root = logging.getLogger()
+    root.handlers = [logging.handlers.QueueHandler(records)]
+    root.setLevel(level)
+
+
+def _convert_here(gguf_path: Path, out: Path) -> None:
+    """`_convert` in this process."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
