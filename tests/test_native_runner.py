@@ -6,7 +6,8 @@ built from it, and a scheduler that starts from it without importing torch.
 - Two scheduler processes over the same model and cache: the first loads through torch and
   saves the bundle, the second starts from it, never imports torch, and gives the same
   tokens and logprobs for greedy, seeded sampled and penalized requests.
-- A bundle is keyed by the model's files, the flags that shape the model and srt's files.
+- A bundle is keyed by the model's files, the flags that shape the model and srt's files; a
+  damaged one is loaded through torch instead.
 """
 
 from __future__ import annotations
@@ -243,3 +244,10 @@ def test_a_second_scheduler_starts_without_torch_and_answers_the_same(
     assert second["tokens"] == first["tokens"]
     assert len(second["tokens"]) == 4 and len(second["tokens"]["1"]) == 8
     assert second["logprobs"] == first["logprobs"] and second["logprobs"]["3"]
+    # A bundle the decoder refuses (damaged on disk): the next start loads through torch.
+    (spec_file,) = (cache / "native").glob("*/*/spec.json")
+    doc = json.loads(spec_file.read_text())
+    doc["spec"]["d"]["hidden"] += 1
+    spec_file.write_text(json.dumps(doc))
+    third = run_scheduler(folder, cache, requests)
+    assert third["runner"] == "ModelRunner" and third["tokens"] == first["tokens"]

@@ -48,9 +48,14 @@ def create_executor(
     if bundle is not None:
         from srt.model_executor.native_runner import NativeRunner
 
-        runner: Any = NativeRunner(bundle, model_config, server_args)
-        worker = HostStepWorker(runner, vocab, overlap, grammar_apply)
-        return Executor(runner, worker, "cpu", overlap)
+        try:
+            runner: Any = NativeRunner(bundle, model_config, server_args)
+        except (ValueError, KeyError, TypeError) as e:
+            # NOTE: a bundle the decoder refuses (damaged on disk): the torch load rewrites it.
+            logger.warning("native bundle %s refused (%s); loading through torch", bundle_path, e)
+        else:
+            worker = HostStepWorker(runner, vocab, overlap, grammar_apply)
+            return Executor(runner, worker, "cpu", overlap)
     from srt.model_executor.model_runner import ModelRunner
 
     runner = ModelRunner(model_config, server_args)
