@@ -12,7 +12,9 @@ softmax and the draw are srt-kernels `sampling` (`sample_softmax`, `sample_draw`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -53,8 +55,7 @@ class HostSamplingState:
         self.counts: np.ndarray | None = None  # output token counts (frequency / presence)
         self.seen: np.ndarray | None = None  # prompt + output tokens (repetition)
         self.bias: np.ndarray | None = None  # logit bias
-        # The probabilities and sorted rows of `sample`, kept across steps (`_scratch`).
-        self._scratch_bufs: list[np.ndarray | None] = [None, None]
+        self._scratch = Scratch(vocab_size)
 
     def _table(self, dtype: type) -> np.ndarray:
         return np.zeros((self.rows, self.vocab_size), dtype=dtype)
@@ -132,49 +133,8 @@ class HostSamplingState:
         # The frequency / presence penalties are applied by sample_softmax.
         before = flags & ~(FLAG_OUTPUT_PENALTY | FLAG_PRESENCE_PENALTY)
         processed = self._process(logits, rows, before, mask_sample, mask_tokens)
-        f = self.floats[rows]
-        counts = None
-        if flags & FLAG_OUTPUT_PENALTY and self.counts is not None:
-            counts = self.counts
-        presence = f[:, PRESENCE].copy() if flags & FLAG_PRESENCE_PENALTY else None
-        n = rows.shape[0]
-        probs, argmax = sample_softmax(
-            np.ascontiguousarray(processed, dtype=np.float32),
-            f[:, TEMPERATURE].copy(),
-            counts,
-            np.ascontiguousarray(rows, dtype=np.int64),
-            f[:, FREQUENCY].copy(),
-            presence,
-            threads,
-            self._scratch(0, n),
-        )
-        ascending, candidates = None, V
-        if flags & FLAG_TOP_K_P:
-            ascending = sorted_rows(probs, threads, self._scratch(1, n))
-            candidates = V if top_k_max is None else min(top_k_max, V)
-        ids = sample_draw(
-            probs,
-            ascending,
-            candidates,
-            self.top_k[rows],
-            f[:, TOP_P].copy(),
-            f[:, MIN_P].copy() if flags & FLAG_MIN_P else None,
-            self.seeds[rows],
-            np.ascontiguousarray(steps, dtype=np.int64),
-            threads,
-        )
-        if flags & FLAG_GREEDY:
-            ids = np.where(self.greedy[rows], argmax, ids)
-        return ids
-
-    def _scratch(self, i: int, n: int) -> np.ndarray:
-        """Buffer `i` of `sample` for `n` rows ([n, V] float32), kept across steps: fresh
-        pages for each step's 32 x 49k probabilities cost ~1 ms of the kernel's zeroing."""
-        buf = self._scratch_bufs[i]
-        if buf is None or buf.shape[0] < n:
-            buf = np.empty((max(n, 1), self.vocab_size), dtype=np.float32)
-            self._scratch_bufs[i] = buf
-        return buf[:n]
+        tables = RowTables(self.floats, self.counts, self.top_k, self.seeds, self.greedy)
+        return draw_rows(processed, rows, steps, flags, top_k_max, threads, tables, self._scratch)
 
     def _process(
         self,
@@ -212,6 +172,85 @@ class HostSamplingState:
                 out = logits.copy()
             out[mask_sample, mask_tokens] = -np.inf
         return logits if out is None else out
+
+
+class Scratch:
+    """`draw_rows`' buffers 0 (probabilities) and 1 (sorted rows), [n, V] float32, kept across
+    steps: fresh pages for each step's 32 x 49k probabilities cost ~1 ms of the kernel's
+    zeroing."""
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+        self.bufs: list[np.ndarray | None] = [None, None]
+
+    def __call__(self, i: int, n: int) -> np.ndarray:
+        buf = self.bufs[i]
+        if buf is None or buf.shape[0] < n:
+            buf = np.empty((max(n, 1), self.vocab_size), dtype=np.float32)
+            self.bufs[i] = buf
+        return buf[:n]
+
+
+@dataclass
+class RowTables:
+    """A sampler's per-row state, as numpy arrays (the whole tables, indexed by row)."""
+
+    floats: np.ndarray  # [rows, ADMIT_FLOATS] float32
+    counts: np.ndarray | None  # [rows, V] float32 output token counts
+    top_k: np.ndarray  # [rows] int64
+    seeds: np.ndarray  # [rows] int64
+    greedy: np.ndarray  # [rows] bool
+
+
+def draw_rows(
+    processed: np.ndarray,
+    rows: np.ndarray,
+    steps: np.ndarray,
+    flags: int,
+    top_k_max: int | None,
+    threads: int,
+    t: RowTables,
+    scratch: Callable[[int, int], np.ndarray],
+) -> np.ndarray:
+    """The sampled path on the CPU, for both samplers: from `processed` logits (bias,
+    repetition penalty and masks applied), one native pass per row applies the frequency /
+    presence penalties, the temperature and the softmax (and finds the greedy rows' argmax);
+    numpy sorts the rows for top-k / top-p; one native pass per row filters and draws, bit for
+    bit `sampler._top_k_top_p`, `_drop_below` and `_inverse_cdf` over those probabilities.
+    `scratch(i, n)`: the caller's reused [n, V] buffers 0 and 1."""
+    V = processed.shape[1]
+    f = t.floats[rows]
+    counts = t.counts if flags & FLAG_OUTPUT_PENALTY else None
+    presence = f[:, PRESENCE].copy() if flags & FLAG_PRESENCE_PENALTY else None
+    n = rows.shape[0]
+    probs, argmax = sample_softmax(
+        np.ascontiguousarray(processed, dtype=np.float32),
+        f[:, TEMPERATURE].copy(),
+        counts,
+        np.ascontiguousarray(rows, dtype=np.int64),
+        f[:, FREQUENCY].copy(),
+        presence,
+        threads,
+        scratch(0, n),
+    )
+    ascending, candidates = None, V
+    if flags & FLAG_TOP_K_P:
+        ascending = sorted_rows(probs, threads, scratch(1, n))
+        candidates = V if top_k_max is None else min(top_k_max, V)
+    ids = sample_draw(
+        probs,
+        ascending,
+        candidates,
+        t.top_k[rows],
+        f[:, TOP_P].copy(),
+        f[:, MIN_P].copy() if flags & FLAG_MIN_P else None,
+        t.seeds[rows],
+        np.ascontiguousarray(steps, dtype=np.int64),
+        threads,
+    )
+    if flags & FLAG_GREEDY:
+        ids = np.where(t.greedy[rows], argmax, ids)
+    return ids
 
 
 _sort_pool: ThreadPoolExecutor | None = None

@@ -44,10 +44,18 @@ from srt._native import (
     FLAG_REPETITION_PENALTY,
     FLAG_SAMPLED,
     FLAG_TOP_K_P,
-    sample_draw,
-    sample_softmax,
 )
-from srt.layers.host_sampler import sorted_rows
+from srt.layers.host_sampler import (  # the columns of SamplingState.floats too
+    FREQUENCY,
+    MIN_P,
+    PRESENCE,
+    REPETITION,
+    TEMPERATURE,
+    TOP_P,
+    RowTables,
+    Scratch,
+    draw_rows,
+)
 from srt.model_executor.forward_batch import to_device
 
 if TYPE_CHECKING:
@@ -58,9 +66,6 @@ _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
 _MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
 _MIX2 = 0x94D049BB133111EB - (1 << 64)
 _U24 = 1.0 / (1 << 24)
-
-# Columns of SamplingState.floats (the order of the step's admission floats).
-TEMPERATURE, TOP_P, MIN_P, REPETITION, FREQUENCY, PRESENCE = range(ADMIT_FLOATS)
 
 
 def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
@@ -104,8 +109,7 @@ class SamplingState:
         self.counts: torch.Tensor | None = None  # output token counts (frequency / presence)
         self.seen: torch.Tensor | None = None  # prompt + output tokens (repetition)
         self.bias: torch.Tensor | None = None  # logit bias
-        # The CPU sampler's probabilities and sorted rows (`_scratch`).
-        self._np_scratch: list[np.ndarray | None] = [None, None]
+        self._scratch = Scratch(vocab_size)  # the CPU draw's buffers
 
     def _table(self, dtype: torch.dtype) -> torch.Tensor:
         return torch.zeros((self.rows, self.vocab_size), dtype=dtype, device=self.device)
@@ -228,54 +232,23 @@ class SamplingState:
         softmax (and finds the greedy rows' argmax); numpy sorts the rows for top-k / top-p;
         one native pass per row filters and draws, bit for bit `_top_k_top_p`, `_drop_below`
         and `_inverse_cdf` over those probabilities."""
-        V = self.vocab_size
         before = flags & ~(FLAG_OUTPUT_PENALTY | FLAG_PRESENCE_PENALTY)
         logits = self._process(logits, rows, before, mask_sample, mask_tokens)[0]
-        f = self.floats.index_select(0, rows).numpy()
-        rows_np = rows.numpy()
-        counts = None
-        if flags & FLAG_OUTPUT_PENALTY and self.counts is not None:
-            counts = self.counts.numpy()
-        presence = f[:, PRESENCE].copy() if flags & FLAG_PRESENCE_PENALTY else None
-        threads = torch.get_num_threads()
-        n = rows_np.shape[0]
-        probs, argmax = sample_softmax(
-            np.ascontiguousarray(logits.numpy()),
-            f[:, TEMPERATURE].copy(),
-            counts,
-            rows_np,
-            f[:, FREQUENCY].copy(),
-            presence,
-            threads,
-            self._scratch(0, n),
+        counts = None if self.counts is None else self.counts.numpy()
+        tables = RowTables(
+            self.floats.numpy(), counts, self.top_k.numpy(), self.seeds.numpy(), self.greedy.numpy()
         )
-        ascending, candidates = None, V
-        if flags & FLAG_TOP_K_P:
-            ascending = sorted_rows(probs, threads, self._scratch(1, n))
-            candidates = V if top_k_max is None else min(top_k_max, V)
-        ids = sample_draw(
-            probs,
-            ascending,
-            candidates,
-            self.top_k.numpy()[rows_np],
-            f[:, TOP_P].copy(),
-            f[:, MIN_P].copy() if flags & FLAG_MIN_P else None,
-            self.seeds.numpy()[rows_np],
-            np.ascontiguousarray(steps.numpy()),
-            threads,
+        ids = draw_rows(
+            logits.numpy(),
+            rows.numpy(),
+            steps.numpy(),
+            flags,
+            top_k_max,
+            torch.get_num_threads(),
+            tables,
+            self._scratch,
         )
-        if flags & FLAG_GREEDY:
-            ids = np.where(self.greedy.numpy()[rows_np], argmax, ids)
         return torch.from_numpy(ids)
-
-    def _scratch(self, i: int, n: int) -> np.ndarray:
-        """Buffer `i` of `_sample_cpu` for `n` rows ([n, V] float32), kept across steps: fresh
-        pages for each step's 32 x 49k probabilities cost ~1 ms of the kernel's zeroing."""
-        buf = self._np_scratch[i]
-        if buf is None or buf.shape[0] < n:
-            buf = np.empty((max(n, 1), self.vocab_size), dtype=np.float32)
-            self._np_scratch[i] = buf
-        return buf[:n]
 
     def process_logits(
         self,

@@ -14,6 +14,8 @@ import os
 import numpy as np
 
 CPU_MEM_FRACTION_DEFAULT = 0.3
+# Extra columns of the request-to-token table beyond the context length (cheap safety margin).
+REQ_TO_TOKEN_SLACK = 4
 CPU_MAX_TOTAL_TOKENS_DEFAULT = 65536
 # numpy's view of each KV dtype the native step reads.
 KV_NUMPY = {"float32": np.float32, "bfloat16": np.int16}

@@ -36,7 +36,7 @@ from srt.distributed.parallel_state import (
 )
 from srt.layers.attention import create_attention_backend
 from srt.layers.quantization import gguf_bytes
-from srt.mem_cache.host_pool import cpu_pool_tokens, host_memory_available
+from srt.mem_cache.host_pool import REQ_TO_TOKEN_SLACK, cpu_pool_tokens, host_memory_available
 from srt.mem_cache.memory_pool import KVPool, ReqToTokenPool
 from srt.model_executor.cpu_step import CpuStepRunner
 from srt.model_executor.cuda_graph_runner import DEFAULT_MAX_BS as CUDA_GRAPH_DEFAULT_MAX_BS
@@ -54,8 +54,6 @@ logger = logging.getLogger(__name__)
 GPU_MEM_FRACTION_DEFAULT = 0.88
 # GPU memory kept out of the KV pool for activations, the allocator's slack and the CUDA context.
 GPU_RESERVE_BYTES = 1 << 30
-# Extra columns of the request-to-token table beyond the context length (cheap safety margin).
-REQ_TO_TOKEN_SLACK = 4
 
 
 def kv_cache_dtype(flag: str, dtype: torch.dtype, weights: WeightFormat) -> torch.dtype:

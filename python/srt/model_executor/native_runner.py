@@ -17,16 +17,18 @@ import numpy as np
 
 from srt.configs.model_config import ModelConfig
 from srt.cpu_threads import scheduler_threads
-from srt.mem_cache.host_pool import HostPools, cpu_pool_tokens, host_memory_available
+from srt.mem_cache.host_pool import (
+    REQ_TO_TOKEN_SLACK,
+    HostPools,
+    cpu_pool_tokens,
+    host_memory_available,
+)
 from srt.model_executor.native_bundle import Bundle
 from srt.model_executor.native_step import NativeStep
 from srt.model_executor.step_input import StepInput
 from srt.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
-
-# Extra columns of the request-to-token table beyond the context length (as the ModelRunner).
-REQ_TO_TOKEN_SLACK = 4
 
 
 class NativeRunner:

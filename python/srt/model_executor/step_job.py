@@ -1,6 +1,6 @@
 """What a step worker takes and gives: `StepJob` in, a `PendingStep` whose `result()` is the
-step's `StepOutput`. Shared by the torch step worker (step_worker.py) and the native CPU one
-(native_worker.py); importing this module does not import torch.
+step's `StepOutput`. Shared by the torch step worker (step_worker.py) and the host one of single-rank CPU schedulers
+(host_worker.py); importing this module does not import torch.
 """
 
 from __future__ import annotations

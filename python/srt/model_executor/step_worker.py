@@ -1,4 +1,6 @@
-"""StepWorker: runs planned steps on the model's device, in plan order, in the scheduler process.
+"""StepWorker: runs planned steps on the model's device, in plan order, in the scheduler process:
+on a GPU, and on the ranks-0 of multi-rank CPU replicas (a single-rank CPU scheduler has the
+`HostStepWorker`, host_worker.py).
 
 In: a `StepJob` (a step's `StepInput` plus the host work rank 0 prepared for it: grammar
 bitmasks, which rows want logprobs, prompt-logprob targets). Per step it applies the table
