@@ -6,6 +6,7 @@ import importlib.util
 import json
 import logging
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -219,3 +220,24 @@ def test_second_resolution_reuses_the_cache(converted: tuple[str, float]) -> Non
         assert resolve_model_paths(None, default_model_path()) == (model_dir, model_dir)
     assert again == (model_dir, model_dir)
     assert second_s < 1.0 and second_s < first_s / 10
+
+
+def test_a_script_without_a_main_guard_converts(tmp_path: Path) -> None:
+    """The conversion's own process must not run the caller's script again (multiprocessing's
+    spawn would, and that second conversion would wait forever for the first one's lock)."""
+    from srt.testing.tiny_gguf import make_tiny_gguf
+
+    src = make_tiny_gguf(tmp_path / "tiny.gguf", {"token_embd": "Q8_0", "blk": "Q4_1"})
+    script = tmp_path / "convert.py"
+    script.write_text(
+        "import sys\n"
+        "from srt.model_loader.gguf import ensure_hf_folder\n"
+        f"print('folder', ensure_hf_folder({str(src)!r}))\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("folder "), out.stdout
+    assert lines[1] == "False"  # the conversion's torch stayed in its own process
+    assert (Path(lines[0].split(" ", 1)[1]) / "config.json").is_file()

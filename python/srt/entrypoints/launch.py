@@ -13,7 +13,6 @@ socket files and calls the owner's `on_death` (the server exits nonzero).
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import logging
@@ -25,13 +24,14 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from typing import Any
 
 from srt.cpu_threads import child_environment
 from srt.managers.io_struct import ProcessReady, decode, encode
 from srt.server_args import PortArgs, ServerArgs
+from srt.spawning import caller_main_hidden
 
 logger = logging.getLogger(__name__)
 
@@ -244,29 +244,6 @@ class Subprocesses:
                     p.kill()
                     p.join(timeout=_JOIN_TIMEOUT_S)
             self.port_args.cleanup()
-
-
-@contextlib.contextmanager
-def caller_main_hidden() -> Iterator[None]:
-    """While children start: the caller's `__main__` (a script, or a `-m` module) hidden from
-    multiprocessing, so a spawned child does not import it again.
-
-    "spawn" re-imports the parent's main module in every child, running whatever it does at
-    top level: an `srt.Engine` in a plain script without `if __name__ == "__main__":` would
-    start another Engine in each child. srt's children run srt's own entry points and need
-    nothing from that module, so the preparation data is built without it."""
-    main = sys.modules.get("__main__")
-    if main is None:
-        yield
-        return
-    saved = {name: main.__dict__[name] for name in ("__spec__", "__file__") if name in vars(main)}
-    main.__spec__ = None
-    main.__dict__.pop("__file__", None)
-    try:
-        yield
-    finally:
-        main.__dict__.pop("__spec__", None)
-        main.__dict__.update(saved)
 
 
 def launch_subprocesses(

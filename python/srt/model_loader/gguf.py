@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from srt.cache_dir import srt_cache_dir
+from srt.spawning import caller_main_hidden
 
 logger = logging.getLogger(__name__)
 
@@ -252,7 +253,9 @@ def _convert(gguf_path: Path, out: Path) -> None:
             initializer=_child_logging,
             initargs=(records, logger.getEffectiveLevel()),
         ) as pool:
-            pool.submit(_convert_here, gguf_path, out).result()
+            with caller_main_hidden():  # the worker starts with the first task
+                done = pool.submit(_convert_here, gguf_path, out)
+            done.result()
     finally:
         listener.stop()
 
