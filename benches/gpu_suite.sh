@@ -83,16 +83,21 @@ EOF
     echo "JIT-compiled here: $(jit_built | tr '\n' ' ')"
 }
 
+# The test stages exit with pytest's code (the stage's rc in suite.log), not the echo's.
 stage_tests() {
     (cd "$SRC" && $PY -m pytest -q -p no:cacheprovider -rs --durations=8 \
         tests/test_gpu.py tests/test_attention_backends.py)
+    local rc=$?
     echo "JIT-compiled here: $(jit_built | tr '\n' ' ')"
+    return $rc
 }
 
 stage_families() {
     (cd "$SRC" && $PY -m pytest -q -p no:cacheprovider -rs --durations=8 \
         tests/test_model_families.py::test_flashinfer_agrees_with_torch_native)
+    local rc=$?
     echo "JIT-compiled here: $(jit_built | tr '\n' ' ')"
+    return $rc
 }
 
 stage_profile() {
