@@ -205,7 +205,7 @@ def test_thread_counts_give_the_same_logits(default_like: ModelRunner) -> None:
     assert native is not None
     results = []
     for threads in (1, 2, 3):
-        logits = torch.empty((4, native.vocab))
+        logits = torch.empty((4, native.step.vocab))
         native.step.decoder.decode(
             batch.input_ids.numpy(),
             batch.positions.numpy(),
@@ -228,7 +228,7 @@ def test_bad_inputs_are_errors_and_the_runner_keeps_working(default_like: ModelR
     sched.extend([req], [prompt(3, 7)])
     loc = sched._alloc(1)
     default_like.req_to_token_pool.write_runs([req.row], [3], loc)
-    logits = torch.empty((1, native.vocab))
+    logits = torch.empty((1, native.step.vocab))
 
     def call(ids: list[int], positions: list[int], out: list[int], lens: list[int]) -> None:
         arr = lambda v: np.asarray(v, dtype=np.int64)  # noqa: E731
@@ -244,7 +244,7 @@ def test_bad_inputs_are_errors_and_the_runner_keeps_working(default_like: ModelR
         )
 
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        call([native.vocab], [3], loc, [4])
+        call([native.step.vocab], [3], loc, [4])
     with pytest.raises(ValueError, match="outside the pool"):
         call([5], [3], [10**9], [4])
     with pytest.raises(ValueError, match="RoPE table"):

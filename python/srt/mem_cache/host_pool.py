@@ -65,8 +65,6 @@ class HostPools:
         head_dim: int,
         kv_dtype: str,
     ) -> None:
-        self.size = size
-        self.page_size = page_size
         # NOTE: zeros: column 0 of the padding row, and unwritten columns, name the padding
         # page. np.zeros and np.empty leave the pages untouched until used.
         self.table = np.zeros((rows, max_context_len), dtype=np.int32)

@@ -58,7 +58,6 @@ class CpuStepRunner:
             for k, v in zip(runner.kv_pool.k_buffers, runner.kv_pool.v_buffers, strict=True)
         ]
         self.step = NativeStep(model_spec(model), kv, runner.req_to_token_pool.req_to_token.numpy())
-        self.vocab = self.step.vocab
 
     @classmethod
     def maybe_create(cls, runner: ModelRunner) -> CpuStepRunner | None:
