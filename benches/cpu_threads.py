@@ -6,14 +6,20 @@ workloads: one user (1 prompt x `--output-len` tokens) and `--users` concurrent 
 `--output-len` / 2 tokens), every prompt `--input-len` random token ids, `ignore_eos`. Each
 setting runs twice: alone, and beside `--busy` CPU-bound processes (a Python busy loop each,
 started before the Engine and killed after), which is what a shared machine or a laptop with
-other work looks like. The table gives output tok/s and the slowdown (alone / busy).
+other work looks like. The table gives output tok/s and the slowdown (alone / busy): medians
+over `--repeat` runs, which alternate alone and busy (the VM's speed drifts by +-15% between
+runs), and each run's own slowdown.
 
     python benches/cpu_threads.py                       # the settings below
     python benches/cpu_threads.py --settings default    # one of them
+    python benches/cpu_threads.py --settings default fixed --repeat 3   # medians of 3 runs
 
 Settings (environment of the Engine's process, which its children inherit):
-- `default`: nothing set: what `srt.Engine()` does on its own (`srt.cpu_threads`: torch threads
-  = the usable cores, children started with `GOMP_SPINCOUNT=2000`);
+- `default`: nothing set: what `srt.Engine()` does on its own (`srt.cpu_threads`: threads =
+  the usable cores, children started with `GOMP_SPINCOUNT=2000`; `srt.cpu_share`: a native
+  step runs on the cores other processes leave free);
+- `fixed`: `fixed_threads=True`: every native step on all the threads, whatever else runs
+  (srt before `srt.cpu_share`);
 - `spin300k`: `GOMP_SPINCOUNT=300000`, libgomp's default spin when no wait policy is set: what
   srt did before it set one (srt leaves a user's OpenMP wait settings alone);
 - `spin10k`, `passive`: a longer spin (`GOMP_SPINCOUNT=10000`), no spin
@@ -27,6 +33,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,6 +42,7 @@ from pathlib import Path
 
 SETTINGS: dict[str, tuple[dict[str, str], dict[str, object]]] = {
     "default": ({}, {}),
+    "fixed": ({}, {"fixed_threads": True}),
     # libgomp's own default when OMP_WAIT_POLICY is unset (srt leaves a user's setting alone).
     "spin300k": ({"GOMP_SPINCOUNT": "300000"}, {}),
     "spin10k": ({"GOMP_SPINCOUNT": "10000"}, {}),
@@ -106,17 +114,30 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="Runs of every setting, alone and busy in turn; the table gives medians.",
+    )
     args = parser.parse_args()
     print(f"cores: {len(os.sched_getaffinity(0))}; busy processes beside: {args.busy}")
-    print("| setting | workload | alone tok/s | busy tok/s | slowdown |")
-    print("|---|---|---:|---:|---:|")
-    for setting in args.settings:
-        alone = run(setting, 0, args)
-        busy = run(setting, args.busy, args)
-        for workload, tps in alone.items():
-            slow = tps / busy[workload]
+    runs: dict[str, list[tuple[dict[str, float], dict[str, float]]]] = {
+        s: [] for s in args.settings
+    }
+    for _ in range(args.repeat):
+        for setting in args.settings:
+            runs[setting].append((run(setting, 0, args), run(setting, args.busy, args)))
+    print("| setting | workload | alone tok/s | busy tok/s | slowdown | slowdown per run |")
+    print("|---|---|---:|---:|---:|---|")
+    for setting, pairs in runs.items():
+        for workload in pairs[0][0]:
+            alone = statistics.median(a[workload] for a, _ in pairs)
+            busy = statistics.median(b[workload] for _, b in pairs)
+            each = ", ".join(f"{a[workload] / b[workload]:.2f}" for a, b in pairs)
             print(
-                f"| {setting} | {workload} | {tps:.1f} | {busy[workload]:.1f} | {slow:.1f}x |",
+                f"| {setting} | {workload} | {alone:.1f} | {busy:.1f} | {alone / busy:.2f}x "
+                f"| {each} |",
                 flush=True,
             )
 

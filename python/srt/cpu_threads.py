@@ -2,7 +2,8 @@
 
 Only the scheduler ranks do tensor math. On the CPU each sets torch's intra-op thread count on
 purpose (`--num-threads`). The default is `OMP_NUM_THREADS` when the environment sets it, else
-the cores this process may use (its CPU affinity) shared among the node's scheduler ranks. The
+the cores this process may use (its CPU affinity) shared among the node's scheduler ranks. A
+native step runs on fewer while other processes take some of the cores (`srt.cpu_share`). The
 main and detokenizer processes do no tensor math, so they never start an OpenMP pool.
 
 libgomp (torch's OpenMP on Linux) keeps its workers spinning after every parallel region

@@ -97,7 +97,14 @@ class ServerArgs:
         None,
         "CPU only: torch threads of each scheduler process (the one doing the tensor math). "
         "Default: OMP_NUM_THREADS when set, else the cores this process may use, shared among "
-        "the node's scheduler ranks.",
+        "the node's scheduler ranks. A native step runs on fewer while other processes take "
+        "some of the cores (see --fixed-threads).",
+    )
+    fixed_threads: bool = _f(
+        False,
+        "CPU only: run every native step on --num-threads threads, even while other "
+        "processes take some of the cores (by default a step then runs on the cores left "
+        "free, as OpenMP's OMP_DYNAMIC does).",
     )
     load_format: str = _f(
         "auto",

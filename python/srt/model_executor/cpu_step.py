@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from srt.cpu_share import CoreShare
 from srt.layers.activation import GeluAndMul, SiluAndMul
 from srt.layers.attention.torch_native import TorchNativeAttnBackend
 from srt.layers.norm import GemmaRMSNorm, RMSNorm
@@ -58,6 +59,7 @@ class CpuStepRunner:
             for k, v in zip(runner.kv_pool.k_buffers, runner.kv_pool.v_buffers, strict=True)
         ]
         self.step = NativeStep(model_spec(model), kv, runner.req_to_token_pool.req_to_token.numpy())
+        self.share = CoreShare(torch.get_num_threads(), fixed=runner.server_args.fixed_threads)
 
     @classmethod
     def maybe_create(cls, runner: ModelRunner) -> CpuStepRunner | None:
@@ -93,7 +95,7 @@ class CpuStepRunner:
             prefix,
             extend,
             None if extra is None else extra.numpy(),
-            torch.get_num_threads(),
+            self.share.threads(),
         )
         return torch.from_numpy(logits)
 

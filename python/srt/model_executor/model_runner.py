@@ -248,6 +248,9 @@ class ModelRunner:
 
     @property
     def threads(self) -> int:
+        """Threads of the next step's native kernels (the native step's team, the sampler)."""
+        if self.cpu_step is not None:
+            return self.cpu_step.share.threads()
         return torch.get_num_threads()
 
     def forward_host(self, step: StepInput) -> np.ndarray:

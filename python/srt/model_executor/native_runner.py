@@ -16,6 +16,7 @@ import logging
 import numpy as np
 
 from srt.configs.model_config import ModelConfig
+from srt.cpu_share import CoreShare
 from srt.cpu_threads import scheduler_threads
 from srt.mem_cache.host_pool import (
     REQ_TO_TOKEN_SLACK,
@@ -36,7 +37,7 @@ class NativeRunner:
 
     def __init__(self, bundle: Bundle, model_config: ModelConfig, server_args: ServerArgs) -> None:
         meta = bundle.meta
-        self.threads = scheduler_threads(server_args)
+        self.share = CoreShare(scheduler_threads(server_args), fixed=server_args.fixed_threads)
         self.dtype: str = meta["dtype"]
         self.kv_dtype: str = meta["kv_dtype"]
         page = server_args.page_size
@@ -75,14 +76,18 @@ class NativeRunner:
         self.step = NativeStep(bundle.spec, kv, self.pools.table)
         logger.info(
             "model %s loaded without torch (native bundle): %.1f MiB weights, "
-            "max_total_num_tokens=%d (KV pool, %s), %d running requests max, %d threads",
+            "max_total_num_tokens=%d (KV pool, %s), %d running requests max, threads: %s",
             model_config.architecture,
             meta["weight_bytes"] / 2**20,
             tokens,
             self.kv_dtype,
             self.max_running_requests,
-            self.threads,
+            self.share.describe(),
         )
+
+    @property
+    def threads(self) -> int:
+        return self.share.threads()
 
     @property
     def table_rows(self) -> int:
