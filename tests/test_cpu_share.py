@@ -49,8 +49,8 @@ class FakeMachine:
         self.total += round(self.cores * seconds * self.hz)
         self.cpu += self.mine * seconds
 
-    def read(self, cpus: object) -> tuple[int, int]:
-        return self.busy, self.total
+    def read(self, cpus: object) -> tuple[int, int, int]:
+        return self.busy, self.total, self.cores
 
 
 def test_a_busy_neighbour_shrinks_the_team_and_its_end_restores_it(
@@ -85,9 +85,9 @@ def test_a_busy_neighbour_shrinks_the_team_and_its_end_restores_it(
 def test_fixed_threads_and_a_single_thread_never_sample() -> None:
     calls = []
 
-    def read(cpus: object) -> tuple[int, int]:
+    def read(cpus: object) -> tuple[int, int, int]:
         calls.append(cpus)
-        return 0, 0
+        return 0, 0, 4
 
     assert not CoreShare(4, fixed=True, read=read).dynamic
     assert not CoreShare(1, read=read).dynamic
@@ -103,8 +103,9 @@ def test_read_proc_stat() -> None:
     cpus = sorted(os.sched_getaffinity(0))
     first = read_proc_stat(cpus)
     assert first is not None
-    busy, total = first
+    busy, total, found = first
     assert 0 <= busy <= total
+    assert found == len(cpus)
     assert read_proc_stat([10**6]) is None  # no such core
 
 

@@ -32,13 +32,15 @@ SAMPLE_S = 0.1
 WINDOW = 2
 MARGIN = 0.65
 
-# (busy, total) clock ticks of the given cores, summed; None where they cannot be read.
-TickReader = Callable[[Iterable[int]], "tuple[int, int] | None"]
+# (busy, total) clock ticks of the given cores, summed, and how many of them were found;
+# None where none can be read.
+TickReader = Callable[[Iterable[int]], "tuple[int, int, int] | None"]
 
 
-def read_proc_stat(cpus: Iterable[int]) -> tuple[int, int] | None:
+def read_proc_stat(cpus: Iterable[int]) -> tuple[int, int, int] | None:
     """Busy and total clock ticks of `cpus` since boot, from /proc/stat (busy: everything but
-    idle and iowait; guest time is already inside user time)."""
+    idle and iowait; guest time is already inside user time), and the number of those cores
+    it lists (an offline core is not listed)."""
     wanted = {f"cpu{c}" for c in cpus}
     busy = total = 0
     found = 0
@@ -59,7 +61,7 @@ def read_proc_stat(cpus: Iterable[int]) -> tuple[int, int] | None:
         busy += t - idle
         total += t
         found += 1
-    return (busy, total) if found else None
+    return (busy, total, found) if found else None
 
 
 def usable_cpus() -> set[int]:
@@ -95,7 +97,7 @@ class CoreShare:
         self._read = read
         self._cpu_time = cpu_time
         self._hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-        self._samples: deque[tuple[int, int, float]] = deque(maxlen=WINDOW + 1)
+        self._samples: deque[tuple[int, int, int, float]] = deque(maxlen=WINDOW + 1)
         self.free: float | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -123,10 +125,9 @@ class CoreShare:
         """Takes one sample and updates the team (the sampling thread calls it)."""
         if self._take() is None or len(self._samples) < 2:
             return
-        (b0, t0, c0), (b1, t1, c1) = self._samples[0], self._samples[-1]
-        if t1 <= t0:
+        (b0, t0, n0, c0), (b1, t1, cores, c1) = self._samples[0], self._samples[-1]
+        if t1 <= t0 or cores != n0:
             return
-        cores = len(self._cpus)
         others = max(0.0, (b1 - b0) - (c1 - c0) * self._hz)
         self.free = cores * (1.0 - min(1.0, others / (t1 - t0)))
         new = decide(self._threads, self.free, self.max_threads)
@@ -140,10 +141,10 @@ class CoreShare:
             self._thread.join()
             self._thread = None
 
-    def _take(self) -> tuple[int, int] | None:
+    def _take(self) -> tuple[int, int, int] | None:
         ticks = self._read(self._cpus)
         if ticks is not None:
-            self._samples.append((ticks[0], ticks[1], self._cpu_time()))
+            self._samples.append((*ticks, self._cpu_time()))
         return ticks
 
 
