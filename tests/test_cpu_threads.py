@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import multiprocessing.connection
 import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -85,3 +89,37 @@ def test_spawned_children_get_the_wait_policy(
     finally:
         handle.shutdown()
     assert "GOMP_SPINCOUNT" not in os.environ  # main's own environment unchanged
+
+
+def _usable_cores_in_child(preexec: Any = None) -> int:
+    code = "from srt.cpu_threads import usable_cores; print(usable_cores())"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, preexec_fn=preexec
+    )
+    return int(out.stdout)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity (Linux)")
+def test_usable_cores_follow_the_affinity_mask() -> None:
+    first = min(os.sched_getaffinity(0))
+    assert _usable_cores_in_child(lambda: os.sched_setaffinity(0, {first})) == 1
+
+
+CGROUP_V1_CPU = Path("/sys/fs/cgroup/cpu")
+
+
+@pytest.mark.skipif(
+    not (CGROUP_V1_CPU / "cpu.cfs_quota_us").exists() or not os.access(CGROUP_V1_CPU, os.W_OK),
+    reason="needs a writable cgroup v1 cpu controller (root)",
+)
+def test_usable_cores_follow_a_containers_cpu_quota() -> None:
+    """A container given one CPU's worth of time (`docker run --cpus 1`) on a bigger machine."""
+    group = CGROUP_V1_CPU / f"srt-test-{os.getpid()}"
+    group.mkdir()
+    try:
+        period = int((group / "cpu.cfs_period_us").read_text())
+        (group / "cpu.cfs_quota_us").write_text(str(period))
+        procs = group / "cgroup.procs"
+        assert _usable_cores_in_child(lambda: procs.write_text(str(os.getpid()))) == 1
+    finally:
+        group.rmdir()

@@ -298,6 +298,11 @@ class Detokenizer:
 
 # --- kernels (srt-kernels) ---
 
+def available_parallelism() -> int:
+    """Threads this process can run at once: its CPU affinity and, on Linux, its cgroup's CPU
+    quota (a container's `--cpus`), as Rust's `std::thread::available_parallelism` counts
+    them; 1 where neither can be read."""
+
 def paged_decode_attention(
     q: np.ndarray,
     k: np.ndarray,

@@ -2,9 +2,10 @@
 
 Only the scheduler ranks do tensor math. On the CPU each sets torch's intra-op thread count on
 purpose (`--num-threads`). The default is `OMP_NUM_THREADS` when the environment sets it, else
-the cores this process may use (its CPU affinity) shared among the node's scheduler ranks. A
-native step runs on fewer while other processes take some of the cores (`srt.cpu_share`). The
-main and detokenizer processes do no tensor math, so they never start an OpenMP pool.
+the cores this process may use (its CPU affinity and cgroup quota) shared among the node's
+scheduler ranks. A native step runs on fewer while other processes take some of the cores
+(`srt.cpu_share`). The main and detokenizer processes do no tensor math, so they never start
+an OpenMP pool.
 
 libgomp (torch's OpenMP on Linux) keeps its workers spinning after every parallel region
 (300,000 iterations when no wait policy is set). On an idle machine that costs only power.
@@ -38,11 +39,11 @@ USER_WAIT_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
 def usable_cores() -> int:
-    """Cores this process may run on (its affinity mask; all of them where there is none)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    """Cores this process may use: its affinity mask, bounded by its cgroup's CPU quota (a
+    container started with `--cpus 2` on a 64-core host may use 2, not 64)."""
+    from srt._native import available_parallelism
+
+    return max(1, available_parallelism())
 
 
 def scheduler_threads(server_args: ServerArgs) -> int:

@@ -96,7 +96,8 @@ class ServerArgs:
     num_threads: int | None = _f(
         None,
         "CPU only: torch threads of each scheduler process (the one doing the tensor math). "
-        "Default: OMP_NUM_THREADS when set, else the cores this process may use, shared among "
+        "Default: OMP_NUM_THREADS when set, else the cores this process may use (its affinity, "
+        "bounded by a cgroup CPU quota), shared among "
         "the node's scheduler ranks. A native step runs on fewer while other processes take "
         "some of the cores (see --fixed-threads).",
     )

@@ -429,7 +429,16 @@ fn sample_softmax<'py>(
     Ok((probs, PyArray1::from_vec(py, argmax)))
 }
 
+/// Threads this process can run at once: its CPU affinity and, on Linux, its cgroup's CPU
+/// quota (a container's `--cpus`), as Rust's `std::thread::available_parallelism` counts them;
+/// 1 where neither can be read.
+#[pyfunction]
+fn available_parallelism() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(available_parallelism, m)?)?;
     m.add_function(wrap_pyfunction!(sample_softmax, m)?)?;
     m.add_function(wrap_pyfunction!(paged_decode_attention, m)?)?;
     m.add_function(wrap_pyfunction!(paged_extend_attention, m)?)?;
