@@ -65,6 +65,7 @@ def read_proc_stat(cpus: Iterable[int]) -> tuple[int, int, int] | None:
 
 
 def usable_cpus() -> set[int]:
+    """The ids of the cores this process may run on (the /proc/stat lines a share reads)."""
     try:
         return set(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -82,6 +83,9 @@ def decide(current: int, free: float, max_threads: int) -> int:
 
 
 class CoreShare:
+    """The team size of a scheduler's native steps (`threads()`), kept by a sampling thread
+    while `dynamic`: more than one thread, no `--fixed-threads`, and a readable /proc/stat."""
+
     def __init__(
         self,
         max_threads: int,
