@@ -4,7 +4,7 @@ its cores that other processes take.
 The native step's team (srt-kernels' `team`) synchronizes its members between a step's
 operations. When a busy process shares a core with one member, the kernel gives that core to
 the other process for whole scheduler slices, and the rest of the team waits for the member's
-chunk. On 2 cores beside one busy process, two threads ran a step 15-25% slower than one
+chunk. On 2 cores beside one busy process, two threads ran a step 13-32% slower than one
 (benches/RESULTS.md, `benches/cpu_threads.py`). So, as OpenMP's `OMP_DYNAMIC` sizes its teams
 by the machine's load, a scheduler measures every `SAMPLE_S` how much of its cores (its
 affinity mask) the rest of the machine uses: the busy time of those cores in /proc/stat (steal
