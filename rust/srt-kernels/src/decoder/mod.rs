@@ -1,15 +1,16 @@
-//! A whole decode step of a Llama-family decoder on the CPU in one call: the CPU's answer to a
-//! CUDA graph.
+//! A whole step (decode or prefill) of a Llama-family decoder on the CPU in one call: the CPU's
+//! answer to a CUDA graph.
 //!
 //! The torch forward of a decode step on the CPU is a few hundred small operations, each
 //! paying Python and dispatch costs that, for a small model, exceed its arithmetic; and each
 //! kernel either runs on one core or wakes a thread pool for a few microseconds of work.
-//! [`Decoder::decode`] runs the step (embedding lookup, every layer, the final norm and the
+//! [`Decoder::forward`] runs the step (embedding lookup, every layer, the final norm and the
 //! logits) as one walk of a [`team`] of threads over the same kernels srt's layers call one
 //! by one: [`rms_norm`], the packed GGUF product ([`quant_packed`]), the GGUF block product
-//! ([`quant`]), `rotate_head` and the paged decode [`attention`]. Each row and each output
-//! column is computed by the same code in the same order as the layer-by-layer path, so the
-//! two agree to the bit for the GGUF formats (dense f32 weights use their own dot product).
+//! ([`quant`]), `rotate_head` and the paged [`attention`] (decode) or [`extend`] (prefill)
+//! attention. Each row and each output column is computed by the same code in the same order
+//! as the layer-by-layer path, so the two agree to the bit for the GGUF formats (dense f32
+//! weights use their own dot product).
 //!
 //! A layer: `h = norm(res += x)`; `qkv = h W_qkv^T (+ b)`; q/k norms, RoPE, k and v stored at
 //! the step's KV slots; attention over the paged pool; `x = attn W_o^T (+ b)`; then either
@@ -655,7 +656,7 @@ impl<'a> Decoder<'a> {
     }
 }
 
-/// The step's buffers (see `Decoder::decode`).
+/// The step's buffers (see `Decoder::forward`).
 struct Bufs {
     res: Buf,
     x: Buf,
